@@ -1,0 +1,239 @@
+"""Config validation and derived values: the one place a config is checked and completed.
+
+`finalize(cfg)` returns a locked copy with every derived field filled in (d_k, d_v, d_ff,
+n_kv_heads, block_size, max_position_embeddings, batch_size / micro_batch_size,
+min_learning_rate, lora_alpha) and raises `ConfigError` listing every problem at once, each
+naming the field, the value and the fix, before anything is compiled or written.
+"""
+
+import logging
+
+import ml_collections
+
+DTYPES = ("float32", "float16", "bfloat16")
+LR_DECAYS = ("cosine", "linear", "exponential", "constant")
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+POSITION_EMBEDDINGS = ("rope", "sinusoidal", "learned")
+REMAT_POLICIES = ("none", "full", "dots")
+GRAD_ACCUM = ("scan", "multisteps")
+TOKENIZER_TYPES = ("unigram", "bpe")
+
+
+class ConfigError(ValueError):
+  """One or more config fields are invalid; the message lists each with its fix."""
+
+  def __init__(self, problems):
+    self.problems = list(problems)
+    lines = "\n".join(f"  - {p}" for p in self.problems)
+    super().__init__(f"{len(self.problems)} problem(s) in the config:\n{lines}")
+
+
+def _derive(c):
+  """Fills None-valued derived fields in place. Returns problems found while deriving."""
+  problems = []
+  if c.n_kv_heads is None:
+    c.n_kv_heads = c.n_heads
+  if c.d_k is None:
+    if c.n_heads > 0 and c.d_model % c.n_heads:
+      problems.append(
+          f"n_heads={c.n_heads} does not divide d_model={c.d_model}, so d_k cannot be derived: "
+          f"pick n_heads from the divisors of {c.d_model} or set d_k explicitly")
+    c.d_k = c.d_model // c.n_heads if c.n_heads > 0 else 0
+  if c.d_v is None:
+    c.d_v = c.d_k
+  if c.d_ff is None:
+    c.d_ff = 4 * c.d_model
+  if c.block_size is None:
+    c.block_size = c.max_seq_len
+  if c.max_position_embeddings is None:
+    c.max_position_embeddings = c.max_seq_len
+  if c.min_learning_rate is None:
+    c.min_learning_rate = c.learning_rate / 10
+  if c.lora_alpha is None:
+    c.lora_alpha = 2.0 * c.lora_r
+  accum = c.gradient_accumulation_steps
+  if c.batch_size is None and c.micro_batch_size is None:
+    problems.append("batch_size and micro_batch_size are both unset: set micro_batch_size")
+  elif c.micro_batch_size is None and accum > 0:
+    if c.batch_size % accum:
+      problems.append(
+          f"batch_size={c.batch_size} is not a multiple of gradient_accumulation_steps={accum}: "
+          f"set micro_batch_size explicitly or change one of them")
+    c.micro_batch_size = c.batch_size // accum
+  elif c.batch_size is None:
+    c.batch_size = c.micro_batch_size * accum
+  return problems
+
+
+def _check(c):
+  """Returns one message per invalid field."""
+  p = []
+
+  def need(cond, msg):
+    if not cond:
+      p.append(msg)
+
+  for f in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "d_k", "d_v", "max_seq_len",
+            "block_size", "max_position_embeddings", "n_kv_heads", "vocab_multiple"):
+    need(c[f] > 0, f"{f}={c[f]} must be a positive integer")
+  if c.n_kv_heads > 0 and c.n_heads > 0:
+    need(c.n_heads % c.n_kv_heads == 0,
+         f"n_kv_heads={c.n_kv_heads} does not divide n_heads={c.n_heads}: use a divisor of "
+         f"{c.n_heads} (n_kv_heads=n_heads is plain multi-head attention, 1 is multi-query)")
+  need(c.block_size <= c.max_seq_len,
+       f"block_size={c.block_size} exceeds max_seq_len={c.max_seq_len}: lower block_size or raise "
+       f"max_seq_len")
+  if c.position_embedding == "learned":
+    need(c.block_size <= c.max_position_embeddings,
+         f"block_size={c.block_size} exceeds max_position_embeddings={c.max_position_embeddings} "
+         f"with learned positions: raise max_position_embeddings or lower block_size")
+    need(c.max_seq_len <= c.max_position_embeddings,
+         f"max_seq_len={c.max_seq_len} exceeds max_position_embeddings="
+         f"{c.max_position_embeddings} with learned positions: generation could index past the "
+         f"table; raise max_position_embeddings")
+  need(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0 (10000 is standard)")
+  need(c.layer_norm_eps > 0, f"layer_norm_eps={c.layer_norm_eps} must be > 0 (1e-5 or 1e-6)")
+
+  for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lr_decay", LR_DECAYS),
+                     ("activation", ACTIVATIONS), ("position_embedding", POSITION_EMBEDDINGS),
+                     ("remat_policy", REMAT_POLICIES), ("grad_accum", GRAD_ACCUM),
+                     ("tokenizer_type", TOKENIZER_TYPES)):
+    need(c[f] in allowed, f"{f}={c[f]!r} is not one of {', '.join(allowed)}")
+
+  for f in ("dropout", "attention_dropout", "hidden_dropout", "lora_dropout"):
+    need(0.0 <= c[f] < 1.0, f"{f}={c[f]} must be in [0, 1) (0 turns it off)")
+
+  # Optimizer and schedule.
+  need(c.learning_rate > 0, f"learning_rate={c.learning_rate} must be > 0 (1e-4 to 1e-3 pretraining)")
+  need(0 <= c.min_learning_rate <= c.learning_rate,
+       f"min_learning_rate={c.min_learning_rate} must be in [0, learning_rate={c.learning_rate}]")
+  if c.lr_decay == "exponential":
+    need(c.min_learning_rate > 0,
+         "min_learning_rate=0 with lr_decay='exponential': exponential decay needs a floor > 0")
+  need(c.warmup_steps >= 0, f"warmup_steps={c.warmup_steps} must be >= 0")
+  for f in ("beta1", "beta2"):
+    need(0.0 <= c[f] < 1.0, f"{f}={c[f]} must be in [0, 1) (0.9 / 0.95-0.999 are usual)")
+  need(c.epsilon > 0, f"epsilon={c.epsilon} must be > 0 (1e-8 is usual)")
+  need(c.weight_decay >= 0, f"weight_decay={c.weight_decay} must be >= 0 (0.01-0.1 is usual)")
+  need(c.max_grad_norm >= 0, f"max_grad_norm={c.max_grad_norm} must be >= 0 (0 = no clipping)")
+  need(c.z_loss >= 0, f"z_loss={c.z_loss} must be >= 0 (1e-4 is usual, 0 = off)")
+
+  # Batches.
+  need(c.gradient_accumulation_steps >= 1,
+       f"gradient_accumulation_steps={c.gradient_accumulation_steps} must be >= 1")
+  if c.micro_batch_size is not None:
+    need(c.micro_batch_size >= 1, f"micro_batch_size={c.micro_batch_size} must be >= 1")
+  if c.batch_size is not None and c.micro_batch_size is not None:
+    need(c.batch_size == c.micro_batch_size * c.gradient_accumulation_steps,
+         f"batch_size={c.batch_size} != micro_batch_size={c.micro_batch_size} x "
+         f"gradient_accumulation_steps={c.gradient_accumulation_steps}: set batch_size="
+         f"{c.micro_batch_size * c.gradient_accumulation_steps}, or leave it unset to derive it")
+
+  # Training control.
+  if c.num_train_steps is None:
+    need(c.num_train_epochs is not None and c.num_train_epochs > 0,
+         f"num_train_epochs={c.num_train_epochs} must be > 0 when num_train_steps is unset")
+  else:
+    need(c.num_train_steps >= 1, f"num_train_steps={c.num_train_steps} must be >= 1")
+  for f in ("eval_steps", "save_steps", "save_every_epochs"):
+    need(c[f] >= 0, f"{f}={c[f]} must be >= 0 (0 = only at the end / off)")
+  need(c.log_every >= 1, f"log_every={c.log_every} must be >= 1")
+  need(c.max_to_keep >= 1, f"max_to_keep={c.max_to_keep} must be >= 1")
+  if c.eval_batches is not None:
+    need(c.eval_batches >= 1, f"eval_batches={c.eval_batches} must be >= 1 (None = whole split)")
+  need(c.loss_explosion_factor == 0 or c.loss_explosion_factor > 1,
+       f"loss_explosion_factor={c.loss_explosion_factor} must be > 1 (or 0 = off)")
+
+  # Data.
+  ds = c.dataset
+  need(ds == "shakespeare" or ds.startswith("text:") or ds.startswith("tfds:"),
+       f"dataset={ds!r} is not shakespeare, text:<dir or glob> or tfds:<name>[/<config>]")
+  need(0.0 < c.validation_fraction < 1.0,
+       f"validation_fraction={c.validation_fraction} must be in (0, 1)")
+  need(c.data_workers >= 0, f"data_workers={c.data_workers} must be >= 0")
+  need(c.prefetch >= 0, f"prefetch={c.prefetch} must be >= 0")
+
+  # Decoding.
+  need(c.temperature > 0,
+       f"temperature={c.temperature} must be > 0: for deterministic output use do_sample=False")
+  need(0.0 < c.top_p <= 1.0, f"top_p={c.top_p} must be in (0, 1] (1.0 = off)")
+  need(c.top_k >= 0, f"top_k={c.top_k} must be >= 0 (0 = off)")
+  need(c.repetition_penalty > 0,
+       f"repetition_penalty={c.repetition_penalty} must be > 0 (1.0 = off, 1.0-1.2 usual)")
+  need(c.num_beams >= 1, f"num_beams={c.num_beams} must be >= 1 (1 = no beam search)")
+  need(c.max_new_tokens >= 1, f"max_new_tokens={c.max_new_tokens} must be >= 1")
+  need(0 <= c.min_length <= c.max_new_tokens,
+       f"min_length={c.min_length} must be in [0, max_new_tokens={c.max_new_tokens}]")
+  if c.num_beams > 1:
+    need(not c.do_sample,
+         f"num_beams={c.num_beams} with do_sample=True: beam search is deterministic; set "
+         f"do_sample=False (or num_beams=1 to sample)")
+
+  # Quantization and LoRA: named by the reference sheet, not built yet.
+  need(not (c.load_in_8bit and c.load_in_4bit),
+       "load_in_8bit and load_in_4bit are both True: choose one")
+  for f in ("load_in_8bit", "load_in_4bit"):
+    need(not c[f], f"{f}=True: weight quantization is not available yet; set it False")
+  need(c.lora_r >= 0, f"lora_r={c.lora_r} must be >= 0 (0 = off)")
+  need(c.lora_r == 0, f"lora_r={c.lora_r}: LoRA fine-tuning is not available yet; set lora_r=0")
+
+  # Parallelism.
+  for f in ("mesh_shape", "dcn_mesh_shape"):
+    shape = tuple(c[f])
+    need(len(shape) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
+         and list(shape).count(-1) <= 1,
+         f"{f}={shape} must be 3 integers (data, fsdp, tensor), each >= 1 or one of them -1")
+  return p
+
+
+def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns a validated copy of `cfg` with derived fields filled; raises ConfigError."""
+  c = ml_collections.ConfigDict(cfg.to_dict())  # unlocked, FieldReferences resolved
+  problems = _derive(c)
+  problems += _check(c)
+  if problems:
+    raise ConfigError(problems)
+  c.lock()
+  return c
+
+
+def flash_attention_backend(c, backend: str) -> str:
+  """Which attention implementation `c` gets on `backend` ('cpu', 'gpu', 'tpu'): xla|cudnn|pallas.
+
+  use_flash_attention where the hardware or dtype cannot do it warns once and uses XLA.
+  """
+  if not c.use_flash_attention:
+    return "xla"
+  if backend == "gpu":
+    if c.dtype not in ("bfloat16", "float16"):
+      logging.warning("use_flash_attention: cuDNN attention needs dtype bfloat16 or float16, not "
+                      "%s; using XLA attention. Set --config.dtype=bfloat16 to use it.", c.dtype)
+      return "xla"
+    if c.d_k % 8 or c.d_k > 256 or c.d_v != c.d_k:
+      logging.warning("use_flash_attention: cuDNN attention needs d_k == d_v, a multiple of 8 and "
+                      "<= 256 (have d_k=%d, d_v=%d); using XLA attention.", c.d_k, c.d_v)
+      return "xla"
+    return "cudnn"
+  if backend == "tpu":
+    return "pallas"
+  logging.warning("use_flash_attention: no fused attention on backend %r; using XLA attention.",
+                  backend)
+  return "xla"
+
+
+def load(path: str, **overrides) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file (`path[:arg]`), applies overrides, finalizes.
+
+  The programmatic twin of `--config=path --config.field=value`, for tests and benchmarks.
+  """
+  import importlib.util
+  path, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_llm_jax_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(arg) if arg else module.get_config()
+  for k, v in overrides.items():
+    if k not in cfg:
+      raise ConfigError([f"unknown field {k!r}: see configs/base.py for every field"])
+    cfg[k] = v
+  return finalize(cfg)

