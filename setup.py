@@ -6,7 +6,7 @@ setup(
     name="llm_jax",
     version="0.1.0",
     description="Build, train, sample from and fine-tune GPT-style language models in JAX/Flax.",
-    packages=find_packages(include=["llm_jax", "llm_jax.*"]),
+    packages=find_packages(include=["llm_jax", "llm_jax.*", "configs"]),
     python_requires=">=3.12",
     install_requires=[
         "jax>=0.11.2,<0.13",

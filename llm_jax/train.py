@@ -1,0 +1,377 @@
+"""Train state, the pure train and eval steps, and the training loop with its guards.
+
+`train_step(state, batch)` is a pure function of the state and one optimizer step's batch
+[A, b, T] (A = gradient_accumulation_steps): with grad_accum="scan" the A micro-batches are
+scanned inside the jitted step and their mean gradient updates the params once; with
+"multisteps" the loop calls the step once per micro-batch and optax.MultiSteps accumulates.
+Mixed precision: params stay in param_dtype, the model computes in `dtype`, logits, softmax and
+the loss are float32.
+"""
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llm_jax import metrics as metrics_lib
+from llm_jax import model as model_lib
+from llm_jax import optimizer as optimizer_lib
+from llm_jax import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # optimizer steps taken
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base key; each step folds in its step number, so resuming replays it exactly
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/Inf or exploded; the state of that step is never saved."""
+
+
+def cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss: float = 0.0):
+  """Sums over tokens of the cross-entropy, z-loss, correct predictions and weights (float32).
+
+  The model already gives padded vocab entries a large negative logit, so they take no
+  probability mass here. z-loss is z_loss * log(Z)^2 per token (PaLM), pulling log Z to 0.
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  nll = jnp.sum((lse_BT - target_BT) * weights_BT)
+  z = jnp.sum(z_loss * jnp.square(lse_BT) * weights_BT)
+  correct = jnp.sum((jnp.argmax(logits_BTV, -1) == targets_BT) * weights_BT)
+  return nll, z, correct, jnp.sum(weights_BT)
+
+
+def _weights(batch):
+  if "weights" in batch:
+    return batch["weights"].astype(jnp.float32)
+  return jnp.ones(batch["targets"].shape, jnp.float32)
+
+
+def _apply(model, params, batch, *, deterministic, rng=None):
+  return model.apply({"params": params}, batch["inputs"], positions_BT=batch.get("positions"),
+                     segment_ids_BT=batch.get("segment_ids"), deterministic=deterministic,
+                     rngs=None if deterministic else {"dropout": rng})
+
+
+def loss_fn(params, model, batch, rng, z_loss: float, deterministic: bool = False):
+  """Mean (cross-entropy + z-loss) per token of one micro-batch, and the plain mean CE."""
+  logits = _apply(model, params, batch, deterministic=deterministic, rng=rng)
+  nll, z, _, n = cross_entropy(logits, batch["targets"], _weights(batch), z_loss)
+  n = jnp.maximum(n, 1.0)
+  return (nll + z) / n, nll / n
+
+
+def make_train_step(cfg, model, tx):
+  """The pure train step for `cfg.grad_accum`; see the module docstring."""
+  deterministic = cfg.dropout == cfg.attention_dropout == cfg.hidden_dropout == 0.0
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro_grads(params, batch, rng):
+    (_, ce), grads = grad_fn(params, model, batch, rng, cfg.z_loss, deterministic)
+    return ce, grads
+
+  def finish(state, grads, ce, opt_step):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {"loss": ce, "grad_norm": optax.global_norm(grads),
+           "param_norm": optax.global_norm(params)}
+    return state.replace(step=opt_step, params=params, opt_state=opt_state), out
+
+  if cfg.grad_accum == "scan" or cfg.gradient_accumulation_steps == 1:
+    def train_step(state, batch):
+      rng = jax.random.fold_in(state.rng, state.step)
+      n_micro = batch["inputs"].shape[0]
+
+      def body(carry, xs):
+        acc, ce_sum = carry
+        micro, i = xs
+        ce, grads = micro_grads(state.params, micro, jax.random.fold_in(rng, i))
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        return (acc, ce_sum + ce), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      (acc, ce_sum), _ = jax.lax.scan(body, (zeros, 0.0), (batch, jnp.arange(n_micro)))
+      grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, state.params)
+      return finish(state, grads, ce_sum / n_micro, state.step + 1)
+  else:
+    # optax.MultiSteps: one call per micro-batch [b, T]; step counts optimizer steps, so it
+    # advances when MultiSteps applied an update.
+    def train_step(state, batch):
+      micro_step = state.opt_state.mini_step
+      rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro_step)
+      ce, grads = micro_grads(state.params, batch, rng)
+      updated = micro_step == cfg.gradient_accumulation_steps - 1
+      return finish(state, grads, ce, state.step + updated.astype(state.step.dtype))
+
+  return train_step
+
+
+def make_eval_step(model):
+  def eval_step(params, batch):
+    logits = _apply(model, params, batch, deterministic=True)
+    nll, _, correct, n = cross_entropy(logits, batch["targets"], _weights(batch))
+    return {"nll": nll, "correct": correct, "tokens": n}
+  return eval_step
+
+
+class Trainer:
+  """Everything a run needs built once: mesh, model, optimizer, jitted and sharded steps."""
+
+  def __init__(self, cfg, total_steps: int, mesh=None):
+    self.cfg = cfg
+    self.total_steps = total_steps
+    self.mesh = sharding_lib.make_mesh(cfg) if mesh is None else mesh
+    self.model_cfg = model_lib.ModelConfig.from_config(cfg)
+    self.model = model_lib.Transformer(self.model_cfg)
+    self.tx = optimizer_lib.make_optimizer(cfg, total_steps)
+    self.schedule = optimizer_lib.lr_schedule(cfg, total_steps)
+    dummy = jnp.zeros((1, cfg.block_size), jnp.int32)
+    boxed = jax.eval_shape(lambda k: self.model.init(k, dummy), jax.random.key(0))["params"]
+    self.abstract_params = nn.meta.unbox(boxed)
+    self.param_shardings = sharding_lib.param_shardings(boxed, self.mesh)
+    opt_sh = sharding_lib.opt_state_shardings(self.tx, self.abstract_params,
+                                              self.param_shardings, self.mesh)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
+                                      opt_state=opt_sh, rng=replicated)
+    self.micro_axis = 1 if self._scan else 0  # where the batch axis sits in a step's batch
+    step = make_train_step(cfg, self.model, self.tx)
+    self._train_step = self._in_context(jax.jit(step, out_shardings=(self.state_shardings, None),
+                                                donate_argnums=0))
+    self._eval_step = self._in_context(jax.jit(make_eval_step(self.model)))
+
+  @property
+  def _scan(self):
+    return self.cfg.grad_accum == "scan" or self.cfg.gradient_accumulation_steps == 1
+
+  def _in_context(self, jitted):
+    # Logical constraints inside the model need the rules and the mesh while tracing.
+    def call(*args):
+      with nn.logical_axis_rules(sharding_lib.RULES), jax.set_mesh(self.mesh):
+        return jitted(*args)
+    call.lower = lambda *args: self._in_context(jitted.lower)(*args)
+    return call
+
+  def init_state(self, seed: int) -> TrainState:
+    """Params and optimizer state created directly in their shardings (never whole on a device)."""
+    def init(key):
+      dummy = jnp.zeros((1, self.cfg.block_size), jnp.int32)
+      params = nn.meta.unbox(self.model.init(key, dummy)["params"])
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=self.tx.init(params), rng=jax.random.fold_in(key, 1))
+    return self._in_context(jax.jit(init, out_shardings=self.state_shardings))(
+        jax.random.key(seed))
+
+  def train_step(self, state, local_batch):
+    """One optimizer step on this process's share of the batch ([A, b, T] numpy arrays)."""
+    if self._scan:
+      batch = sharding_lib.global_batch(local_batch, self.mesh, batch_axis=1)
+      return self._train_step(state, batch)
+    out = None
+    for i in range(self.cfg.gradient_accumulation_steps):
+      micro = sharding_lib.global_batch({k: v[i] for k, v in local_batch.items()}, self.mesh)
+      state, out = self._train_step(state, micro)
+    return state, out
+
+  def evaluate(self, params, batches, max_batches=None, chars_per_token=None) -> dict:
+    """Loss, accuracy, perplexity and bits per character over `batches` (the eval iterator)."""
+    totals = None
+    for i, local in enumerate(batches):
+      if max_batches is not None and i >= max_batches:
+        break
+      out = self._eval_step(params, sharding_lib.global_batch(local, self.mesh))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    if totals is None:
+      raise ValueError("the validation split produced no batch: it is smaller than one row of "
+                       "block_size + 1 tokens; lower block_size or add validation text")
+    totals = jax.device_get(totals)
+    loss = float(totals["nll"] / max(totals["tokens"], 1.0))
+    result = {"loss": loss, "accuracy": float(totals["correct"] / max(totals["tokens"], 1.0)),
+              "perplexity": metrics_lib.perplexity(loss), "tokens": int(totals["tokens"])}
+    if chars_per_token:
+      result["bits_per_char"] = metrics_lib.bits_per_char(loss, chars_per_token)
+    return result
+
+  def lower_train_step(self):
+    """The train step lowered for abstract inputs of this config (for memory analysis)."""
+    state = jax.eval_shape(self.init_state, 0)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         state, self.state_shardings)
+    a, b, t = (self.cfg.gradient_accumulation_steps, self.cfg.micro_batch_size,
+               self.cfg.block_size)
+    shape, axis = ((a, b, t), 1) if self._scan else ((b, t), 0)
+    sh = sharding_lib.batch_sharding(self.mesh, len(shape), axis)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh) for k in ("inputs", "targets")}
+    return self._train_step.lower(state, batch)
+
+
+def compile_train_step(cfg):
+  """Compiles one train step of `cfg` for the present devices (ahead of time, nothing allocated)."""
+  return Trainer(cfg, total_steps=max(cfg.num_train_steps or 1, 1)).lower_train_step().compile()
+
+
+def total_steps(cfg, steps_per_epoch: int) -> int:
+  if cfg.num_train_steps is not None:
+    return int(cfg.num_train_steps)
+  return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+
+def _check_loss(step: int, loss: float, running_min: float, factor: float) -> float:
+  """Raises TrainingDiverged on a NaN/Inf or exploding loss; returns the new running minimum."""
+  advice = ("Lower --config.learning_rate (e.g. by 3-10x), lengthen --config.warmup_steps, or "
+            "clip harder with --config.max_grad_norm=1.0. No checkpoint of this state was written.")
+  if not math.isfinite(loss):
+    raise TrainingDiverged(f"loss is {loss} at step {step}. {advice}")
+  if factor and math.isfinite(running_min) and loss > factor * running_min:
+    raise TrainingDiverged(f"loss exploded to {loss:.4g} at step {step}, more than "
+                           f"loss_explosion_factor={factor:g} x its running minimum "
+                           f"{running_min:.4g}. {advice}")
+  return min(running_min, loss)
+
+
+OOM_ADVICE = (
+    "out of memory (XLA RESOURCE_EXHAUSTED). Try: a smaller --config.micro_batch_size with more "
+    "--config.gradient_accumulation_steps (same batch_size), --config.remat_policy=full, "
+    "--config.dtype=bfloat16, or sharding over more devices (--config.mesh_shape). "
+    "Check what fits first with --mode=estimate --compile.")
+
+
+def _is_oom(e: BaseException) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def sample_lines(trainer, params, tokenizer, cfg, n_tokens=64, n_rows=2) -> list[str]:
+  """A few sampled continuations of a fresh document, to eyeball progress at each evaluation."""
+  from llm_jax import sampling  # late: sampling is optional to training
+  with cfg.unlocked():
+    scfg = cfg.copy_and_resolve_references()
+  with scfg.unlocked():
+    scfg.max_new_tokens = n_tokens
+    scfg.min_length = 0
+  rows = sampling.generate(params, trainer.model_cfg, [[tokenizer.eos_id]] * n_rows, scfg,
+                           jax.random.key(cfg.seed), eos_id=tokenizer.eos_id)
+  return [tokenizer.decode(r) for r in rows]
+
+
+def run(cfg, workdir: str, overrides=None) -> int:
+  """Trains `cfg` in `workdir`, resuming from its latest checkpoint. Returns an exit code."""
+  from tqdm import tqdm
+  from llm_jax import checkpoint as ckpt_lib
+  from llm_jax import data as data_lib
+
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  data = data_lib.build(cfg, workdir)
+  steps = total_steps(cfg, data.steps_per_epoch)
+  try:
+    trainer = Trainer(cfg, steps)
+  except ValueError as e:
+    logging.error("%s", e)
+    return 2
+  train_iter = data.train_iter()
+  ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch, data.tokenizer_path)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
+  try:
+    state = ckpt.restore_or_init(trainer, train_iter, overrides)
+    start = int(jax.device_get(state.step))
+    n_params = metrics_lib.count_params(trainer.abstract_params)
+    fpt = metrics_lib.flops_per_token(cfg, n_params)
+    peak = metrics_lib.device_peak_flops()
+    if is_main:
+      print(f"llm_jax: {metrics_lib.count_params(trainer.abstract_params, False) / 1e6:.2f}M "
+            f"params, {steps} steps of {cfg.batch_size} x {cfg.block_size} tokens "
+            f"({data.steps_per_epoch} steps/epoch), mesh {dict(trainer.mesh.shape)}, "
+            f"{jax.device_count()} x {jax.devices()[0].device_kind}, workdir {workdir}"
+            + (f", resumed at step {start}" if start else ""), flush=True)
+    running_min = math.inf
+    bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True,
+               mininterval=1.0, desc="train")
+    t0, steps_timed, last = time.perf_counter(), 0, {}
+    for step in range(start + 1, steps + 1):
+      state, out = trainer.train_step(state, next(train_iter))
+      steps_timed += 1
+      do_eval = step == steps or (cfg.eval_steps and step % cfg.eval_steps == 0)
+      do_save = ckpt.should_save(step) or step == steps
+      if step % cfg.log_every == 0 or do_eval or do_save or step == start + 1:
+        out = jax.device_get(out)
+        running_min = _check_loss(step, float(out["loss"]), running_min,
+                                  cfg.loss_explosion_factor)
+        dt = time.perf_counter() - t0
+        tps = steps_timed * cfg.batch_size * cfg.block_size / dt
+        last = {"train/loss": float(out["loss"]),
+                "train/perplexity": metrics_lib.perplexity(float(out["loss"])),
+                "train/bits_per_char": metrics_lib.bits_per_char(float(out["loss"]),
+                                                                 data.chars_per_token),
+                "train/learning_rate": float(trainer.schedule(step - 1)),
+                "train/grad_norm": float(out["grad_norm"]),
+                "train/param_norm": float(out["param_norm"]),
+                "train/tokens_per_s": tps, "train/step_time_s": dt / steps_timed,
+                "train/epoch": step / data.steps_per_epoch}
+        m = metrics_lib.mfu(tps / jax.device_count(), fpt, peak)
+        if m is not None:
+          last["train/mfu"] = m
+        writer.write(step, last)
+        bar.set_postfix(loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}",
+                        tok_s=f"{tps:,.0f}", **({"mfu": f"{m:.1%}"} if m is not None else {}),
+                        refresh=False)
+        t0, steps_timed = time.perf_counter(), 0
+      if do_eval:
+        ev = trainer.evaluate(state.params, data.eval_batches(), cfg.eval_batches,
+                              data.chars_per_token)
+        writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
+        if is_main:
+          bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
+                    f"{ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}, "
+                    f"train loss {last.get('train/loss', float('nan')):.4f}")
+          if cfg.sample_every_eval:
+            for line in sample_lines(trainer, state.params, data.tokenizer, cfg):
+              bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
+        ckpt.record_eval(step, ev["loss"])
+        t0 = time.perf_counter()  # evaluation time is not training throughput
+      if ckpt.stop_requested and not do_save:
+        out = jax.device_get(out)
+        _check_loss(step, float(out["loss"]), running_min, cfg.loss_explosion_factor)
+        do_save = True
+      if do_save:
+        ckpt.save(step, state, train_iter)
+        t0 = time.perf_counter()
+      bar.update(1)
+      if ckpt.stop_requested:
+        bar.close()
+        ckpt.wait()
+        print(f"stopped by a signal at step {step}: checkpoint saved in {workdir}; run the same "
+              f"command to resume", flush=True)
+        return 0
+    bar.close()
+  except TrainingDiverged as e:
+    logging.error("training stopped: %s", e)
+    print(f"error: training stopped: {e}", flush=True)
+    return 1
+  except KeyboardInterrupt:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if _is_oom(e):
+      print(f"error: {OOM_ADVICE}\n({str(e).splitlines()[0][:300]})", flush=True)
+      return 3
+    raise
+  finally:
+    ckpt.close()
+    writer.close()
+  if is_main:
+    png = metrics_lib.plot_losses(writer.jsonl_path, os.path.join(workdir, "loss_curves.png"))
+    print(f"done: {workdir} holds checkpoints, metrics.jsonl, tensorboard/ and {png}")
+  return 0
