@@ -7,7 +7,6 @@
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 """
 
-import logging
 import os
 import sys
 
@@ -28,6 +27,18 @@ _PROMPT_FILE = flags.DEFINE_string("prompt_file", None,
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "--mode=sample: read prompts in a loop.")
 
 
+def _honour_omp_num_threads():
+  """OMP_NUM_THREADS=n pins this process to n cores, so XLA's CPU thread pools size to n.
+
+  XLA does not read OMP_NUM_THREADS itself; it sizes its pools from the schedulable CPUs.
+  Must run before jax initialises its backend.
+  """
+  n = os.environ.get("OMP_NUM_THREADS", "")
+  if n.isdigit() and int(n) > 0 and hasattr(os, "sched_setaffinity"):
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cpus[:int(n)])
+
+
 def _finalized():
   from llm_jax import config
   try:
@@ -42,10 +53,67 @@ def _need_workdir():
   return _WORKDIR.value
 
 
+def _stop_id(cfg, tok):
+  if cfg.stop_token is None:
+    return None
+  ids = tok.encode(cfg.stop_token)
+  ids = [i for i in ids if tok.id_to_piece(i) != "\u2581"]  # a bare word-boundary marker
+  if len(ids) != 1:
+    sys.exit(f"error: stop_token={cfg.stop_token!r} is {len(ids)} tokens for this tokenizer; it "
+             f"must be exactly one (e.g. a single character)")
+  return ids[0]
+
+
+def sample(cfg, workdir, prompts, interactive=False) -> int:
+  """--mode=sample: continue each prompt from a trained checkpoint, printing as tokens arrive."""
+  import jax
+  from llm_jax import checkpoint
+  from llm_jax import sampling
+  from llm_jax import train
+  try:
+    trainer, params, step, tok = train.load_for_inference(cfg, workdir)
+  except checkpoint.CheckpointError as e:
+    print(f"error: {e}", flush=True)
+    return 2
+  stop_id = _stop_id(cfg, tok)
+  rng = jax.random.key(cfg.seed)
+  print(f"# checkpoint {step} from {workdir}; do_sample={cfg.do_sample} temperature="
+        f"{cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} repetition_penalty="
+        f"{cfg.repetition_penalty} num_beams={cfg.num_beams} max_new_tokens={cfg.max_new_tokens}",
+        flush=True)
+
+  def run(batch):
+    nonlocal rng
+    rng, key = jax.random.split(rng)
+    # An empty prompt starts a fresh document: the model saw EOS before every document.
+    ids = [tok.encode(p) or [tok.eos_id] for p in batch]
+    if len(batch) == 1 and cfg.num_beams == 1:
+      print(batch[0], end="", flush=True)
+      for chunk in sampling.generate_stream(params, trainer.model_cfg, ids, cfg, key,
+                                            eos_id=tok.eos_id, stop_id=stop_id):
+        print(tok.decode(chunk[0]), end="", flush=True)
+      print("\n", flush=True)
+      return
+    outs = sampling.generate(params, trainer.model_cfg, ids, cfg, key, eos_id=tok.eos_id,
+                             stop_id=stop_id)
+    for p, out in zip(batch, outs):
+      print(f"{p}{tok.decode(out)}\n" + "-" * 40, flush=True)
+
+  if prompts:
+    run(prompts)
+  if interactive:
+    print("# enter a prompt (empty line: a fresh document; Ctrl-D to quit)", flush=True)
+    for line in sys.stdin:
+      run([line.rstrip("\n").replace("\\n", "\n")])
+  elif not prompts:
+    run([""])
+  return 0
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
-  logging.getLogger("absl").setLevel(logging.INFO)
+  _honour_omp_num_threads()
   cfg = _finalized()
   if _MODE.value == "estimate":
     from llm_jax import sizing
@@ -60,14 +128,13 @@ def main(argv):
     sys.exit(train.run(cfg, workdir, overrides=overrides))
   if _MODE.value == "eval":
     sys.exit(train.evaluate_workdir(cfg, workdir))
-  from llm_jax import sample_cli
   prompts = list(_PROMPT.value or [])
   if _PROMPT_FILE.value:
     if not os.path.exists(_PROMPT_FILE.value):
       sys.exit(f"error: --prompt_file={_PROMPT_FILE.value} does not exist")
     with open(_PROMPT_FILE.value, encoding="utf-8") as f:
       prompts += [p.strip("\n") for p in f.read().split("\n\n") if p.strip()]
-  sys.exit(sample_cli.run(cfg, workdir, prompts, interactive=_INTERACTIVE.value))
+  sys.exit(sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def estimate(cfg) -> Estimate:
       "params": n * p_bytes,
       "gradients": n * p_bytes,
       "optimizer state": opt,
-      "activations (one micro-batch)": activation_bytes(cfg),
+      "activations (estimate, one micro-batch)": activation_bytes(cfg),
   }
   exact["total"] = sum(exact.values())
   pos = breakdown.get("embeddings", 0) - _token_embedding_size(cfg)
@@ -148,19 +148,19 @@ def report(cfg, est: Estimate, compiled: dict | None = None) -> str:
            "", "Parameters (exact, from jax.eval_shape)"]
   for g in ("embeddings", "attention", "ffn", "norms", "output head", "other"):
     if est.breakdown.get(g):
-      lines.append(f"  {g:<32}{est.breakdown[g]:>16,}")
-  lines.append(f"  {'total':<32}{est.n_params:>16,}  ({est.n_params / 1e6:.1f}M)")
+      lines.append(f"  {g:<40}{est.breakdown[g]:>16,}")
+  lines.append(f"  {'total':<40}{est.n_params:>16,}  ({est.n_params / 1e6:.1f}M)")
   lines += ["", f"FLOPs per token (6N + 12*L*n_heads*d_k*T): {est.flops_per_token:.3e}",
             f"FLOPs per optimizer step: {est.flops_per_token * cfg.batch_size * cfg.block_size:.3e}",
             "", "Memory, the parameter reference's formulas (rough):"]
   for k, v in est.sheet.items():
-    lines.append(f"  {k:<32}{_fmt_bytes(v)}")
+    lines.append(f"  {k:<40}{_fmt_bytes(v)}")
   lines.append("  (its Model Memory counts n_layers * d_model^2 per model, where a block holds "
                "about 12 * d_model^2)")
-  lines += ["", f"Memory, exact count at micro_batch_size={cfg.micro_batch_size} "
+  lines += ["", f"Memory, our count at micro_batch_size={cfg.micro_batch_size} "
             f"(params {cfg.param_dtype}, AdamW):"]
   for k, v in est.exact.items():
-    lines.append(f"  {k:<32}{_fmt_bytes(v)}")
+    lines.append(f"  {k:<40}{_fmt_bytes(v)}")
   if compiled:
     lines += ["", f"XLA memory analysis of one compiled train step on {jax.devices()[0].device_kind}"
               f" x{jax.device_count()} (per device):"]

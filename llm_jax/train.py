@@ -147,7 +147,6 @@ class Trainer:
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
                                       opt_state=opt_sh, rng=replicated)
-    self.micro_axis = 1 if self._scan else 0  # where the batch axis sits in a step's batch
     step = make_train_step(cfg, self.model, self.tx)
     self._train_step = self._in_context(jax.jit(step, out_shardings=(self.state_shardings, None),
                                                 donate_argnums=0))
@@ -165,15 +164,22 @@ class Trainer:
     call.lower = lambda *args: self._in_context(jitted.lower)(*args)
     return call
 
+  def _init(self, key) -> TrainState:
+    dummy = jnp.zeros((1, self.cfg.block_size), jnp.int32)
+    params = nn.meta.unbox(self.model.init(key, dummy)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), rng=jax.random.fold_in(key, 1))
+
   def init_state(self, seed: int) -> TrainState:
     """Params and optimizer state created directly in their shardings (never whole on a device)."""
-    def init(key):
-      dummy = jnp.zeros((1, self.cfg.block_size), jnp.int32)
-      params = nn.meta.unbox(self.model.init(key, dummy)["params"])
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=self.tx.init(params), rng=jax.random.fold_in(key, 1))
-    return self._in_context(jax.jit(init, out_shardings=self.state_shardings))(
+    return self._in_context(jax.jit(self._init, out_shardings=self.state_shardings))(
         jax.random.key(seed))
+
+  def abstract_state(self) -> TrainState:
+    """The state's shapes and dtypes with their shardings, nothing allocated (restore targets)."""
+    shapes = jax.eval_shape(self._init, jax.random.key(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings)
 
   def train_step(self, state, local_batch):
     """One optimizer step on this process's share of the batch ([A, b, T] numpy arrays)."""
@@ -207,9 +213,7 @@ class Trainer:
 
   def lower_train_step(self):
     """The train step lowered for abstract inputs of this config (for memory analysis)."""
-    state = jax.eval_shape(self.init_state, 0)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         state, self.state_shardings)
+    state = self.abstract_state()
     a, b, t = (self.cfg.gradient_accumulation_steps, self.cfg.micro_batch_size,
                self.cfg.block_size)
     shape, axis = ((a, b, t), 1) if self._scan else ((b, t), 0)
@@ -220,7 +224,7 @@ class Trainer:
 
 def compile_train_step(cfg):
   """Compiles one train step of `cfg` for the present devices (ahead of time, nothing allocated)."""
-  return Trainer(cfg, total_steps=max(cfg.num_train_steps or 1, 1)).lower_train_step().compile()
+  return Trainer(cfg, total_steps=cfg.warmup_steps + 1).lower_train_step().compile()
 
 
 def total_steps(cfg, steps_per_epoch: int) -> int:
@@ -283,7 +287,8 @@ def run(cfg, workdir: str, overrides=None) -> int:
     logging.error("%s", e)
     return 2
   train_iter = data.train_iter()
-  ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch, data.tokenizer_path)
+  ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch,
+                              cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
   try:
     state = ckpt.restore_or_init(trainer, train_iter, overrides)
@@ -374,4 +379,38 @@ def run(cfg, workdir: str, overrides=None) -> int:
   if is_main:
     png = metrics_lib.plot_losses(writer.jsonl_path, os.path.join(workdir, "loss_curves.png"))
     print(f"done: {workdir} holds checkpoints, metrics.jsonl, tensorboard/ and {png}")
+  return 0
+
+
+def load_for_inference(cfg, workdir: str):
+  """(trainer, params, step, tokenizer) from a run's checkpoint, for --mode=eval and sample."""
+  from llm_jax import checkpoint as ckpt_lib
+  from llm_jax import tokenizer as tokenizer_lib
+  trainer = Trainer(cfg, total_steps=1)
+  params, step, saved, proto = ckpt_lib.load_params(
+      workdir, trainer.abstract_params, trainer.param_shardings, cfg.checkpoint_step)
+  model, _, _ = ckpt_lib._config_changes(saved, cfg)  # pylint: disable=protected-access
+  if model:  # unreachable in practice: restore would fail on shapes first; kept for the message
+    raise ckpt_lib.CheckpointError("config and checkpoint disagree: " + "; ".join(model))
+  if proto is None:
+    path = cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+    tok = tokenizer_lib.load(path)
+  else:
+    tok = tokenizer_lib.Tokenizer(proto)
+  return trainer, params, step, tok
+
+
+def evaluate_workdir(cfg, workdir: str) -> int:
+  """--mode=eval: loss, accuracy, perplexity and bits/char of a saved checkpoint."""
+  from llm_jax import checkpoint as ckpt_lib
+  from llm_jax import data as data_lib
+  try:
+    trainer, params, step, _ = load_for_inference(cfg, workdir)
+  except ckpt_lib.CheckpointError as e:
+    print(f"error: {e}", flush=True)
+    return 2
+  data = data_lib.build(cfg, workdir)
+  ev = trainer.evaluate(params, data.eval_batches(), cfg.eval_batches, data.chars_per_token)
+  print(f"eval of checkpoint {step} in {workdir}: " + ", ".join(
+      f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()), flush=True)
   return 0
