@@ -87,9 +87,11 @@ def get_config():
 
   # --- Data (+) ---
   c.dataset = "shakespeare"  # +: shakespeare | text:<dir or glob> | tfds:<name>[/<config>]
-  c.validation = ""  # +: glob of validation files for text: datasets ("" = validation_fraction)
+  c.validation = ""  # +: text: a glob of validation files; tfds: a split name ("" = validation, test, or validation_fraction)
   c.validation_fraction = 0.05  # +: share of documents held out when no validation glob is given
   c.text_key = "text"  # +: text field of .jsonl files and tfds datasets
+  c.text_split = "file"  # +: a document in text: datasets: file | paragraph (blank-line separated) | line
+  c.tfds_data_dir = placeholder(str)  # +: where tfds: datasets are prepared (None = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data_dir = placeholder(str)  # +: dataset/tokenized cache (None = $LLM_JAX_CACHE or ~/.cache/llm_jax)
   c.tokenizer_path = placeholder(str)  # +: sentencepiece model (None = <workdir>/tokenizer.model)
   c.tokenizer_type = "unigram"  # +: unigram | bpe

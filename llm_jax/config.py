@@ -17,6 +17,7 @@ POSITION_EMBEDDINGS = ("rope", "sinusoidal", "learned")
 REMAT_POLICIES = ("none", "full", "dots")
 GRAD_ACCUM = ("scan", "multisteps")
 TOKENIZER_TYPES = ("unigram", "bpe")
+TEXT_SPLITS = ("file", "paragraph", "line")
 
 
 class ConfigError(ValueError):
@@ -97,7 +98,7 @@ def _check(c):
   for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lr_decay", LR_DECAYS),
                      ("activation", ACTIVATIONS), ("position_embedding", POSITION_EMBEDDINGS),
                      ("remat_policy", REMAT_POLICIES), ("grad_accum", GRAD_ACCUM),
-                     ("tokenizer_type", TOKENIZER_TYPES)):
+                     ("tokenizer_type", TOKENIZER_TYPES), ("text_split", TEXT_SPLITS)):
     need(c[f] in allowed, f"{f}={c[f]!r} is not one of {', '.join(allowed)}")
 
   for f in ("dropout", "attention_dropout", "hidden_dropout", "lora_dropout"):

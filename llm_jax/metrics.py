@@ -99,7 +99,7 @@ def flops_per_token(cfg, n_params: int, seq_len: Optional[int] = None) -> float:
     seq_len: T, the attended context length (default cfg.block_size).
   """
   seq_len = cfg.block_size if seq_len is None else seq_len
-  d_v = cfg.get("d_v", None) or cfg.d_k
+  d_v = cfg.d_v or cfg.d_k
   attention = 6 * cfg.n_layers * cfg.n_heads * (cfg.d_k + d_v) * seq_len
   return float(6 * n_params + attention)
 

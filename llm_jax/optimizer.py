@@ -105,7 +105,7 @@ def weight_decay_mask(params, cfg):
 
   Works on plain nested dicts and FrozenDicts of arrays, tracers or ShapeDtypeStructs.
   """
-  decay_embeddings = bool(cfg.get("decay_embeddings", False))
+  decay_embeddings = bool(cfg.decay_embeddings)
 
   def decide(path, leaf):
     names = _path_names(path)

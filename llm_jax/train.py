@@ -279,19 +279,23 @@ def run(cfg, workdir: str, overrides=None) -> int:
 
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  data = data_lib.build(cfg, workdir)
-  steps = total_steps(cfg, data.steps_per_epoch)
   try:
+    data = data_lib.build(cfg, workdir)
+    steps = total_steps(cfg, data.steps_per_epoch)
     trainer = Trainer(cfg, steps)
-  except ValueError as e:
-    logging.error("%s", e)
+  except ValueError as e:  # DataError, or a mesh that does not fit the devices
+    print(f"error: {e}", flush=True)
     return 2
   train_iter = data.train_iter()
   ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch,
                               cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"))
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
   try:
-    state = ckpt.restore_or_init(trainer, train_iter, overrides)
+    try:
+      state = ckpt.restore_or_init(trainer, train_iter, overrides)
+    except ckpt_lib.CheckpointError as e:
+      print(f"error: {e}", flush=True)
+      return 2
     start = int(jax.device_get(state.step))
     n_params = metrics_lib.count_params(trainer.abstract_params)
     fpt = metrics_lib.flops_per_token(cfg, n_params)
@@ -409,7 +413,11 @@ def evaluate_workdir(cfg, workdir: str) -> int:
   except ckpt_lib.CheckpointError as e:
     print(f"error: {e}", flush=True)
     return 2
-  data = data_lib.build(cfg, workdir)
+  try:
+    data = data_lib.build(cfg, workdir)
+  except data_lib.DataError as e:
+    print(f"error: {e}", flush=True)
+    return 2
   ev = trainer.evaluate(params, data.eval_batches(), cfg.eval_batches, data.chars_per_token)
   print(f"eval of checkpoint {step} in {workdir}: " + ", ".join(
       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()), flush=True)

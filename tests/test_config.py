@@ -108,3 +108,17 @@ def test_reference_sheet_variables_are_all_fields():
   lora_alpha lora_dropout num_train_epochs save_steps eval_steps dtype save_every_epochs""".split()
   c = config.load(BASE)
   assert [n for n in names if n not in c] == []
+
+
+def test_readme_lists_every_field_as_configs_base_defines_it():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("config_table",
+                                                os.path.join(ROOT, "scripts", "config_table.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  table = mod.table(BASE)
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  assert table in readme, "README's field table is stale: regenerate with scripts/config_table.py"
+  documented = {r[0] for r in mod.rows(BASE)}
+  assert documented == set(config.load(BASE).keys())
