@@ -89,9 +89,13 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
     ids = [tok.encode(p) or [tok.eos_id] for p in batch]
     if len(batch) == 1 and cfg.num_beams == 1:
       print(batch[0], end="", flush=True)
+      new_ids, shown = [], ""
       for chunk in sampling.generate_stream(params, trainer.model_cfg, ids, cfg, key,
                                             eos_id=tok.eos_id, stop_id=stop_id):
-        print(tok.decode(chunk[0]), end="", flush=True)
+        new_ids += chunk[0]
+        text = tok.decode(new_ids)  # whole text so far: a chunk may split a multi-byte character
+        print(text[len(shown):], end="", flush=True)
+        shown = text
       print("\n", flush=True)
       return
     outs = sampling.generate(params, trainer.model_cfg, ids, cfg, key, eos_id=tok.eos_id,

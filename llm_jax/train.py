@@ -86,8 +86,7 @@ def make_train_step(cfg, model, tx):
   def finish(state, grads, ce, opt_step):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    out = {"loss": ce, "grad_norm": optax.global_norm(grads),
-           "param_norm": optax.global_norm(params)}
+    out = {"loss": ce, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     return state.replace(step=opt_step, params=params, opt_state=opt_state), out
 
   if cfg.grad_accum == "scan" or cfg.gradient_accumulation_steps == 1:
@@ -151,6 +150,9 @@ class Trainer:
     self._train_step = self._in_context(jax.jit(step, out_shardings=(self.state_shardings, None),
                                                 donate_argnums=0))
     self._eval_step = self._in_context(jax.jit(make_eval_step(self.model)))
+    self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings))
+    self._loss_of = self._in_context(jax.jit(
+        lambda params, batch: loss_fn(params, self.model, batch, None, 0.0, True)[1]))
 
   @property
   def _scan(self):
@@ -172,8 +174,7 @@ class Trainer:
 
   def init_state(self, seed: int) -> TrainState:
     """Params and optimizer state created directly in their shardings (never whole on a device)."""
-    return self._in_context(jax.jit(self._init, out_shardings=self.state_shardings))(
-        jax.random.key(seed))
+    return self._init_jit(jax.random.key(seed))
 
   def abstract_state(self) -> TrainState:
     """The state's shapes and dtypes with their shardings, nothing allocated (restore targets)."""
@@ -186,11 +187,19 @@ class Trainer:
     if self._scan:
       batch = sharding_lib.global_batch(local_batch, self.mesh, batch_axis=1)
       return self._train_step(state, batch)
-    out = None
+    losses = []
     for i in range(self.cfg.gradient_accumulation_steps):
       micro = sharding_lib.global_batch({k: v[i] for k, v in local_batch.items()}, self.mesh)
       state, out = self._train_step(state, micro)
-    return state, out
+      losses.append(out["loss"])
+    # The step's loss is the mean over its micro-batches, as with "scan"; grad_norm is the last
+    # micro-batch's (MultiSteps keeps the accumulated gradient inside its state).
+    return state, {**out, "loss": sum(losses) / len(losses)}
+
+  def loss_of(self, params, local_batch) -> float:
+    """Mean cross-entropy of `params` on the first micro-batch of a step's batch (no dropout)."""
+    first = sharding_lib.global_batch({k: v[0] for k, v in local_batch.items()}, self.mesh)
+    return float(self._loss_of(params, first))
 
   def evaluate(self, params, batches, max_batches=None, chars_per_token=None) -> dict:
     """Loss, accuracy, perplexity and bits per character over `batches` (the eval iterator)."""
@@ -311,7 +320,8 @@ def run(cfg, workdir: str, overrides=None) -> int:
                mininterval=1.0, desc="train")
     t0, steps_timed, last = time.perf_counter(), 0, {}
     for step in range(start + 1, steps + 1):
-      state, out = trainer.train_step(state, next(train_iter))
+      batch = next(train_iter)
+      state, out = trainer.train_step(state, batch)
       steps_timed += 1
       do_eval = step == steps or (cfg.eval_steps and step % cfg.eval_steps == 0)
       do_save = ckpt.should_save(step) or step == steps
@@ -319,6 +329,9 @@ def run(cfg, workdir: str, overrides=None) -> int:
         out = jax.device_get(out)
         running_min = _check_loss(step, float(out["loss"]), running_min,
                                   cfg.loss_explosion_factor)
+        if not math.isfinite(float(out["param_norm"])):
+          raise TrainingDiverged(f"parameters became NaN/Inf at step {step}. Lower "
+                                 f"--config.learning_rate or clip with --config.max_grad_norm.")
         dt = time.perf_counter() - t0
         tps = steps_timed * cfg.batch_size * cfg.block_size / dt
         last = {"train/loss": float(out["loss"]),
@@ -351,11 +364,11 @@ def run(cfg, workdir: str, overrides=None) -> int:
               bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
         ckpt.record_eval(step, ev["loss"])
         t0 = time.perf_counter()  # evaluation time is not training throughput
-      if ckpt.stop_requested and not do_save:
-        out = jax.device_get(out)
-        _check_loss(step, float(out["loss"]), running_min, cfg.loss_explosion_factor)
-        do_save = True
-      if do_save:
+      if do_save or ckpt.stop_requested:
+        # The logged loss is of the params before this step's update; the state about to be
+        # saved is after it, so check that state itself: one forward pass on this step's batch.
+        running_min = _check_loss(step, trainer.loss_of(state.params, batch), running_min,
+                                  cfg.loss_explosion_factor)
         ckpt.save(step, state, train_iter)
         t0 = time.perf_counter()
       bar.update(1)
