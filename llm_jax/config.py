@@ -92,6 +92,9 @@ def _check(c):
          f"max_seq_len={c.max_seq_len} exceeds max_position_embeddings="
          f"{c.max_position_embeddings} with learned positions: generation could index past the "
          f"table; raise max_position_embeddings")
+  if c.position_embedding == "rope" and c.d_k > 0:
+    need(c.d_k % 2 == 0, f"d_k={c.d_k} is odd but position_embedding='rope' rotates pairs of "
+         f"dimensions: use an even d_k (set d_k, or pick n_heads so d_model / n_heads is even)")
   need(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0 (10000 is standard)")
   need(c.layer_norm_eps > 0, f"layer_norm_eps={c.layer_norm_eps} must be > 0 (1e-5 or 1e-6)")
 

@@ -39,6 +39,7 @@ INVALID = [
     ({"remat_policy": "some"}, "remat_policy"),
     ({"num_beams": 4, "do_sample": True}, "num_beams"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"d_k": 33}, "d_k"),
 ]
 
 

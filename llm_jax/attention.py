@@ -1,0 +1,165 @@
+"""Attention math as pure functions: scaled dot-product attention (XLA, cuDNN, Pallas), RoPE,
+sinusoidal positions, attention masks and the KV-cache write.
+
+Everything here is a plain function of arrays, so it is tested against numpy references without
+building a module. Masks are bool, True = attend, shaped [B or 1, 1, T, S]; "slots" are key
+positions in the (cache) sequence, which differ from the RoPE positions of left-padded rows.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Finite rather than -inf: a row with every key masked then softmaxes to a uniform (finite) row
+# instead of NaN, and a NaN would leak into every row through 0 * NaN in probs @ v.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+_PALLAS_BLOCK = 128  # the TPU kernel's default block size; T must be a multiple of it
+
+
+def causal_mask(q_slots_T, kv_len):
+  """[1, 1, T, S] bool: query t may see key slot s iff s <= q_slots_T[t]."""
+  return (jnp.arange(kv_len)[None, :] <= q_slots_T[:, None])[None, None]
+
+
+def segment_mask(q_segment_ids_BT, kv_segment_ids_BS):
+  """[B, 1, T, S] bool: attend only within equal segment ids (packed documents)."""
+  return (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None]
+
+
+def valid_mask(kv_valid_BS, q_slots_T):
+  """[B, 1, T, S] bool: key slot s is valid (not left padding), or is the query's own slot.
+
+  The own-slot exception only matters for padding queries: they would otherwise see no key at
+  all; their outputs are never read, but must stay finite.
+  """
+  own_TS = jnp.arange(kv_valid_BS.shape[1])[None, :] == q_slots_T[:, None]
+  return (kv_valid_BS[:, None, :] | own_TS[None])[:, None]
+
+
+def combine_masks(*masks):
+  """Logical AND of the masks that are not None (None if all are None)."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0]
+  for m in masks[1:]:
+    out = out & m
+  return out
+
+
+def update_cache(cache_LBSKH, new_BTKH, layer, index):
+  """Writes `new_BTKH` into layer `layer`, slots [index, index + T) of the whole-model cache.
+
+  Updating the full [L, ...] array (rather than a per-layer slice that is then put back) lets
+  XLA do it in place on a donated cache: the slice-and-set form copied every layer each step.
+  Returns (new cache, this layer's [B, S, K, H] view of it).
+  """
+  cache_LBSKH = jax.lax.dynamic_update_slice(
+      cache_LBSKH, new_BTKH[None].astype(cache_LBSKH.dtype), (layer, 0, index, 0, 0))
+  return cache_LBSKH, jax.lax.dynamic_index_in_dim(cache_LBSKH, layer, keepdims=False)
+
+
+def rope(x_BTNH, positions_BT, theta):
+  """Rotary position embedding (rotate-half form), computed in float32.
+
+  Pairs feature j with j + H/2 and rotates the pair by positions * theta^(-2j/H), so the dot
+  product of a rotated query and key depends only on their position difference. H must be even.
+  """
+  h = x_BTNH.shape[-1]
+  if h % 2:
+    raise ValueError(f"RoPE needs an even head dim, got {h}")
+  inv_freq_h = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
+  sin_BT1h, cos_BT1h = jnp.sin(angle_BTh)[:, :, None], jnp.cos(angle_BTh)[:, :, None]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def sinusoidal_embedding(positions_BT, d_model):
+  """[B, T, d_model] float32: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(same).
+
+  Computed from the positions directly, so there is no table length limit.
+  """
+  two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)
+  angle_BTi = positions_BT.astype(jnp.float32)[..., None] / (10000.0 ** (two_i / d_model))
+  pe = jnp.stack([jnp.sin(angle_BTi), jnp.cos(angle_BTi)], axis=-1)  # sin, cos interleaved
+  return pe.reshape(*positions_BT.shape, -1)[..., :d_model]
+
+
+def sinusoidal_table(n_pos, d_model):
+  """[n_pos, d_model] float32: the cheat sheet's positional-encoding table."""
+  return sinusoidal_embedding(jnp.arange(n_pos)[None], d_model)[0]
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, dropout_rate=0.0, dropout_rng=None):
+  """softmax(q k^T / sqrt(d_k) + mask) v with grouped kv heads; scores and softmax in float32.
+
+  q head n reads kv head n // (N / K). Returns [B, T, N, Hv] in q's dtype.
+  """
+  b, t, n, h = q_BTNH.shape
+  kv_heads = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) / math.sqrt(h)
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    scores_BKGTS = jnp.where(mask[:, :, None], scores_BKGTS, _MASKED)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGTS.shape)
+    probs_BKGTS = jnp.where(keep, probs_BKGTS / (1.0 - dropout_rate), 0.0)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+  return out_BTKGH.reshape(b, t, n, v_BSKH.shape[-1]).astype(q_BTNH.dtype)
+
+
+def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+  """Causal self-attention with the TPU Pallas flash kernel (T == S, a multiple of 128)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # TPU-only module
+  n, k_heads = q_BTNH.shape[2], k_BSKH.shape[2]
+  # The kernel wants [B, N, T, H] and the same head count for q, k and v.
+  k_BSNH = jnp.repeat(k_BSKH, n // k_heads, axis=2)
+  v_BSNH = jnp.repeat(v_BSKH, n // k_heads, axis=2)
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BTNH, k_BSNH, v_BSNH))
+  segments = None if segment_ids_BT is None else fa.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
+  out_BNTH = fa.flash_attention(q, k, v, segment_ids=segments, causal=True,
+                                sm_scale=1.0 / math.sqrt(q_BTNH.shape[-1]))
+  return jnp.swapaxes(out_BNTH, 1, 2).astype(q_BTNH.dtype)
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, impl="xla", is_causal=False,
+              segment_ids_BT=None, dropout_rate=0.0, dropout_rng=None):
+  """Scaled dot-product attention, 1/sqrt(d_k), on the chosen backend.
+
+  q: [B, T, N, H], k: [B, S, K, H], v: [B, S, K, Hv] with N % K == 0.
+  mask: bool, True = attend, broadcastable to [B, 1, T, S], or None.
+  is_causal: also apply the causal mask s <= t (self-attention, T == S, no cache offset).
+  segment_ids_BT: also attend only within equal ids (self-attention, T == S).
+  impl: "xla" | "cudnn" (GPU, bf16/fp16) | "pallas" (TPU). Cases a fused kernel cannot do
+  (attention dropout; for Pallas also an explicit mask, d_v != d_k or T not a multiple of 128)
+  run on XLA, which gives the same result.
+  Returns [B, T, N, Hv] in q's dtype.
+  """
+  t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+  if (is_causal or segment_ids_BT is not None) and t != s:
+    raise ValueError(f"is_causal / segment_ids need self-attention (T == S), got T={t}, S={s}")
+  if dropout_rate > 0.0:
+    impl = "xla"
+  if impl == "pallas":
+    if (is_causal and mask is None and t % _PALLAS_BLOCK == 0
+        and k_BSKH.shape[-1] == v_BSKH.shape[-1]):
+      return _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    impl = "xla"
+  seg = None if segment_ids_BT is None else segment_mask(segment_ids_BT, segment_ids_BT)
+  if impl == "cudnn":
+    dtype = q_BTNH.dtype  # cuDNN needs one of bf16/fp16 for q, k and v alike
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask=combine_masks(mask, seg),
+        is_causal=is_causal, implementation="cudnn")
+  if impl != "xla":
+    raise ValueError(f"attention impl={impl!r} is not one of xla, cudnn, pallas")
+  causal = causal_mask(jnp.arange(t), s) if is_causal else None
+  return xla_attention(q_BTNH, k_BSKH, v_BSKH, combine_masks(mask, seg, causal),
+                       dropout_rate=dropout_rate, dropout_rng=dropout_rng)

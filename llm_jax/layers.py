@@ -1,0 +1,119 @@
+"""The transformer's building blocks as Flax modules: norms, the feed-forward network and
+multi-head (grouped-query) self-attention with its KV-cache step.
+
+Every parameter carries logical axis names ("embed", "heads", "kv_heads", "head_dim", "mlp",
+"vocab") so `sharding.py` can map them onto a mesh. Projections are `nn.Einsum` with 3-D
+kernels rather than `nn.DenseGeneral`, whose multi-dim features crash under logical
+partitioning (flax issue #3676). Initialisation follows GPT-2: normal(0.02), with the two
+projections that write into the residual stream scaled by 1/sqrt(2 * n_layers).
+"""
+
+import math
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+
+from llm_jax import attention as attn_lib
+
+if TYPE_CHECKING:  # model.py imports this module, so only type checkers import it back
+  from llm_jax.model import ModelConfig
+
+INIT_STD = 0.02
+
+
+def init(axes, std=INIT_STD):
+  """normal(std) initializer tagged with logical axis names."""
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def residual_std(cfg):
+  """Init std of projections into the residual stream (GPT-2's 1/sqrt(2 * n_layers) scaling)."""
+  return INIT_STD / math.sqrt(2 * cfg.n_layers)
+
+
+def norm(cfg, name):
+  """LayerNorm, or RMSNorm when cfg.use_rms_norm; statistics in float32, params "scale"/"bias"."""
+  kw = dict(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            name=name)
+  if cfg.use_rms_norm:
+    return nn.RMSNorm(**kw)
+  return nn.LayerNorm(**kw, use_bias=cfg.use_bias, bias_init=zeros(("embed",)))
+
+
+class Mlp(nn.Module):
+  """Position-wise FFN: relu / gelu (tanh approx., GPT-2) or SwiGLU, then hidden_dropout.
+
+  SwiGLU uses d_ff as its hidden width (so it has 1.5x the FFN parameters of relu/gelu).
+  """
+  cfg: "ModelConfig"
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+
+    def dense(shape, axes, name, std=INIT_STD):
+      return nn.Einsum(shape, "btd,df->btf", use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                       param_dtype=cfg.weight_dtype, kernel_init=init(axes, std),
+                       bias_init=zeros(axes[-1:]), name=name)
+
+    up = ((cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+    if cfg.activation == "swiglu":
+      h_BTF = nn.silu(dense(*up, "wi_gate")(x_BTD)) * dense(*up, "wi_up")(x_BTD)
+    else:
+      act = {"relu": nn.relu, "gelu": nn.gelu}[cfg.activation]
+      h_BTF = act(dense(*up, "wi")(x_BTD))
+    y_BTD = dense((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "wo", residual_std(cfg))(h_BTF)
+    return nn.Dropout(cfg.hidden_dropout)(y_BTD, deterministic=self.deterministic)
+
+
+class SelfAttention(nn.Module):
+  """Causal grouped-query self-attention with separate d_k / d_v and an optional KV-cache step.
+
+  cache: the whole model's {"k": [L, B, S, K, H], "v": [L, B, S, K, Hv]} or None; this layer
+  writes and reads index `layer` (an int32 scalar, traced under nn.scan) of it.
+  ctx (shared by all layers): "positions" [B, T] for RoPE, "mask" (bool [B|1, 1, T, S] or None),
+  "segment_ids" [B, T] or None, "cache_index" (scalar slot of this call's first token, decoding
+  only). Without a cache the attention is causal over this call's tokens; with one, the caller's
+  mask already encodes which cache slots each query may see.
+  """
+  cfg: "ModelConfig"
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, cache, layer, ctx):
+    cfg = self.cfg
+
+    def proj(shape, spec, axes, name, std=INIT_STD, bias_axes=None):
+      return nn.Einsum(shape, spec, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                       param_dtype=cfg.weight_dtype, kernel_init=init(axes, std),
+                       bias_init=zeros(bias_axes or axes[1:]), name=name)
+
+    d, n, k, hk, hv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_k, cfg.d_v
+    q_BTNH = proj((d, n, hk), "btd,dnh->btnh", ("embed", "heads", "head_dim"), "query")(x_BTD)
+    k_BTKH = proj((d, k, hk), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
+    v_BTKH = proj((d, k, hv), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
+    if cfg.position_embedding == "rope":
+      q_BTNH = attn_lib.rope(q_BTNH, ctx["positions"], cfg.rope_theta)
+      k_BTKH = attn_lib.rope(k_BTKH, ctx["positions"], cfg.rope_theta)
+
+    if cache is None:
+      k_BSKH, v_BSKH, is_causal, segment_ids = k_BTKH, v_BTKH, True, ctx["segment_ids"]
+    else:
+      k_cache, k_BSKH = attn_lib.update_cache(cache["k"], k_BTKH, layer, ctx["cache_index"])
+      v_cache, v_BSKH = attn_lib.update_cache(cache["v"], v_BTKH, layer, ctx["cache_index"])
+      cache, is_causal, segment_ids = {"k": k_cache, "v": v_cache}, False, None
+
+    rate = 0.0 if self.deterministic else cfg.attention_dropout
+    out_BTNH = attn_lib.attention(
+        q_BTNH, k_BSKH.astype(cfg.compute_dtype), v_BSKH.astype(cfg.compute_dtype), ctx["mask"],
+        impl=cfg.attention_impl, is_causal=is_causal, segment_ids_BT=segment_ids,
+        dropout_rate=rate, dropout_rng=self.make_rng("dropout") if rate > 0 else None)
+    y_BTD = proj((n, hv, d), "btnh,nhd->btd", ("heads", "head_dim", "embed"), "out",
+                 residual_std(cfg), bias_axes=("embed",))(out_BTNH)
+    return y_BTD, cache

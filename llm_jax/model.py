@@ -1,0 +1,215 @@
+"""The GPT model: token (+ position) embedding -> pre-norm blocks -> final norm -> float32 logits.
+
+Owns `ModelConfig` (the model's slice of the flat config, hashable so it can be a static jit
+argument), the `Transformer` module, `init_params` and the explicit KV cache (`init_cache`).
+
+The cache is a plain pytree {"k": [L, B, S, K, H], "v": [L, B, S, K, Hv]}: easy to shard, donate
+and scan over. The caller owns the write position (`cache_index`, one slot for the whole batch)
+and the per-row RoPE/learned positions, so left-padded prompts work: `kv_valid_BS` marks their
+padding slots False.
+"""
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax import attention as attn_lib
+from llm_jax import config as config_lib
+from llm_jax import layers
+
+PADDED_LOGIT = -1e9  # logits of padded vocab ids: exp() underflows to exactly 0 in float32
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model hyper-parameters (see configs/base.py for each field's meaning)."""
+  vocab_size: int
+  d_model: int
+  n_heads: int
+  n_kv_heads: int
+  n_layers: int
+  d_ff: int
+  d_k: int
+  d_v: int
+  vocab_multiple: int = 128
+  max_position_embeddings: int = 2048
+  position_embedding: str = "rope"
+  rope_theta: float = 10000.0
+  activation: str = "gelu"
+  use_rms_norm: bool = False
+  layer_norm_eps: float = 1e-5
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  hidden_dropout: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.position_embedding == "rope" and self.d_k % 2:
+      raise ValueError(f"position_embedding='rope' needs an even d_k, got d_k={self.d_k}: "
+                       f"set d_k explicitly or pick another n_heads")
+
+  @classmethod
+  def from_config(cls, cfg, backend=None):
+    """Takes the model fields of a finalized config; attention_impl depends on the backend."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl"}
+    impl = config_lib.flash_attention_backend(cfg, backend or jax.default_backend())
+    return cls(**{f: cfg[f] for f in fields}, attention_impl=impl)
+
+  @property
+  def padded_vocab(self):
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + dropout(attn(norm(x))), then x + mlp(norm(x)).
+
+  Scan-shaped: carry (x, cache, layer) -> (x, cache, layer + 1). The whole-model cache rides in
+  the carry (not as a per-layer scanned input) so each layer's write is in place.
+  """
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, carry, ctx):
+    cfg = self.cfg
+    x_BTD, cache, layer = carry
+    x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
+    h_BTD, cache = layers.SelfAttention(cfg, self.deterministic, name="attn")(
+        layers.norm(cfg, "attn_norm")(x_BTD), cache, layer, ctx)
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout)(h_BTD, deterministic=self.deterministic)
+    x_BTD = x_BTD + layers.Mlp(cfg, self.deterministic, name="mlp")(
+        layers.norm(cfg, "mlp_norm")(x_BTD))
+    return (nn.with_logical_constraint(x_BTD, ACTIVATION_AXES), cache, layer + 1), None
+
+
+def _block_class(cfg):
+  """Block wrapped in gradient checkpointing per cfg.remat_policy."""
+  if cfg.remat_policy == "none":
+    return Block
+  # "dots" keeps the weight matmuls' outputs and recomputes the attention scores/softmax,
+  # whose [B, N, T, S] tensors are what dominates activation memory.
+  policy = {"full": jax.checkpoint_policies.nothing_saveable,
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat_policy]
+  return nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
+
+
+class Transformer(nn.Module):
+  """Decoder-only transformer. See the module docstring for the cache contract."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, deterministic=True,
+               cache=None, cache_index=None, kv_valid_BS=None):
+    """No cache: logits [B, T, padded_vocab] float32. With a cache: (logits, new_cache)."""
+    cfg = self.cfg
+    b, t = tokens_BT.shape
+    decoding = cache is not None
+    if decoding and (cache_index is None or segment_ids_BT is not None):
+      raise ValueError("decoding with a cache needs cache_index (the slot of the first token) "
+                       "and takes no segment_ids (mask padding with kv_valid_BS instead)")
+    start = cache_index if decoding else 0
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+
+    embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.weight_dtype,
+                     embedding_init=layers.init(("vocab", "embed")), name="embed")
+    x_BTD = embed(tokens_BT)
+    if cfg.position_embedding == "sinusoidal":
+      # Vaswani et al. scale the embeddings so the unit-amplitude sinusoids do not drown them.
+      pe_BTD = attn_lib.sinusoidal_embedding(positions_BT, cfg.d_model)
+      x_BTD = x_BTD * math.sqrt(cfg.d_model) + pe_BTD.astype(x_BTD.dtype)
+    elif cfg.position_embedding == "learned":
+      # Clipped so padding positions (< 0) never index outside the table (jnp.take gives NaN).
+      pos_BT = jnp.clip(positions_BT, 0, cfg.max_position_embeddings - 1)
+      x_BTD = x_BTD + nn.Embed(cfg.max_position_embeddings, cfg.d_model,
+                               dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                               embedding_init=layers.init((None, "embed")),
+                               name="pos_embed")(pos_BT)
+    x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+
+    # Masks are built once here and shared by every layer.
+    if decoding:
+      q_slots_T = start + jnp.arange(t)
+      s = cache["k"].shape[2]
+      mask = attn_lib.causal_mask(q_slots_T, s)
+      if kv_valid_BS is not None:
+        mask = mask & attn_lib.valid_mask(kv_valid_BS, q_slots_T)
+    else:
+      mask = None if kv_valid_BS is None else attn_lib.valid_mask(kv_valid_BS, jnp.arange(t))
+    ctx = {"positions": positions_BT, "mask": mask, "segment_ids": segment_ids_BT,
+           "cache_index": cache_index}
+
+    block_cls = _block_class(cfg)
+    carry = (x_BTD, cache, jnp.zeros((), jnp.int32))
+    if cfg.scan_layers:
+      stack = nn.scan(block_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      carry, _ = stack(cfg, deterministic, name="layers")(carry, ctx)
+    else:
+      for i in range(cfg.n_layers):
+        carry, _ = block_cls(cfg, deterministic, name=f"blocks_{i}")(carry, ctx)
+    x_BTD, cache, _ = carry
+
+    x_BTD = layers.norm(cfg, "final_norm")(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embed.embedding.astype(cfg.compute_dtype),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_BTV = nn.Einsum((cfg.d_model, cfg.padded_vocab), "btd,dv->btv", use_bias=False,
+                             dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                             kernel_init=layers.init(("embed", "vocab")),
+                             preferred_element_type=jnp.float32, name="lm_head")(x_BTD)
+    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
+                                            ("batch", "length", "vocab"))
+    if cfg.padded_vocab > cfg.vocab_size:
+      real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+      logits_BTV = jnp.where(real_V, logits_BTV, PADDED_LOGIT)
+    return (logits_BTV, cache) if decoding else logits_BTV
+
+
+def init_cache(cfg: ModelConfig, batch, max_len, dtype=None):
+  """Zeroed KV cache {"k": [L, B, S, K, H], "v": [L, B, S, K, Hv]} (dtype None = compute dtype)."""
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads)
+  return {"k": jnp.zeros(shape + (cfg.d_k,), dtype), "v": jnp.zeros(shape + (cfg.d_v,), dtype)}
+
+
+def cache_logical_axes():
+  """Logical axis names of the cache arrays (for sharding it like the activations)."""
+  axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+  return {"k": axes, "v": axes}
+
+
+def _boxed_init(cfg, rng):
+  return Transformer(cfg).init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(cfg: ModelConfig, rng):
+  """Freshly initialised parameters as plain arrays (logical axis boxes removed)."""
+  return nn.meta.unbox(jax.jit(_boxed_init, static_argnums=0)(cfg, rng))
+
+
+def param_logical_axes(cfg: ModelConfig):
+  """PartitionSpecs of logical axis names, same tree as `init_params` (no arrays allocated)."""
+  return nn.get_partition_spec(jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0)))
