@@ -27,4 +27,5 @@ def get_config():
   c.eval_batches = 20
   c.save_steps = 250
   c.log_every = 10
+  c.max_new_tokens = 120  # prompt + new tokens stay within the trained context of 128
   return c
