@@ -5,7 +5,10 @@ read the params alone: `params`, `train` (step, optimizer state, rng), `data` (t
 position, per process), `config` (JSON), `tokenizer` (the sentencepiece model) and `meta` (step,
 epoch, tokens seen, wall time). Orbax writes each step to a temporary directory and renames it
 when complete, so a run killed at any moment never leaves a checkpoint that looks complete but
-is not. Arrays are restored into the shardings of the current mesh, whatever mesh saved them.
+is not (a killed run's leftover temporary directories are removed when the next run starts).
+A checkpoint that fails to restore is skipped with a warning for the one before it, and a training
+run moves it aside to <workdir>/damaged_checkpoints/ so that its step is written again. Arrays are
+restored into the shardings of the current mesh, whatever mesh saved them.
 """
 
 import base64
@@ -16,6 +19,7 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 # Fields that change the shapes or meaning of saved arrays: a resumed run may not change them.
@@ -36,18 +40,35 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
+class _QuietMissingMetrics(logging.Filter):
+  """Drops orbax's warning for a save without metrics: most saves have no eval loss, by design."""
+
+  def filter(self, record):
+    return "did not provide metrics" not in str(record.msg)
+
+
+def _eval_loss(metrics):
+  return metrics["eval_loss"]
+
+
 def _manager(workdir: str, max_to_keep: int = 3, read_only: bool = False):
   cm = ocp.checkpoint_managers
   # preservation_policy, not best_fn + max_to_keep: the latter keeps the N best and can delete the
   # latest checkpoint, the one a resume needs. Checkpoints without an eval loss count only as
-  # recent ones.
+  # recent ones. best_fn is still set, without max_to_keep, because orbax writes a step's metrics
+  # to disk only when it is: without them a resumed run forgets which checkpoint was best and
+  # deletes it.
   policy = cm.AnyPreservationPolicy([
       cm.LatestN(n=max_to_keep),
-      cm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
+      cm.BestN(get_metric_fn=_eval_loss, reverse=True, n=1,
                keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=not read_only, preservation_policy=policy, read_only=read_only,
-      create=not read_only)
+      create=not read_only, best_fn=_eval_loss, best_mode="min",
+      cleanup_tmp_directories=not read_only)
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _QuietMissingMetrics) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietMissingMetrics())
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -64,19 +85,65 @@ def _config_changes(saved: dict, cfg) -> tuple[list[str], list[str], list[str]]:
 
 def _restore_first_good(mngr, steps, make_args):
   """Restores the newest readable step among `steps`; warns about each damaged one it skips."""
+  skipped = []
   for step in sorted(steps, reverse=True):
     try:
-      return step, mngr.restore(step, args=make_args(step))
+      restored = mngr.restore(step, args=make_args(step))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("checkpoint %s is damaged or incomplete (%s: %s); trying the previous one",
                       os.path.join(mngr.directory, str(step)), type(e).__name__,
                       str(e).splitlines()[0][:200] if str(e) else "")
+      skipped.append(step)
+      continue
+    if skipped:
+      logging.warning("using checkpoint %s instead of the damaged %s",
+                      os.path.join(mngr.directory, str(step)),
+                      ", ".join(os.path.join(mngr.directory, str(s)) for s in skipped))
+    return step, restored
   return None, None
+
+
+def _set_aside(mngr, workdir: str, steps) -> None:
+  """Moves damaged step directories to <workdir>/damaged_checkpoints/ (kept, not deleted).
+
+  Left in place, a damaged step would still count as the latest, and the resumed run would skip
+  saving that step again when it gets there.
+  """
+  if steps and jax.process_index() == 0:
+    dest_root = os.path.join(os.path.abspath(workdir), "damaged_checkpoints")
+    os.makedirs(dest_root, exist_ok=True)
+    for step in steps:
+      src = os.path.join(checkpoint_dir(workdir), str(step))
+      dest = os.path.join(dest_root, str(step))
+      if os.path.exists(dest):
+        dest = f"{dest}-{int(time.time())}"
+      os.rename(src, dest)
+      logging.warning("moved the damaged checkpoint %s to %s", src, dest)
+  if steps and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("llm_jax_checkpoint_set_aside")
+  if steps:
+    mngr.reload()
 
 
 def _abstract(tree, shardings):
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       tree, shardings)
+
+
+def _abstract_train_items(trainer):
+  """Abstract targets (shapes, dtypes, the current mesh's shardings) of the saved arrays.
+
+  Built from the trainer's abstract params and optimizer rather than by tracing init_state,
+  which enters a mesh context that jax refuses inside eval_shape.
+  """
+  sh = trainer.state_shardings
+  abstract_opt = jax.eval_shape(trainer.tx.init, trainer.abstract_params)
+  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  return (_abstract(trainer.abstract_params, sh.params),
+          {"step": _abstract(step, sh.step), "opt_state": _abstract(abstract_opt, sh.opt_state),
+           "rng": _abstract(key_data, sh.rng)})
 
 
 class Checkpointer:
@@ -86,9 +153,10 @@ class Checkpointer:
   current step, waits for the write and exits cleanly.
   """
 
-  def __init__(self, workdir: str, cfg, steps_per_epoch: int, tokenizer_path: str | None = None):
+  def __init__(self, workdir: str, cfg, steps_per_epoch: int, tokenizer=None):
+    """`tokenizer` (saved in every checkpoint): a Tokenizer, its model bytes, or a model path."""
     self.workdir, self.cfg, self.steps_per_epoch = workdir, cfg, max(1, steps_per_epoch)
-    self.tokenizer_path = tokenizer_path
+    self._tokenizer = tokenizer
     self.mngr = _manager(workdir, cfg.max_to_keep)
     self.stop_requested = False
     self._eval_loss = {}
@@ -108,6 +176,17 @@ class Checkpointer:
     logging.warning("received %s: saving a checkpoint at the current step, then exiting",
                     signal.Signals(signum).name)
     self.stop_requested = True
+
+  def _tokenizer_proto(self) -> bytes | None:
+    tok = self._tokenizer
+    if isinstance(tok, (bytes, bytearray)):
+      return bytes(tok)
+    if isinstance(tok, (str, os.PathLike)):
+      if not os.path.exists(tok):
+        return None
+      with open(tok, "rb") as f:
+        return f.read()
+    return getattr(tok, "model_proto", None)
 
   def should_save(self, step: int) -> bool:
     cfg = self.cfg
@@ -134,9 +213,9 @@ class Checkpointer:
         "config": ocp.args.JsonSave(self.cfg.to_dict()),
         "meta": ocp.args.JsonSave(meta),
     }
-    if self.tokenizer_path and os.path.exists(self.tokenizer_path):
-      with open(self.tokenizer_path, "rb") as f:
-        items["tokenizer"] = ocp.args.JsonSave({"model": base64.b64encode(f.read()).decode()})
+    proto = self._tokenizer_proto()
+    if proto:
+      items["tokenizer"] = ocp.args.JsonSave({"model": base64.b64encode(proto).decode()})
     metrics = {"eval_loss": self._eval_loss[step]} if step in self._eval_loss else None
     self.mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     logging.info("checkpoint %d: writing to %s", step, checkpoint_dir(self.workdir))
@@ -158,18 +237,14 @@ class Checkpointer:
           f"{checkpoint_dir(self.workdir)}:\n  " + "\n  ".join(model) + "\nUse the checkpoint's "
           "values for these fields, or start in a new --workdir.")
     for line in other:
-      logging.info("resuming with a changed field: %s", line)
+      logging.warning("resuming with a changed field: %s", line)
     if data:
       logging.warning("resuming with changed data fields (%s): the data order restarts from the "
                       "beginning of the training split", "; ".join(data))
-    abstract = jax.eval_shape(trainer.init_state, 0)
-    sh = trainer.state_shardings
-    train_target = {"step": _abstract(abstract.step, sh.step),
-                    "opt_state": _abstract(abstract.opt_state, sh.opt_state),
-                    "rng": _abstract(jax.eval_shape(jax.random.key_data, abstract.rng), sh.rng)}
+    params_target, train_target = _abstract_train_items(trainer)
 
     def args(_):
-      items = {"params": ocp.args.StandardRestore(_abstract(abstract.params, sh.params)),
+      items = {"params": ocp.args.StandardRestore(params_target),
                "train": ocp.args.StandardRestore(train_target)}
       if not data:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -177,11 +252,14 @@ class Checkpointer:
 
     step, r = _restore_first_good(self.mngr, [s for s in steps if s <= step], args)
     if r is None:
-      raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(self.workdir)}")
+      raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(self.workdir)}; move the "
+                            f"directory away to start afresh")
+    _set_aside(self.mngr, self.workdir, [s for s in steps if s > step])
     logging.info("resumed from checkpoint %d in %s", step, checkpoint_dir(self.workdir))
-    return abstract.replace(step=r["train"]["step"], params=r["params"],
-                            opt_state=r["train"]["opt_state"],
-                            rng=jax.random.wrap_key_data(r["train"]["rng"]))
+    # state_shardings is a TrainState: replacing every field gives the restored TrainState.
+    return trainer.state_shardings.replace(
+        step=r["train"]["step"], params=r["params"], opt_state=r["train"]["opt_state"],
+        rng=jax.random.wrap_key_data(r["train"]["rng"]))
 
   def wait(self) -> None:
     self.mngr.wait_until_finished()
