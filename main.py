@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
@@ -25,6 +26,19 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt(s) for --mode=sample
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None,
                                    "File of prompts for --mode=sample, separated by blank lines.")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "--mode=sample: read prompts in a loop.")
+# Multi-host (one process per host, the same command everywhere; see launch.sh).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs outside SLURM "
+                                   "and TPU VM pods (which are detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (with "
+                                      "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank, 0 .. "
+                                   "num_processes - 1 (with --coordinator_address).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed.initialize(): auto = when SLURM (srun, > 1 "
+                                 "task), a multi-host TPU VM or Open MPI is detected; on = always "
+                                 "(jax auto-detects the cluster; launch.sh tpu passes it); off = "
+                                 "never (unless the three flags above are given).")
 
 
 def _honour_omp_num_threads():
@@ -37,6 +51,23 @@ def _honour_omp_num_threads():
   if n.isdigit() and int(n) > 0 and hasattr(os, "sched_setaffinity"):
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, cpus[:int(n)])
+
+
+def _enable_compilation_cache(cfg):
+  """Persist compiled programs beside the dataset cache: a rerun, resume or sample skips compiles."""
+  import jax
+  from llm_jax import config
+  jax.config.update("jax_compilation_cache_dir", os.path.join(config.cache_dir(cfg), "jax"))
+
+
+def _initialize_distributed():
+  """Joins the multi-process runtime before anything touches a device (a no-op on one host)."""
+  from llm_jax import sharding
+  try:
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    mode=_DISTRIBUTED.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
 
 
 def _finalized():
@@ -118,7 +149,13 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
   _honour_omp_num_threads()
+  if not flags.FLAGS["verbosity"].present:
+    # Warnings and errors only unless asked (--verbosity=0 for INFO): the progress bar and printed
+    # lines carry the run; orbax and jax log dozens of INFO lines per checkpoint.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  _initialize_distributed()
   cfg = _finalized()
+  _enable_compilation_cache(cfg)
   if _MODE.value == "estimate":
     from llm_jax import sizing
     est = sizing.estimate(cfg)

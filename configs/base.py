@@ -75,7 +75,7 @@ def get_config():
   c.num_train_steps = placeholder(int)  # +: optimizer steps; when None, num_train_epochs decides
   c.num_train_epochs = 1.0  # P/C: passes over the training split (used when num_train_steps is None)
   c.eval_steps = 200  # P: evaluate every this many optimizer steps (0 = only at the end)
-  c.eval_batches = placeholder(int)  # +: cap on validation batches per evaluation (None = whole split)
+  c.eval_batches = placeholder(int)  # +: cap on validation batches per periodic evaluation (None = whole split; the final one is always whole)
   c.save_steps = 1000  # P: checkpoint every this many optimizer steps (0 = only at the end)
   c.save_every_epochs = 0  # C (SAVE_INTERVAL): also checkpoint every this many epochs (0 = off)
   c.max_to_keep = 3  # +: most recent checkpoints kept (the best by eval loss is kept as well)

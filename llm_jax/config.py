@@ -7,6 +7,7 @@ naming the field, the value and the fix, before anything is compiled or written.
 """
 
 import logging
+import os
 
 import ml_collections
 
@@ -199,6 +200,12 @@ def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(problems)
   c.lock()
   return c
+
+
+def cache_dir(c) -> str:
+  """Where built datasets, tokenized corpora and compiled programs are cached."""
+  return (c.data_dir or os.environ.get("LLM_JAX_CACHE")
+          or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax"))
 
 
 def flash_attention_backend(c, backend: str) -> str:

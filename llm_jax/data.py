@@ -29,6 +29,7 @@ import tempfile
 import grain
 import numpy as np
 
+from llm_jax import config as config_lib
 from llm_jax import corpus as corpus_lib
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.corpus import DataError  # noqa: F401  (re-exported: data.DataError)
@@ -38,11 +39,6 @@ _TOKEN_CACHE_VERSION = 1
 # few enough that unigram training takes seconds (~3 s of CPU at vocab 2048 on 500k chars).
 _TOKENIZER_MIN_CHARS = 500_000
 _TOKENIZER_CHARS_PER_PIECE = 256
-
-
-def default_data_dir(cfg) -> str:
-  return (cfg.data_dir or os.environ.get("LLM_JAX_CACHE")
-          or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax"))
 
 
 def load_corpus(cfg, root: str) -> corpus_lib.Corpus:
@@ -344,7 +340,7 @@ def build(cfg, workdir: str | None, process_index: int | None = None,
   if mb % process_count:
     raise DataError(f"micro_batch_size={mb} is not divisible by the {process_count} processes: "
                     f"set --config.micro_batch_size to a multiple of {process_count}")
-  root = default_data_dir(cfg)
+  root = config_lib.cache_dir(cfg)
   corpus = load_corpus(cfg, root)
   for split in ("train", "validation"):
     if len(getattr(corpus, split)) == 0:

@@ -59,7 +59,8 @@ def device_peak_flops(device: Optional[jax.Device] = None) -> Optional[float]:
   return peak_flops_per_device(device.device_kind)
 
 
-def _path_names(path) -> list[str]:
+def path_names(path) -> list[str]:
+  """A pytree key path (DictKey, GetAttrKey, SequenceKey, ...) as a list of strings."""
   names = []
   for entry in path:
     for attr in ("key", "name", "idx"):
@@ -80,7 +81,7 @@ def count_params(params, exclude_position_embeddings: bool = True) -> int:
   """
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if exclude_position_embeddings and "pos_embed" in _path_names(path):
+    if exclude_position_embeddings and "pos_embed" in path_names(path):
       continue
     total += int(np.prod(leaf.shape))
   return total

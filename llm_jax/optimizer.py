@@ -17,6 +17,8 @@ import logging
 import jax
 import optax
 
+from llm_jax import metrics
+
 # Parameter leaf names that are never decayed: decaying biases and norm scales only pulls the
 # network toward a worse function (a zero scale kills the layer); it does not regularize.
 _NEVER_DECAYED = ("bias", "scale")
@@ -81,19 +83,6 @@ def lr_schedule(cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([ramp, decay], [warmup])
 
 
-def _path_names(path) -> list[str]:
-  """Key path entries (DictKey, GetAttrKey, SequenceKey, ...) as strings."""
-  names = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        names.append(str(getattr(entry, attr)))
-        break
-    else:
-      names.append(str(entry))
-  return names
-
-
 def weight_decay_mask(params, cfg):
   """Which parameters AdamW decays: a tree of bools with the structure of `params`.
 
@@ -108,7 +97,7 @@ def weight_decay_mask(params, cfg):
   decay_embeddings = bool(cfg.decay_embeddings)
 
   def decide(path, leaf):
-    names = _path_names(path)
+    names = metrics.path_names(path)
     if names and names[-1] in _NEVER_DECAYED:
       return False
     if len(leaf.shape) < 2:

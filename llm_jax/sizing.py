@@ -10,7 +10,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import metrics
@@ -27,7 +26,7 @@ def param_shapes(cfg):
 
 
 def _group(path) -> str:
-  names = [str(getattr(p, "key", p)) for p in path]
+  names = metrics.path_names(path)
   joined = "/".join(names).lower()
   if "embed" in joined:
     return "embeddings"
@@ -107,14 +106,8 @@ def estimate(cfg) -> Estimate:
       "activations (estimate, one micro-batch)": activation_bytes(cfg),
   }
   exact["total"] = sum(exact.values())
-  pos = breakdown.get("embeddings", 0) - _token_embedding_size(cfg)
-  fpt = metrics.flops_per_token(cfg, n - max(pos, 0))
+  fpt = metrics.flops_per_token(cfg, metrics.count_params(shapes))
   return Estimate(n, breakdown, fpt, sheet, exact)
-
-
-def _token_embedding_size(cfg) -> int:
-  vocab = math.ceil(cfg.vocab_size / cfg.vocab_multiple) * cfg.vocab_multiple
-  return vocab * cfg.d_model
 
 
 def compiled_memory(cfg) -> dict:

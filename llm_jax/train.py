@@ -44,7 +44,11 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss: float = 0.0):
 
   The model already gives padded vocab entries a large negative logit, so they take no
   probability mass here. z-loss is z_loss * log(Z)^2 per token (PaLM), pulling log Z to 0.
+  Under a mesh whose rules shard the vocab axis (the Trainer's steps with tensor > 1), the same
+  sums come from sharding.vocab_parallel_cross_entropy, which never gathers the logits.
   """
+  if sharding_lib.vocab_is_sharded(logits_BTV.shape):
+    return sharding_lib.vocab_parallel_cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss)
   logits_BTV = logits_BTV.astype(jnp.float32)
   lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
@@ -140,7 +144,8 @@ class Trainer:
     dummy = jnp.zeros((1, cfg.block_size), jnp.int32)
     boxed = jax.eval_shape(lambda k: self.model.init(k, dummy), jax.random.key(0))["params"]
     self.abstract_params = nn.meta.unbox(boxed)
-    self.param_shardings = sharding_lib.param_shardings(boxed, self.mesh)
+    self.rules = sharding_lib.logical_rules(cfg)
+    self.param_shardings = sharding_lib.param_shardings(boxed, self.mesh, self.rules)
     opt_sh = sharding_lib.opt_state_shardings(self.tx, self.abstract_params,
                                               self.param_shardings, self.mesh)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -151,8 +156,7 @@ class Trainer:
                                                 donate_argnums=0))
     self._eval_step = self._in_context(jax.jit(make_eval_step(self.model)))
     self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings))
-    self._loss_of = self._in_context(jax.jit(
-        lambda params, batch: loss_fn(params, self.model, batch, None, 0.0, True)[1]))
+
 
   @property
   def _scan(self):
@@ -161,7 +165,7 @@ class Trainer:
   def _in_context(self, jitted):
     # Logical constraints inside the model need the rules and the mesh while tracing.
     def call(*args):
-      with nn.logical_axis_rules(sharding_lib.RULES), jax.set_mesh(self.mesh):
+      with nn.logical_axis_rules(self.rules), jax.set_mesh(self.mesh):
         return jitted(*args)
     call.lower = lambda *args: self._in_context(jitted.lower)(*args)
     return call
@@ -197,9 +201,14 @@ class Trainer:
     return state, {**out, "loss": sum(losses) / len(losses)}
 
   def loss_of(self, params, local_batch) -> float:
-    """Mean cross-entropy of `params` on the first micro-batch of a step's batch (no dropout)."""
-    first = sharding_lib.global_batch({k: v[0] for k, v in local_batch.items()}, self.mesh)
-    return float(self._loss_of(params, first))
+    """Mean cross-entropy of `params` on the first micro-batch of a step's batch (no dropout).
+
+    Runs the eval step (same shapes as evaluation batches, so no extra compile).
+    """
+    first = {k: v[0] for k, v in local_batch.items()}
+    first["weights"] = np.ones(first["targets"].shape, np.float32)
+    out = jax.device_get(self._eval_step(params, sharding_lib.global_batch(first, self.mesh)))
+    return float(out["nll"] / max(out["tokens"], 1.0))
 
   def evaluate(self, params, batches, max_batches=None, chars_per_token=None) -> dict:
     """Loss, accuracy, perplexity and bits per character over `batches` (the eval iterator)."""
@@ -352,8 +361,9 @@ def run(cfg, workdir: str, overrides=None) -> int:
                         refresh=False)
         t0, steps_timed = time.perf_counter(), 0
       if do_eval:
-        ev = trainer.evaluate(state.params, data.eval_batches(), cfg.eval_batches,
-                              data.chars_per_token)
+        # Periodic evaluations may be capped (eval_batches); the final one covers the whole split.
+        ev = trainer.evaluate(state.params, data.eval_batches(),
+                              None if step == steps else cfg.eval_batches, data.chars_per_token)
         writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
         if is_main:
           bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
