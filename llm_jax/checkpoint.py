@@ -41,10 +41,13 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class _QuietMissingMetrics(logging.Filter):
-  """Drops orbax's warning for a save without metrics: most saves have no eval loss, by design."""
+  """Drops orbax's warnings about what we do by design: most saves have no eval loss."""
+
+  # Also orbax's notes that a read-only manager (eval/sample) will not save: that is the intent.
+  _EXPECTED = ("did not provide metrics", "read_only=True", "Given directory is read only")
 
   def filter(self, record):
-    return "did not provide metrics" not in str(record.msg)
+    return not any(s in str(record.msg) for s in self._EXPECTED)
 
 
 def _eval_loss(metrics):
@@ -52,6 +55,9 @@ def _eval_loss(metrics):
 
 
 def _manager(workdir: str, max_to_keep: int = 3, read_only: bool = False):
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _QuietMissingMetrics) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietMissingMetrics())
   cm = ocp.checkpoint_managers
   # preservation_policy, not best_fn + max_to_keep: the latter keeps the N best and can delete the
   # latest checkpoint, the one a resume needs. Checkpoints without an eval loss count only as
@@ -66,9 +72,6 @@ def _manager(workdir: str, max_to_keep: int = 3, read_only: bool = False):
       enable_async_checkpointing=not read_only, preservation_policy=policy, read_only=read_only,
       create=not read_only, best_fn=_eval_loss, best_mode="min",
       cleanup_tmp_directories=not read_only)
-  absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, _QuietMissingMetrics) for f in absl_logger.filters):
-    absl_logger.addFilter(_QuietMissingMetrics())
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 

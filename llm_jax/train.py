@@ -413,7 +413,7 @@ def load_for_inference(cfg, workdir: str):
   """(trainer, params, step, tokenizer) from a run's checkpoint, for --mode=eval and sample."""
   from llm_jax import checkpoint as ckpt_lib
   from llm_jax import tokenizer as tokenizer_lib
-  trainer = Trainer(cfg, total_steps=1)
+  trainer = Trainer(cfg, total_steps=cfg.warmup_steps + 1)  # the optimizer is unused here
   params, step, saved, proto = ckpt_lib.load_params(
       workdir, trainer.abstract_params, trainer.param_shardings, cfg.checkpoint_step)
   model, _, _ = ckpt_lib._config_changes(saved, cfg)  # pylint: disable=protected-access
