@@ -3,8 +3,10 @@
     python main.py --config=configs/default.py --workdir=runs/default
     python main.py --config=configs/default.py --workdir=runs/default --mode=sample --prompt="ROMEO:"
 
-Expect the validation loss to fall from ~7.6 (uniform over 2048 tokens) to about 2.2 bits per
-character on the held-out plays.
+Expect the validation loss to fall from 7.6 nats (uniform over 2048 tokens) to about 3.95, i.e.
+about 2.15 bits per character on the two held-out plays (2.44 at the first evaluation, step 300),
+in about 4.5 minutes on 2 AVX2 cores. Chosen by measurement (bench/RESULTS.md): at this compute
+a narrow model taking many small steps beats a wider one taking fewer large ones.
 """
 
 from configs import base
@@ -13,19 +15,19 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.vocab_size = 2048
-  c.d_model = 256
-  c.n_heads = 8
+  c.d_model = 128
+  c.n_heads = 4
   c.n_layers = 4
   c.max_seq_len = 128
-  c.micro_batch_size = 32
-  c.learning_rate = 1e-3
-  c.min_learning_rate = 1e-4
+  c.micro_batch_size = 16
+  c.learning_rate = 3e-3
+  c.min_learning_rate = 3e-4
   c.beta2 = 0.95
-  c.warmup_steps = 50
-  c.num_train_steps = 500
-  c.eval_steps = 100
-  c.eval_batches = 20
-  c.save_steps = 250
+  c.warmup_steps = 30
+  c.num_train_steps = 900
+  c.eval_steps = 300
+  c.eval_batches = 8
+  c.save_steps = 300
   c.log_every = 10
   c.max_new_tokens = 120  # prompt + new tokens stay within the trained context of 128
   return c
