@@ -121,4 +121,5 @@ def get_config():
   # --- Parallelism (+) ---
   c.mesh_shape = (-1, 1, 1)  # +: devices along (data, fsdp, tensor); -1 = the rest
   c.dcn_mesh_shape = (1, 1, 1)  # +: hosts/slices along (data, fsdp, tensor)
+  c.logical_axis_rules = ""  # +: overrides of sharding.RULES, e.g. "vocab:none,embed:fsdp+tensor" ('+' joins axes, none = replicated)
   return c

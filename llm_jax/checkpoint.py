@@ -20,6 +20,7 @@ import time
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Fields that change the shapes or meaning of saved arrays: a resumed run may not change them.
@@ -190,6 +191,21 @@ class Checkpointer:
       with open(tok, "rb") as f:
         return f.read()
     return getattr(tok, "model_proto", None)
+
+  def should_stop(self, step: int, every: int) -> bool:
+    """Whether the run stops (after saving) at `step` because a signal arrived.
+
+    On several processes a signal may reach only some of them, and a save is a step every
+    process must join: they agree, every `every` steps, by gathering each one's flag.
+    """
+    if jax.process_count() == 1:
+      return self.stop_requested
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray(self.stop_requested, np.int32))
+    self.stop_requested = bool(np.any(flags))
+    return self.stop_requested
 
   def should_save(self, step: int) -> bool:
     cfg = self.cfg

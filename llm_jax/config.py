@@ -183,6 +183,12 @@ def _check(c):
   need(c.lora_r == 0, f"lora_r={c.lora_r}: LoRA fine-tuning is not available yet; set lora_r=0")
 
   # Parallelism.
+  if c.logical_axis_rules:
+    from llm_jax import sharding  # late: the rest of validation needs no jax
+    try:
+      sharding._parse_rules(c.logical_axis_rules)  # pylint: disable=protected-access
+    except ValueError as e:
+      p.append(str(e))
   for f in ("mesh_shape", "dcn_mesh_shape"):
     shape = tuple(c[f])
     need(len(shape) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)

@@ -81,7 +81,7 @@ def logical_rules(cfg=None) -> tuple:
   """RULES with `cfg.logical_axis_rules` (if the config has the field) replacing the named
   entries, e.g. "vocab:none" to keep the logits whole, "embed:fsdp+tensor" for 2-D weight sharding.
   """
-  override = cfg.get("logical_axis_rules") if cfg is not None and hasattr(cfg, "get") else None
+  override = cfg.get("logical_axis_rules") if cfg is not None else None
   if not override:
     return RULES
   merged = dict(RULES)
@@ -356,6 +356,8 @@ def initialize_distributed(coordinator_address: str | None = None,
   if mode == "off" and not explicit:
     return False
   if explicit:
+    if num_processes == 1:
+      return False
     missing = [n for n, v in (("--coordinator_address", coordinator_address),
                               ("--num_processes", num_processes), ("--process_id", process_id))
                if v is None]
@@ -365,8 +367,6 @@ def initialize_distributed(coordinator_address: str | None = None,
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
                        f"{num_processes})")
-    if num_processes == 1:
-      return False
     kind = "flags"
   else:
     kind = detect_cluster()

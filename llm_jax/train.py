@@ -152,9 +152,15 @@ class Trainer:
     self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
                                       opt_state=opt_sh, rng=replicated)
     step = make_train_step(cfg, self.model, self.tx)
-    self._train_step = self._in_context(jax.jit(step, out_shardings=(self.state_shardings, None),
-                                                donate_argnums=0))
-    self._eval_step = self._in_context(jax.jit(make_eval_step(self.model)))
+    # A step's batch: [A, b, T] under "scan", one micro-batch [b, T] under "multisteps".
+    step_batch = (sharding_lib.batch_sharding(self.mesh, 3, 1) if self._scan
+                  else sharding_lib.batch_sharding(self.mesh, 2))
+    self._train_step = self._in_context(jax.jit(
+        step, in_shardings=(self.state_shardings, step_batch),
+        out_shardings=(self.state_shardings, None), donate_argnums=0))
+    self._eval_step = self._in_context(jax.jit(
+        make_eval_step(self.model),
+        in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh, 2))))
     self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings))
 
 
@@ -289,16 +295,27 @@ def sample_lines(trainer, params, tokenizer, cfg, n_tokens=64, n_rows=2) -> list
   return [tokenizer.decode(r) for r in rows]
 
 
+def build_data(cfg, workdir: str):
+  """data.build, by process 0 first on a multi-host run: the others then load its tokenizer and
+  caches instead of racing to write the same files (and perhaps train different tokenizers)."""
+  from jax.experimental import multihost_utils
+  from llm_jax import data as data_lib
+  if jax.process_count() == 1:
+    return data_lib.build(cfg, workdir)
+  data = data_lib.build(cfg, workdir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("llm_jax: data built by process 0")
+  return data if data is not None else data_lib.build(cfg, workdir)
+
+
 def run(cfg, workdir: str, overrides=None) -> int:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint. Returns an exit code."""
   from tqdm import tqdm
   from llm_jax import checkpoint as ckpt_lib
-  from llm_jax import data as data_lib
 
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   try:
-    data = data_lib.build(cfg, workdir)
+    data = build_data(cfg, workdir)
     steps = total_steps(cfg, data.steps_per_epoch)
     trainer = Trainer(cfg, steps)
   except ValueError as e:  # DataError, or a mesh that does not fit the devices
@@ -365,16 +382,19 @@ def run(cfg, workdir: str, overrides=None) -> int:
         ev = trainer.evaluate(state.params, data.eval_batches(),
                               None if step == steps else cfg.eval_batches, data.chars_per_token)
         writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
+        # Every process samples (the params are spread over all of them); process 0 prints.
+        lines = (sample_lines(trainer, state.params, data.tokenizer, cfg)
+                 if cfg.sample_every_eval else [])
         if is_main:
           bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
                     f"{ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}, "
                     f"train loss {last.get('train/loss', float('nan')):.4f}")
-          if cfg.sample_every_eval:
-            for line in sample_lines(trainer, state.params, data.tokenizer, cfg):
-              bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
+          for line in lines:
+            bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
         ckpt.record_eval(step, ev["loss"])
         t0 = time.perf_counter()  # evaluation time is not training throughput
-      if do_save or ckpt.stop_requested:
+      stop = ckpt.should_stop(step, cfg.log_every)
+      if do_save or stop:
         # The logged loss is of the params before this step's update; the state about to be
         # saved is after it, so check that state itself: one forward pass on this step's batch.
         running_min = _check_loss(step, trainer.loss_of(state.params, batch), running_min,
@@ -382,7 +402,7 @@ def run(cfg, workdir: str, overrides=None) -> int:
         ckpt.save(step, state, train_iter)
         t0 = time.perf_counter()
       bar.update(1)
-      if ckpt.stop_requested:
+      if stop:
         bar.close()
         ckpt.wait()
         print(f"stopped by a signal at step {step}: checkpoint saved in {workdir}; run the same "
@@ -437,11 +457,11 @@ def evaluate_workdir(cfg, workdir: str) -> int:
     print(f"error: {e}", flush=True)
     return 2
   try:
-    data = data_lib.build(cfg, workdir)
+    data = build_data(cfg, workdir)
   except data_lib.DataError as e:
     print(f"error: {e}", flush=True)
     return 2
-  ev = trainer.evaluate(params, data.eval_batches(), cfg.eval_batches, data.chars_per_token)
+  ev = trainer.evaluate(params, data.eval_batches(), None, data.chars_per_token)  # whole split
   print(f"eval of checkpoint {step} in {workdir}: " + ", ".join(
       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()), flush=True)
   return 0

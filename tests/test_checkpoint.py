@@ -42,7 +42,7 @@ BASE_CONFIG = os.path.join(ROOT, "configs", "base.py")
 N = 16  # optimizer steps of the reference run
 TINY = dict(vocab_size=256, vocab_multiple=64, byte_fallback=False, d_model=32, n_heads=2,
             n_layers=2, max_seq_len=16, micro_batch_size=4, learning_rate=3e-3, warmup_steps=2,
-            num_train_steps=N, save_steps=4, max_to_keep=3, eval_steps=0, eval_batches=2,
+            num_train_steps=N, save_steps=4, max_to_keep=3, eval_steps=0,
             log_every=1, sample_every_eval=False)
 _SLOW_MAIN = """
 import os, runpy, sys, time
