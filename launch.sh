@@ -17,7 +17,7 @@
 #       stops the rest (SIGTERM, then SIGKILL after LAUNCH_GRACE_S=30 seconds).
 #
 # After `--`: main.py's flags (--config=... --workdir=...), or a whole command (`python main.py
-# ...`); for tpu and slurm a leading python/python3 is replaced by the checkout's .venv python.
+# ...`); a leading python/python3 is replaced by the checkout's .venv python (local: or $PYTHON).
 # --dry-run prints the commands (and the sbatch script) instead of running them.
 set -euo pipefail
 
@@ -253,11 +253,12 @@ launch_local() {
     esac
   done
   ((${#CMD[@]})) || die "local: nothing to run: give a command or main.py's flags after --"
-  if [[ "${CMD[0]}" == -* ]]; then
-    local py="${PYTHON:-}"
-    [[ -z "$py" && -x "$REPO/.venv/bin/python" ]] && py="$REPO/.venv/bin/python"
-    CMD=("${py:-python3}" main.py "${CMD[@]}")
-  fi
+  # Like tpu and slurm: flags only, or a leading python word, run with the checkout's venv python
+  # (or $PYTHON), so `-- python main.py ...` works without activating the venv.
+  local py="${PYTHON:-}"
+  [[ -z "$py" && -x "$REPO/.venv/bin/python" ]] && py="$REPO/.venv/bin/python"
+  remote_command "${py:-python3}" "${CMD[@]}"
+  CMD=("${REMOTE_CMD[@]}")
   local workdir="" a
   for a in "${CMD[@]}"; do [[ "$a" == --workdir=* ]] && workdir="${a#--workdir=}"; done
   local logdir

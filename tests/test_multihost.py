@@ -200,8 +200,10 @@ def test_launch_slurm_dry_run_prints_the_batch_script():
 def test_launch_local_dry_run_gives_each_process_its_rank():
   lines = _dry("local", "3", "--dry-run", "--", "python3", "main.py", "--workdir=/tmp/w")
   assert len(lines) == 3
+  venv_python = os.path.join(ROOT, ".venv", "bin", "python")  # what a leading python becomes
+  python = venv_python if os.access(venv_python, os.X_OK) else "python3"
   for i, line in enumerate(lines):
-    assert line.startswith("JAX_PLATFORMS=cpu python3 main.py --workdir=/tmp/w ")
+    assert line.startswith(f"JAX_PLATFORMS=cpu {python} main.py --workdir=/tmp/w ")
     assert f"--num_processes=3 --process_id={i}" in line and "--coordinator_address=127.0.0.1:" in line
 
 
