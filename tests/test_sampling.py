@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from llm_jax import config
 from llm_jax import model as model_lib
 from llm_jax import sampling
@@ -37,18 +39,8 @@ def _model(vocab_size=50, vocab_multiple=8, seed=0):
                     d_model=32, n_heads=4, n_layers=2, max_seq_len=64, tie_embeddings=False)
   mcfg = model_lib.ModelConfig.from_config(cfg, backend="cpu")
   shapes = jax.eval_shape(functools.partial(model_lib.init_params, mcfg), jax.random.key(0))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return jnp.ones(s.shape, s.dtype)
-    if name.endswith("['bias']"):
-      return jnp.zeros(s.shape, s.dtype)
-    std = 1.0 if "embedding" in name else 2.0 / np.sqrt(s.shape[0])
-    return jnp.asarray(std * rng.normal(size=s.shape), s.dtype)
-
-  return mcfg, jax.tree_util.tree_map_with_path(fill, shapes)
+  std = lambda name, shape: 1.0 if "embedding" in name else 2.0 / np.sqrt(shape[0])
+  return mcfg, helpers.random_params(shapes, seed, std)
 
 
 @pytest.fixture(scope="module")

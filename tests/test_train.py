@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from llm_jax import checkpoint
 from llm_jax import config
 from llm_jax import data
@@ -43,17 +45,7 @@ def _trainer(total_steps=10, **overrides):
 
 def _params(trainer, seed=0, std=0.05):
   """Fresh random params of the model's shapes (new buffers each call: steps donate them)."""
-  r = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return jnp.ones(s.shape, s.dtype)
-    if name.endswith("['bias']"):
-      return jnp.zeros(s.shape, s.dtype)
-    return jnp.asarray(std * r.normal(size=s.shape), s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, trainer.abstract_params)
+  return helpers.random_params(trainer.abstract_params, seed, std)
 
 
 def _state(trainer, seed=0):
