@@ -19,9 +19,10 @@ import time
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from llm_jax import sharding as sharding_lib
 
 # Fields that change the shapes or meaning of saved arrays: a resumed run may not change them.
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_heads", "n_layers",
@@ -130,24 +131,23 @@ def _set_aside(mngr, workdir: str, steps) -> None:
     mngr.reload()
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      tree, shardings)
+def _restore_targets(trainer):
+  """Abstract targets (shapes, dtypes, the current mesh's shardings) of the saved arrays."""
+  a = trainer.abstract_state()
+  rng = sharding_lib.with_shardings(jax.eval_shape(jax.random.key_data, a.rng),
+                                    trainer.state_shardings.rng)
+  return a.params, {"step": a.step, "opt_state": a.opt_state, "rng": rng}
 
 
-def _abstract_train_items(trainer):
-  """Abstract targets (shapes, dtypes, the current mesh's shardings) of the saved arrays.
-
-  Built from the trainer's abstract params and optimizer rather than by tracing init_state,
-  which enters a mesh context that jax refuses inside eval_shape.
-  """
-  sh = trainer.state_shardings
-  abstract_opt = jax.eval_shape(trainer.tx.init, trainer.abstract_params)
-  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-  step = jax.ShapeDtypeStruct((), jnp.int32)
-  return (_abstract(trainer.abstract_params, sh.params),
-          {"step": _abstract(step, sh.step), "opt_state": _abstract(abstract_opt, sh.opt_state),
-           "rng": _abstract(key_data, sh.rng)})
+def _refuse_model_changes(saved_config: dict, cfg, workdir: str) -> tuple[list, list]:
+  """Raises CheckpointError when `cfg` changes the model's shape; else (data, other) changes."""
+  model, data, other = _config_changes(saved_config, cfg)
+  if model:
+    raise CheckpointError(
+        "the config changes the model's shape relative to the checkpoint in "
+        f"{checkpoint_dir(workdir)}:\n  " + "\n  ".join(model) + "\nUse the checkpoint's "
+        "values for these fields, or start in a new --workdir.")
+  return data, other
 
 
 class Checkpointer:
@@ -249,18 +249,13 @@ class Checkpointer:
     if saved is None:
       raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(self.workdir)}; move the "
                             f"directory away to start afresh")
-    model, data, other = _config_changes(saved["config"], self.cfg)
-    if model:
-      raise CheckpointError(
-          "the config changes the model's shape relative to the checkpoint in "
-          f"{checkpoint_dir(self.workdir)}:\n  " + "\n  ".join(model) + "\nUse the checkpoint's "
-          "values for these fields, or start in a new --workdir.")
+    data, other = _refuse_model_changes(saved["config"], self.cfg, self.workdir)
     for line in other:
       logging.warning("resuming with a changed field: %s", line)
     if data:
       logging.warning("resuming with changed data fields (%s): the data order restarts from the "
                       "beginning of the training split", "; ".join(data))
-    params_target, train_target = _abstract_train_items(trainer)
+    params_target, train_target = _restore_targets(trainer)
 
     def args(_):
       items = {"params": ocp.args.StandardRestore(params_target),
@@ -291,8 +286,12 @@ class Checkpointer:
     self._previous = {}
 
 
-def load_params(workdir: str, abstract_params, shardings, step: int | None = None):
-  """(params, step, saved config dict, tokenizer model bytes or None) from a run's checkpoint."""
+def load_params(workdir: str, abstract_params, shardings, step: int | None = None, cfg=None):
+  """(params, step, saved config dict, tokenizer model bytes or None) from a run's checkpoint.
+
+  With `cfg`, a config that changes the model's shape is refused with the fields named, before
+  any array is read (a shape mismatch would otherwise look like a damaged checkpoint).
+  """
   mngr = _manager(workdir, read_only=True)
   try:
     steps = mngr.all_steps()
@@ -303,11 +302,18 @@ def load_params(workdir: str, abstract_params, shardings, step: int | None = Non
       raise CheckpointError(f"checkpoint_step={step} is not in {checkpoint_dir(workdir)}; "
                             f"available: {sorted(steps)}")
 
+    candidates = [step] if step is not None else steps
+    if cfg is not None:
+      _, saved = _restore_first_good(
+          mngr, candidates, lambda s: ocp.args.Composite(config=ocp.args.JsonRestore()))
+      if saved is not None:
+        _refuse_model_changes(saved["config"], cfg, workdir)
+
     def args(_):
       return ocp.args.Composite(
-          params=ocp.args.StandardRestore(_abstract(abstract_params, shardings)),
+          params=ocp.args.StandardRestore(sharding_lib.with_shardings(abstract_params, shardings)),
           config=ocp.args.JsonRestore())
-    got, r = _restore_first_good(mngr, [step] if step is not None else steps, args)
+    got, r = _restore_first_good(mngr, candidates, args)
     if r is None:
       raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
     tok = None

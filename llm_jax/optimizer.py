@@ -109,7 +109,7 @@ def weight_decay_mask(params, cfg):
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg, total_steps: int, schedule=None) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW(lr_schedule, weight_decay_mask), maybe inside MultiSteps.
 
   With grad_accum="multisteps" and gradient_accumulation_steps = k > 1, each `update` call
@@ -122,11 +122,12 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     cfg: finalized config (learning rate and schedule fields, beta1, beta2, epsilon,
       weight_decay, decay_embeddings, max_grad_norm, grad_accum, gradient_accumulation_steps).
     total_steps: optimizer steps in the run (parameter updates, not micro-batches).
+    schedule: the run's `lr_schedule(cfg, total_steps)` if the caller already built it.
 
   Returns:
     an optax GradientTransformation whose update needs `params` (for weight decay).
   """
-  schedule = lr_schedule(cfg, total_steps)
+  schedule = lr_schedule(cfg, total_steps) if schedule is None else schedule
   adamw = optax.adamw(
       schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.epsilon, weight_decay=cfg.weight_decay,
       mask=lambda p: weight_decay_mask(p, cfg))

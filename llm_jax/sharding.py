@@ -208,6 +208,12 @@ def opt_state_shardings(tx, abstract_params, params_shardings, mesh):
       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
+def with_shardings(shapes, shardings):
+  """Abstract arrays (shape, dtype) carrying `shardings`: jit/orbax targets, nothing allocated."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
 def batch_sharding(mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
   spec = [None] * ndim
   spec[batch_axis] = BATCH_AXES

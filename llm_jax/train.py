@@ -139,8 +139,8 @@ class Trainer:
     self.mesh = sharding_lib.make_mesh(cfg) if mesh is None else mesh
     self.model_cfg = model_lib.ModelConfig.from_config(cfg)
     self.model = model_lib.Transformer(self.model_cfg)
-    self.tx = optimizer_lib.make_optimizer(cfg, total_steps)
     self.schedule = optimizer_lib.lr_schedule(cfg, total_steps)
+    self.tx = optimizer_lib.make_optimizer(cfg, total_steps, self.schedule)
     dummy = jnp.zeros((1, cfg.block_size), jnp.int32)
     boxed = jax.eval_shape(lambda k: self.model.init(k, dummy), jax.random.key(0))["params"]
     self.abstract_params = nn.meta.unbox(boxed)
@@ -162,7 +162,6 @@ class Trainer:
         make_eval_step(self.model),
         in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh, 2))))
     self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings))
-
 
   @property
   def _scan(self):
@@ -188,9 +187,8 @@ class Trainer:
 
   def abstract_state(self) -> TrainState:
     """The state's shapes and dtypes with their shardings, nothing allocated (restore targets)."""
-    shapes = jax.eval_shape(self._init, jax.random.key(0))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, self.state_shardings)
+    return sharding_lib.with_shardings(jax.eval_shape(self._init, jax.random.key(0)),
+                                       self.state_shardings)
 
   def train_step(self, state, local_batch):
     """One optimizer step on this process's share of the batch ([A, b, T] numpy arrays)."""
@@ -434,11 +432,8 @@ def load_for_inference(cfg, workdir: str):
   from llm_jax import checkpoint as ckpt_lib
   from llm_jax import tokenizer as tokenizer_lib
   trainer = Trainer(cfg, total_steps=cfg.warmup_steps + 1)  # the optimizer is unused here
-  params, step, saved, proto = ckpt_lib.load_params(
-      workdir, trainer.abstract_params, trainer.param_shardings, cfg.checkpoint_step)
-  model, _, _ = ckpt_lib._config_changes(saved, cfg)  # pylint: disable=protected-access
-  if model:  # unreachable in practice: restore would fail on shapes first; kept for the message
-    raise ckpt_lib.CheckpointError("config and checkpoint disagree: " + "; ".join(model))
+  params, step, _, proto = ckpt_lib.load_params(
+      workdir, trainer.abstract_params, trainer.param_shardings, cfg.checkpoint_step, cfg=cfg)
   if proto is None:
     path = cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
     tok = tokenizer_lib.load(path)
