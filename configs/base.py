@@ -32,10 +32,16 @@ def get_config():
   c.max_position_embeddings = placeholder(int)  # P: learned position table size (None = max_seq_len)
   c.position_embedding = "rope"  # +: rope | sinusoidal | learned
   c.rope_theta = 10000.0  # P: RoPE base frequency
-  c.activation = "gelu"  # +: FFN activation: relu (C's formula) | gelu | swiglu
+  c.rope_scaling = "none"  # +: RoPE frequency scaling for long contexts: none | linear | llama3 (Llama 3.1+)
+  c.rope_scaling_factor = 1.0  # +: linear / llama3: divide the (low) RoPE frequencies by this
+  c.rope_low_freq_factor = 1.0  # +: llama3: wavelengths above rope_original_max_len / this are divided by the factor
+  c.rope_high_freq_factor = 4.0  # +: llama3: wavelengths below rope_original_max_len / this are kept
+  c.rope_original_max_len = 8192  # +: llama3: the context length the model was pretrained with
+  c.activation = "gelu"  # +: FFN activation: relu (C's formula) | gelu (tanh approx., GPT-2) | gelu_exact (erf) | swiglu
   c.use_rms_norm = False  # P: RMSNorm instead of LayerNorm
   c.layer_norm_eps = 1e-5  # P: norm epsilon
   c.use_bias = True  # +: biases in dense layers and LayerNorm
+  c.qkv_bias = placeholder(bool)  # +: biases on the query/key/value projections (None = use_bias; Qwen2: True with use_bias False)
   c.tie_embeddings = True  # +: output head shares the token embedding matrix
 
   # --- Regularization (P: Regularization Parameters) ---
@@ -117,6 +123,10 @@ def get_config():
   c.lora_r = 0  # P: LoRA rank (0 = off; not available yet)
   c.lora_alpha = placeholder(float)  # P: LoRA scale numerator (None = 2 * lora_r)
   c.lora_dropout = 0.05  # P: dropout on the LoRA branch
+
+  # --- Hugging Face import / export (+) ---
+  c.hf_path = placeholder(str)  # +: --mode=import: a local Hugging Face model directory (config.json, *.safetensors, tokenizer)
+  c.hf_export_dir = placeholder(str)  # +: --mode=export: write the model here in Hugging Face format (config, safetensors, tokenizer)
 
   # --- Parallelism (+) ---
   c.mesh_shape = (-1, 1, 1)  # +: devices along (data, fsdp, tensor); -1 = the rest

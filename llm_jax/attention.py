@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Finite rather than -inf: a row with every key masked then softmaxes to a uniform (finite) row
 # instead of NaN, and a NaN would leak into every row through 0 * NaN in probs @ v.
@@ -60,17 +61,45 @@ def update_cache(cache_LBSKH, new_BTKH, layer, index):
   return cache_LBSKH, jax.lax.dynamic_index_in_dim(cache_LBSKH, layer, keepdims=False)
 
 
-def rope(x_BTNH, positions_BT, theta):
+def rope_frequencies(head_dim, theta, scaling="none", factor=1.0, low_freq_factor=1.0,
+                     high_freq_factor=4.0, original_max_len=8192):
+  """[head_dim / 2] float32 RoPE inverse frequencies theta^(-2j/H), scaled for longer contexts.
+
+  scaling "linear" divides every frequency by `factor` (position interpolation: positions / factor).
+  "llama3" (Llama 3.1+) divides only the low frequencies: a wavelength 2*pi/f longer than
+  original_max_len / low_freq_factor is divided by `factor`, one shorter than
+  original_max_len / high_freq_factor is kept, and those in between blend the two smoothly, as
+  transformers' `_compute_llama3_parameters` does. Computed in float64 numpy (the config is static).
+  """
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  if scaling == "linear":
+    inv_freq = inv_freq / factor
+  elif scaling == "llama3":
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original_max_len / wavelen - low_freq_factor)
+              / (high_freq_factor - low_freq_factor))
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = np.where(wavelen > original_max_len / low_freq_factor, inv_freq / factor,
+                        np.where(wavelen < original_max_len / high_freq_factor, inv_freq, blended))
+  elif scaling != "none":
+    raise ValueError(f"rope scaling {scaling!r} is not one of none, linear, llama3")
+  return inv_freq.astype(np.float32)
+
+
+def rope(x_BTNH, positions_BT, theta, inv_freq_h=None):
   """Rotary position embedding (rotate-half form), computed in float32.
 
-  Pairs feature j with j + H/2 and rotates the pair by positions * theta^(-2j/H), so the dot
-  product of a rotated query and key depends only on their position difference. H must be even.
+  Pairs feature j with j + H/2 and rotates the pair by positions * theta^(-2j/H) (or by
+  positions * inv_freq_h[j], from `rope_frequencies`, when given), so the dot product of a
+  rotated query and key depends only on their position difference. H must be even.
+  This is Hugging Face Llama's `rotate_half` layout: its q/k weights load without permutation.
   """
   h = x_BTNH.shape[-1]
   if h % 2:
     raise ValueError(f"RoPE needs an even head dim, got {h}")
-  inv_freq_h = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
+  if inv_freq_h is None:
+    inv_freq_h = rope_frequencies(h, theta)
+  angle_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h, jnp.float32)
   sin_BT1h, cos_BT1h = jnp.sin(angle_BTh)[:, :, None], jnp.cos(angle_BTh)[:, :, None]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], axis=-1)

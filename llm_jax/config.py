@@ -1,7 +1,7 @@
 """Config validation and derived values: the one place a config is checked and completed.
 
 `finalize(cfg)` returns a locked copy with every derived field filled in (d_k, d_v, d_ff,
-n_kv_heads, block_size, max_position_embeddings, batch_size / micro_batch_size,
+n_kv_heads, qkv_bias, block_size, max_position_embeddings, batch_size / micro_batch_size,
 min_learning_rate, lora_alpha) and raises `ConfigError` listing every problem at once, each
 naming the field, the value and the fix, before anything is compiled or written.
 """
@@ -13,7 +13,8 @@ import ml_collections
 
 DTYPES = ("float32", "float16", "bfloat16")
 LR_DECAYS = ("cosine", "linear", "exponential", "constant")
-ACTIVATIONS = ("relu", "gelu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swiglu")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 POSITION_EMBEDDINGS = ("rope", "sinusoidal", "learned")
 REMAT_POLICIES = ("none", "full", "dots")
 GRAD_ACCUM = ("scan", "multisteps")
@@ -35,6 +36,8 @@ def _derive(c):
   problems = []
   if c.n_kv_heads is None:
     c.n_kv_heads = c.n_heads
+  if c.qkv_bias is None:
+    c.qkv_bias = c.use_bias
   if c.d_k is None:
     if c.n_heads > 0 and c.d_model % c.n_heads:
       problems.append(
@@ -97,10 +100,23 @@ def _check(c):
     need(c.d_k % 2 == 0, f"d_k={c.d_k} is odd but position_embedding='rope' rotates pairs of "
          f"dimensions: use an even d_k (set d_k, or pick n_heads so d_model / n_heads is even)")
   need(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0 (10000 is standard)")
+  if c.rope_scaling != "none":
+    need(c.position_embedding == "rope",
+         f"rope_scaling={c.rope_scaling!r} needs position_embedding='rope' (have "
+         f"{c.position_embedding!r}): set rope_scaling='none'")
+    need(c.rope_scaling_factor > 0,
+         f"rope_scaling_factor={c.rope_scaling_factor} must be > 0 (e.g. 8 for Llama 3.1)")
+  if c.rope_scaling == "llama3":
+    need(0 < c.rope_low_freq_factor < c.rope_high_freq_factor,
+         f"rope_low_freq_factor={c.rope_low_freq_factor} and rope_high_freq_factor="
+         f"{c.rope_high_freq_factor} must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
+    need(c.rope_original_max_len > 0,
+         f"rope_original_max_len={c.rope_original_max_len} must be > 0 (Llama 3.1: 8192)")
   need(c.layer_norm_eps > 0, f"layer_norm_eps={c.layer_norm_eps} must be > 0 (1e-5 or 1e-6)")
 
   for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lr_decay", LR_DECAYS),
                      ("activation", ACTIVATIONS), ("position_embedding", POSITION_EMBEDDINGS),
+                     ("rope_scaling", ROPE_SCALINGS),
                      ("remat_policy", REMAT_POLICIES), ("grad_accum", GRAD_ACCUM),
                      ("tokenizer_type", TOKENIZER_TYPES), ("text_split", TEXT_SPLITS)):
     need(c[f] in allowed, f"{f}={c[f]!r} is not one of {', '.join(allowed)}")

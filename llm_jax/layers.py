@@ -8,6 +8,7 @@ partitioning (flax issue #3676). Initialisation follows GPT-2: normal(0.02), wit
 projections that write into the residual stream scaled by 1/sqrt(2 * n_layers).
 """
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -46,7 +47,8 @@ def norm(cfg, name):
 
 
 class Mlp(nn.Module):
-  """Position-wise FFN: relu / gelu (tanh approx., GPT-2) or SwiGLU, then hidden_dropout.
+  """Position-wise FFN: relu / gelu (tanh approx., GPT-2) / gelu_exact (erf) or SwiGLU, then
+  hidden_dropout.
 
   SwiGLU uses d_ff as its hidden width (so it has 1.5x the FFN parameters of relu/gelu).
   """
@@ -66,7 +68,8 @@ class Mlp(nn.Module):
     if cfg.activation == "swiglu":
       h_BTF = nn.silu(dense(*up, "wi_gate")(x_BTD)) * dense(*up, "wi_up")(x_BTD)
     else:
-      act = {"relu": nn.relu, "gelu": nn.gelu}[cfg.activation]
+      act = {"relu": nn.relu, "gelu": nn.gelu,  # gelu: tanh approximation (GPT-2's gelu_new)
+             "gelu_exact": functools.partial(nn.gelu, approximate=False)}[cfg.activation]
       h_BTF = act(dense(*up, "wi")(x_BTD))
     y_BTD = dense((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "wo", residual_std(cfg))(h_BTF)
     return nn.Dropout(cfg.hidden_dropout)(y_BTD, deterministic=self.deterministic)
@@ -89,18 +92,23 @@ class SelfAttention(nn.Module):
   def __call__(self, x_BTD, cache, layer, ctx):
     cfg = self.cfg
 
-    def proj(shape, spec, axes, name, std=INIT_STD, bias_axes=None):
-      return nn.Einsum(shape, spec, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+    def proj(shape, spec, axes, name, std=INIT_STD, bias_axes=None, use_bias=cfg.use_bias):
+      return nn.Einsum(shape, spec, use_bias=use_bias, dtype=cfg.compute_dtype,
                        param_dtype=cfg.weight_dtype, kernel_init=init(axes, std),
                        bias_init=zeros(bias_axes or axes[1:]), name=name)
 
     d, n, k, hk, hv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_k, cfg.d_v
-    q_BTNH = proj((d, n, hk), "btd,dnh->btnh", ("embed", "heads", "head_dim"), "query")(x_BTD)
-    k_BTKH = proj((d, k, hk), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
-    v_BTKH = proj((d, k, hv), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
+    qkv_bias = cfg.has_qkv_bias  # Qwen2: biased q/k/v, unbiased out and MLP
+    q_BTNH = proj((d, n, hk), "btd,dnh->btnh", ("embed", "heads", "head_dim"), "query",
+                  use_bias=qkv_bias)(x_BTD)
+    k_BTKH = proj((d, k, hk), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "key",
+                  use_bias=qkv_bias)(x_BTD)
+    v_BTKH = proj((d, k, hv), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "value",
+                  use_bias=qkv_bias)(x_BTD)
     if cfg.position_embedding == "rope":
-      q_BTNH = attn_lib.rope(q_BTNH, ctx["positions"], cfg.rope_theta)
-      k_BTKH = attn_lib.rope(k_BTKH, ctx["positions"], cfg.rope_theta)
+      inv_freq_h = cfg.rope_inv_freq
+      q_BTNH = attn_lib.rope(q_BTNH, ctx["positions"], cfg.rope_theta, inv_freq_h)
+      k_BTKH = attn_lib.rope(k_BTKH, ctx["positions"], cfg.rope_theta, inv_freq_h)
 
     if cache is None:
       k_BSKH, v_BSKH, is_causal, segment_ids = k_BTKH, v_BTKH, True, ctx["segment_ids"]

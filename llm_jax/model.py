@@ -12,6 +12,7 @@ padding slots False.
 import dataclasses
 import functools
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -45,6 +46,12 @@ class ModelConfig:
   layer_norm_eps: float = 1e-5
   use_bias: bool = True
   tie_embeddings: bool = True
+  qkv_bias: Optional[bool] = None  # None = use_bias
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   dropout: float = 0.0
   attention_dropout: float = 0.0
   hidden_dropout: float = 0.0
@@ -65,6 +72,17 @@ class ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl"}
     impl = config_lib.flash_attention_backend(cfg, backend or jax.default_backend())
     return cls(**{f: cfg[f] for f in fields}, attention_impl=impl)
+
+  @property
+  def has_qkv_bias(self):
+    return self.use_bias if self.qkv_bias is None else self.qkv_bias
+
+  @property
+  def rope_inv_freq(self):
+    """[d_k / 2] RoPE inverse frequencies with this config's scaling (see attention.py)."""
+    return attn_lib.rope_frequencies(
+        self.d_k, self.rope_theta, self.rope_scaling, self.rope_scaling_factor,
+        self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_len)
 
   @property
   def padded_vocab(self):
