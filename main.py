@@ -4,6 +4,8 @@
     python main.py --config=configs/default.py --workdir=runs/default --mode=eval
     python main.py --config=configs/default.py --workdir=runs/default --mode=sample --prompt="ROMEO:"
     python main.py --config=configs/small.py --mode=estimate [--compile]
+    python main.py --mode=import --config.hf_path=/models/gpt2 --workdir=runs/gpt2   # Hugging Face
+    python main.py --mode=export --workdir=runs/gpt2 --config.hf_export_dir=out/gpt2_hf
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 """
 
@@ -18,7 +20,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "estimate"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "estimate", "import", "export"],
+                         "What to do.")
 _COMPILE = flags.DEFINE_bool("compile", False,
                              "With --mode=estimate: also compile one train step on these devices "
                              "and print XLA's memory analysis (the 'will it fit' check).")
@@ -116,20 +119,21 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
   def run(batch):
     nonlocal rng
     rng, key = jax.random.split(rng)
-    # An empty prompt starts a fresh document: the model saw EOS before every document.
-    ids = [tok.encode(p) or [tok.eos_id] for p in batch]
+    # An empty prompt starts a fresh document: the model saw EOS (and BOS, if it uses one)
+    # before every document.
+    ids = [tok.encode(p, add_bos=tok.add_bos) or [tok.eos_id] for p in batch]
     if len(batch) == 1 and cfg.num_beams == 1:
       print(batch[0], end="", flush=True)
       new_ids, shown = [], ""
       for chunk in sampling.generate_stream(params, trainer.model_cfg, ids, cfg, key,
-                                            eos_id=tok.eos_id, stop_id=stop_id):
+                                            eos_id=tok.eos_ids, stop_id=stop_id):
         new_ids += chunk[0]
         text = tok.decode(new_ids)  # whole text so far: a chunk may split a multi-byte character
         print(text[len(shown):], end="", flush=True)
         shown = text
       print("\n", flush=True)
       return
-    outs = sampling.generate(params, trainer.model_cfg, ids, cfg, key, eos_id=tok.eos_id,
+    outs = sampling.generate(params, trainer.model_cfg, ids, cfg, key, eos_id=tok.eos_ids,
                              stop_id=stop_id)
     for p, out in zip(batch, outs):
       print(f"{p}{tok.decode(out)}\n" + "-" * 40, flush=True)
@@ -145,6 +149,51 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
   return 0
 
 
+def import_hf(workdir, overrides) -> int:
+  """--mode=import: a local Hugging Face model directory -> an llm_jax workdir (step 0)."""
+  from llm_jax import hf
+  raw = _CONFIG.value
+  if not raw.hf_path:
+    sys.exit("error: --mode=import needs --config.hf_path=<a local Hugging Face model directory>")
+  try:
+    out = hf.import_to_workdir(raw, raw.hf_path, workdir, overrides)
+  except hf.HFError as e:
+    print(f"error: {e}", flush=True)
+    return 2
+  c = out["config"]
+  print(f"imported {out['model_type']} from {raw.hf_path} ({out['params'] / 1e6:.1f}M params, "
+        f"{'/'.join(out['dtypes'])} -> {c.param_dtype}; d_model {c.d_model}, {c.n_layers} layers, "
+        f"vocab {c.vocab_size}, context {c.max_seq_len}; tokenizer {out['tokenizer'].kind}, eos "
+        f"{out['tokenizer'].eos_ids}) into {workdir}\n"
+        f"  sample:    python main.py --mode=sample --workdir={workdir} --prompt='Hello'\n"
+        f"  fine-tune: python main.py --config.init_from={workdir} --workdir=<new dir> ...\n"
+        f"  export:    python main.py --mode=export --workdir={workdir} "
+        f"--config.hf_export_dir=<dir>", flush=True)
+  return 0
+
+
+def export_hf(workdir, overrides) -> int:
+  """--mode=export with hf_export_dir: the workdir's model in Hugging Face format."""
+  from llm_jax import checkpoint
+  from llm_jax import hf
+  from llm_jax import model as model_lib
+  from llm_jax import train
+  out_dir = _CONFIG.value.hf_export_dir
+  try:
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+      raise hf.HFError(f"hf_export_dir={out_dir} exists and is not empty: export into a new "
+                       f"directory")
+    cfg = hf.checkpoint_config(_CONFIG.value, workdir, overrides)
+    hf.export_family(model_lib.ModelConfig.from_config(cfg))  # refuse before reading params
+    trainer, params, step, tok = train.load_for_inference(cfg, workdir)
+    files = hf.export(trainer.model_cfg, params, tok, out_dir)
+  except (hf.HFError, checkpoint.CheckpointError) as e:
+    print(f"error: {e}", flush=True)
+    return 2
+  print(f"exported checkpoint {step} of {workdir} to {out_dir}: {', '.join(files)}", flush=True)
+  return 0
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
@@ -154,6 +203,9 @@ def main(argv):
     # lines carry the run; orbax and jax log dozens of INFO lines per checkpoint.
     absl_logging.set_verbosity(absl_logging.WARNING)
   _initialize_distributed()
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  if _MODE.value == "import":  # the model fields come from config.json, not from --config
+    sys.exit(import_hf(_need_workdir(), overrides))
   cfg = _finalized()
   _enable_compilation_cache(cfg)
   if _MODE.value == "estimate":
@@ -163,10 +215,25 @@ def main(argv):
     print(sizing.report(cfg, est, compiled))
     return
   workdir = _need_workdir()
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  from llm_jax import checkpoint
   from llm_jax import train
+  imported = checkpoint.imported_from(workdir)
   if _MODE.value == "train":
+    if imported:
+      sys.exit(f"error: --workdir={workdir} holds a model imported from {imported}, with no "
+               f"optimizer state: fine-tune it into a new workdir with "
+               f"--config.init_from={workdir} --workdir=<new dir>")
     sys.exit(train.run(cfg, workdir, overrides=overrides))
+  if _MODE.value == "export":
+    if not cfg.hf_export_dir:
+      sys.exit("error: --mode=export needs --config.hf_export_dir=<dir> (the Hugging Face format)")
+    sys.exit(export_hf(workdir, overrides))
+  if imported:  # its model fields are in its checkpoint, not in --config
+    from llm_jax import hf
+    try:
+      cfg = hf.checkpoint_config(_CONFIG.value, workdir, overrides)
+    except hf.HFError as e:
+      sys.exit(f"error: {e}")
   if _MODE.value == "eval":
     sys.exit(train.evaluate_workdir(cfg, workdir))
   prompts = list(_PROMPT.value or [])

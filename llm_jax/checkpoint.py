@@ -11,7 +11,6 @@ run moves it aside to <workdir>/damaged_checkpoints/ so that its step is written
 restored into the shardings of the current mesh, whatever mesh saved them.
 """
 
-import base64
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llm_jax import sharding as sharding_lib
+from llm_jax import tokenizer as tokenizer_lib
 
 # Fields that change the shapes or meaning of saved arrays: a resumed run may not change them.
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_heads", "n_layers",
@@ -40,6 +40,49 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def save_inference(workdir: str, params, cfg_dict: dict, tokenizer, meta: dict,
+                   step: int = 0) -> None:
+  """Writes a checkpoint of params, config, tokenizer and meta only (no optimizer or data state),
+  as an import or export makes: eval, sample and init_from read it like any other."""
+  mngr = _manager(workdir)
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(cfg_dict),
+        tokenizer=ocp.args.JsonSave(tokenizer.to_item()),
+        meta=ocp.args.JsonSave({"step": step, **meta})), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+
+
+def _latest_item(workdir: str, name: str) -> dict | None:
+  """A JSON item of the latest checkpoint (None when there is none or it cannot be read)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  mngr = _manager(workdir, read_only=True)
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      return None
+    return mngr.restore(max(steps), args=ocp.args.Composite(
+        **{name: ocp.args.JsonRestore()}))[name]
+  except Exception:  # pylint: disable=broad-except  (unreadable: treated as absent)
+    return None
+  finally:
+    mngr.close()
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The flat config (a dict) saved with the latest checkpoint, or None."""
+  return _latest_item(workdir, "config")
+
+
+def imported_from(workdir: str) -> str | None:
+  """The Hugging Face directory the workdir's checkpoint was imported from, or None."""
+  meta = _latest_item(workdir, "meta")
+  return None if meta is None else meta.get("imported_from")
 
 
 class _QuietMissingMetrics(logging.Filter):
@@ -158,7 +201,8 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, cfg, steps_per_epoch: int, tokenizer=None):
-    """`tokenizer` (saved in every checkpoint): a Tokenizer, its model bytes, or a model path."""
+    """`tokenizer` (saved in every checkpoint): a tokenizer, sentencepiece model bytes, or a path
+    `tokenizer.load` reads."""
     self.workdir, self.cfg, self.steps_per_epoch = workdir, cfg, max(1, steps_per_epoch)
     self._tokenizer = tokenizer
     self.mngr = _manager(workdir, cfg.max_to_keep)
@@ -181,16 +225,15 @@ class Checkpointer:
                     signal.Signals(signum).name)
     self.stop_requested = True
 
-  def _tokenizer_proto(self) -> bytes | None:
+  def _tokenizer_item(self) -> dict | None:
     tok = self._tokenizer
     if isinstance(tok, (bytes, bytearray)):
-      return bytes(tok)
-    if isinstance(tok, (str, os.PathLike)):
+      tok = tokenizer_lib.Tokenizer(bytes(tok))
+    elif isinstance(tok, (str, os.PathLike)):
       if not os.path.exists(tok):
         return None
-      with open(tok, "rb") as f:
-        return f.read()
-    return getattr(tok, "model_proto", None)
+      tok = tokenizer_lib.load(os.fspath(tok))
+    return None if tok is None else tok.to_item()
 
   def should_stop(self, step: int, every: int) -> bool:
     """Whether the run stops (after saving) at `step` because a signal arrived.
@@ -232,9 +275,9 @@ class Checkpointer:
         "config": ocp.args.JsonSave(self.cfg.to_dict()),
         "meta": ocp.args.JsonSave(meta),
     }
-    proto = self._tokenizer_proto()
-    if proto:
-      items["tokenizer"] = ocp.args.JsonSave({"model": base64.b64encode(proto).decode()})
+    tok_item = self._tokenizer_item()
+    if tok_item:
+      items["tokenizer"] = ocp.args.JsonSave(tok_item)
     metrics = {"eval_loss": self._eval_loss[step]} if step in self._eval_loss else None
     self.mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     logging.info("checkpoint %d: writing to %s", step, checkpoint_dir(self.workdir))
@@ -287,7 +330,7 @@ class Checkpointer:
 
 
 def load_params(workdir: str, abstract_params, shardings, step: int | None = None, cfg=None):
-  """(params, step, saved config dict, tokenizer model bytes or None) from a run's checkpoint.
+  """(params, step, saved config dict, tokenizer or None) from a run's checkpoint.
 
   With `cfg`, a config that changes the model's shape is refused with the fields named, before
   any array is read (a shape mismatch would otherwise look like a damaged checkpoint).
@@ -319,7 +362,7 @@ def load_params(workdir: str, abstract_params, shardings, step: int | None = Non
     tok = None
     try:
       t = mngr.restore(got, args=ocp.args.Composite(tokenizer=ocp.args.JsonRestore()))
-      tok = base64.b64decode(t["tokenizer"]["model"])
+      tok = tokenizer_lib.from_item(t["tokenizer"])
     except Exception:  # pylint: disable=broad-except  (a checkpoint without its tokenizer item)
       pass
     return r["params"], got, r["config"], tok

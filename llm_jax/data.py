@@ -97,6 +97,15 @@ def _train_tokenizer(cfg, corpus) -> tokenizer_lib.Tokenizer:
                     f"(config fields: --config.vocab_size, --config.byte_fallback)") from e
 
 
+def check_vocab(tok, cfg, where: str) -> None:
+  """Our own tokenizers fill vocab_size exactly; a Hugging Face model's embedding may be larger
+  than its tokenizer (Qwen2 pads it), never smaller."""
+  if tok.vocab_size > cfg.vocab_size or (tok.is_own and tok.vocab_size != cfg.vocab_size):
+    raise DataError(f"tokenizer {where} has {tok.vocab_size} pieces but vocab_size="
+                    f"{cfg.vocab_size}: set --config.vocab_size={tok.vocab_size} to keep it, or "
+                    f"delete it (or set --config.tokenizer_path elsewhere) to train a new one")
+
+
 def get_tokenizer(cfg, corpus, root: str, workdir: str | None) -> tokenizer_lib.Tokenizer:
   """Loads the tokenizer at its path, else trains one (cached per corpus and recipe) and saves it.
 
@@ -111,12 +120,9 @@ def get_tokenizer(cfg, corpus, root: str, workdir: str | None) -> tokenizer_lib.
     try:
       tok = tokenizer_lib.load(path)
     except (OSError, RuntimeError, ValueError) as e:
-      raise DataError(f"tokenizer_path={path!r} is not a usable sentencepiece model ({e}); "
-                      f"delete it to train a new one") from None
-    if tok.vocab_size != cfg.vocab_size:
-      raise DataError(f"tokenizer {path} has {tok.vocab_size} pieces but vocab_size="
-                      f"{cfg.vocab_size}: set --config.vocab_size={tok.vocab_size} to keep it, or "
-                      f"delete it (or set --config.tokenizer_path elsewhere) to train a new one")
+      raise DataError(f"tokenizer_path={path!r} is not a usable tokenizer ({e}); delete it to "
+                      f"train a new one") from None
+    check_vocab(tok, cfg, path)
     return tok
   recipe = json.dumps([corpus.key, cfg.vocab_size, cfg.tokenizer_type, cfg.byte_fallback,
                        _TOKENIZER_MIN_CHARS, _TOKENIZER_CHARS_PER_PIECE, 1])
@@ -139,7 +145,7 @@ def _write_stream(source: corpus_lib.TextSource, tok, path: str, dtype) -> tuple
   n_tokens = n_docs = n_chars = 0
   with open(path, "wb") as f:
     for texts in source.chunks(1024):
-      ids = tok.encode(texts, num_threads=os.cpu_count() or 1)
+      ids = tok.encode(texts, add_bos=tok.add_bos, num_threads=os.cpu_count() or 1)
       lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, len(ids))
       flat = np.full(int(lengths.sum()), tok.eos_id, dtype)
       ends = np.cumsum(lengths)  # EOS stays at each document's last slot
@@ -155,7 +161,7 @@ def _write_stream(source: corpus_lib.TextSource, tok, path: str, dtype) -> tuple
 def tokenize_corpus(corpus, tok, root: str) -> tuple[dict, str]:
   """Tokenized splits, built once into `<root>/tokens/<hash>` (corpus + tokenizer model)."""
   key = hashlib.sha256(f"{_TOKEN_CACHE_VERSION}:{corpus.key}:".encode()
-                       + hashlib.sha256(tok.model_proto).digest()).hexdigest()[:16]
+                       + hashlib.sha256(tok.fingerprint).digest()).hexdigest()[:16]
   out = os.path.join(root, "tokens", key)
   if not os.path.exists(os.path.join(out, "meta.json")):
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -214,11 +220,13 @@ class _TrainBatches:
   """Step number -> this process's batch of that step. Picklable for grain worker processes."""
 
   def __init__(self, path, dtype, n_tokens, block_size, n_rows, steps_per_epoch, accum, per_proc,
-               process_index, process_count, seed, pack_segments):
+               process_index, process_count, seed, pack_segments, eos_id=tokenizer_lib.EOS_ID,
+               pad_id=tokenizer_lib.PAD_ID):
     self.path, self.dtype, self.n_tokens = path, dtype, n_tokens
     self.T, self.n_rows, self.spe = block_size, n_rows, steps_per_epoch
     self.A, self.b, self.p, self.P = accum, per_proc, process_index, process_count
     self.seed, self.pack = seed, pack_segments
+    self.eos_id, self.pad_id = eos_id, pad_id
     self._stream, self._perm = None, (None, None)
 
   def __getstate__(self):
@@ -238,11 +246,11 @@ class _TrainBatches:
   def __call__(self, step: int) -> dict:
     if self._stream is None:
       self._stream = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-    tokens, _ = gather_rows(self._stream, self.rows(step), self.T)
+    tokens, _ = gather_rows(self._stream, self.rows(step), self.T, self.pad_id)
     tokens = tokens.reshape(self.A, self.b, self.T + 1)
     batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
     if self.pack:
-      batch["segment_ids"], batch["positions"] = segments(batch["inputs"])
+      batch["segment_ids"], batch["positions"] = segments(batch["inputs"], self.eos_id)
     return batch
 
 
@@ -281,7 +289,8 @@ class Data:
     return _TrainBatches(self._train_path, self.train_tokens.dtype.name, len(self.train_tokens),
                          self.block_size, n_rows, self.steps_per_epoch, self.accum,
                          self.per_process_batch, self.process_index, self.process_count,
-                         self.seed, self.pack_segments)
+                         self.seed, self.pack_segments, self.tokenizer.eos_id,
+                         self.tokenizer.pad_id)
 
   def train_dataset(self) -> grain.IterDataset:
     """Endless optimizer steps, each {inputs, targets[, segment_ids, positions]}: int32 [A, b, T]."""
@@ -314,11 +323,11 @@ class Data:
     n = self.num_eval_batches if max_batches is None else min(max_batches, self.num_eval_batches)
     for k in range(n):
       rows = k * self.micro_batch_size + self.process_index * b + np.arange(b)
-      tokens, valid = gather_rows(self.validation_tokens, rows, T)
+      tokens, valid = gather_rows(self.validation_tokens, rows, T, self.tokenizer.pad_id)
       batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                "weights": valid[:, 1:].astype(np.float32)}
       if self.pack_segments:
-        seg, pos = segments(batch["inputs"])
+        seg, pos = segments(batch["inputs"], self.tokenizer.eos_id)
         batch["segment_ids"] = np.where(valid[:, :-1], seg, 0).astype(np.int32)
         batch["positions"] = np.where(valid[:, :-1], pos, 0).astype(np.int32)
       yield batch
@@ -331,8 +340,12 @@ class Data:
 
 
 def build(cfg, workdir: str | None, process_index: int | None = None,
-          process_count: int | None = None) -> Data:
-  """Corpus -> tokenizer -> tokenized cache -> Data. Raises DataError before any training."""
+          process_count: int | None = None, tokenizer=None) -> Data:
+  """Corpus -> tokenizer -> tokenized cache -> Data. Raises DataError before any training.
+
+  tokenizer: use this one (e.g. an imported model's, from its checkpoint) instead of loading or
+  training the one at tokenizer_path / <workdir>/tokenizer.model.
+  """
   if process_index is None or process_count is None:
     import jax  # only when the caller leaves the sharding to the runtime
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -345,7 +358,9 @@ def build(cfg, workdir: str | None, process_index: int | None = None,
   for split in ("train", "validation"):
     if len(getattr(corpus, split)) == 0:
       raise DataError(f"dataset={cfg.dataset!r}: the {split} split has no documents")
-  tok = get_tokenizer(cfg, corpus, root, workdir)
+  if tokenizer is not None:
+    check_vocab(tokenizer, cfg, "from the checkpoint")
+  tok = tokenizer or get_tokenizer(cfg, corpus, root, workdir)
   meta, directory = tokenize_corpus(corpus, tok, root)
   meta["cache_dir"] = directory
   train = _open_stream(directory, "train", meta)

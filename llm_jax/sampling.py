@@ -293,8 +293,8 @@ def _update(st, logits, scfg, beam):
 
 def _start(params, prompt_BT, valid_BT, rng, terminal_ids, length_penalty=None, *, model_cfg,
            scfg, beam):
-  """Prefill: the decode state after choosing the first new token. terminal_ids: int32 [2]
-  (EOS, stop) and length_penalty (None = scfg's) are traced, so new values do not recompile."""
+  """Prefill: the decode state after choosing the first new token. terminal_ids: int32 [E+1]
+  (EOS ids, stop) and length_penalty (None = scfg's) are traced, so new values do not recompile."""
   params = _low_precision_params(params, model_cfg)
   b, t = prompt_BT.shape
   k, n = scfg.num_beams, scfg.max_new_tokens
@@ -380,7 +380,9 @@ _advance_jit = jax.jit(_advance, static_argnames=_STATIC, donate_argnames=("st",
 
 
 def _terminal_ids(eos_id, stop_id):
-  return np.asarray([eos_id, eos_id if stop_id is None else stop_id], np.int32)
+  """[EOS ids..., stop]: eos_id may be a list (a Hugging Face model's generation EOS ids)."""
+  eos = [int(i) for i in np.atleast_1d(eos_id)]
+  return np.asarray(eos + [eos[0] if stop_id is None else stop_id], np.int32)
 
 
 def _static(scfg):
@@ -404,7 +406,8 @@ def decode(params, prompt_BT, valid_BT, rng, *, model_cfg, scfg: SamplingConfig,
 
   prompt_BT: int [B, T] left-padded prompts (every row ends with a real token); valid_BT: bool
   [B, T], False on padding; rng: a PRNG key (same key, same output). model_cfg and scfg are
-  static (a new value compiles again); eos_id / stop_id are not.
+  static (a new value compiles again); eos_id / stop_id are not. eos_id: an id or a list of
+  ids (each ends a row; the first fills the rows' tails).
   Returns device arrays: tokens [B, N] int32, lengths [B] (new tokens per row, EOS / stop
   included) and logps [B, N] float32 (log-prob of each chosen token under the processed
   distribution); entries at positions >= length are EOS and 0. For beam search: the best

@@ -1,12 +1,23 @@
-"""SentencePiece tokenizer: train from text, save, load, encode and decode (single or batched).
+"""Tokenizers: llm_jax's own SentencePiece models (train, save, load) and the tokenizers of
+Hugging Face models (a `tokenizer.json` through the `tokenizers` library, or a sentencepiece
+`tokenizer.model`), behind one interface.
 
-Fixed special ids (pad 0, unk 1, bos 2, eos 3) so every model and data cache agrees on them.
-Training uses identity normalization, keeps every space, tab and newline and adds no dummy
-prefix, so with byte_fallback `decode(encode(text)) == text` for any text, including characters
-never seen in training (they become UTF-8 byte pieces).
+Every tokenizer has `kind`, `vocab_size`, `pad_id` / `unk_id` / `bos_id` / `eos_id` (`eos_ids`: every
+id that ends a generation), `add_bos` (documents start with BOS), `encode` / `decode` (single or
+batched; decode drops control ids), `to_item()` (the checkpoint's JSON `tokenizer` item) and
+`fingerprint` (bytes that identify it, for caches). `from_item` / `load` / `save` handle any kind.
+
+Our own models have fixed special ids (pad 0, unk 1, bos 2, eos 3) so every model and data cache
+agrees on them. Training uses identity normalization, keeps every space, tab and newline and adds
+no dummy prefix, so with byte_fallback `decode(encode(text)) == text` for any text, including
+characters never seen in training (they become UTF-8 byte pieces). A Hugging Face model's special
+ids come from its generation_config.json, config.json and tokenizer_config.json.
 """
 
+import base64
+import hashlib
 import io
+import json
 import os
 import re
 import tempfile
@@ -23,16 +34,34 @@ MAX_SENTENCE_BYTES = 1 << 14
 
 
 class Tokenizer:
-  """A loaded SentencePiece model with the project's fixed special ids."""
+  """A loaded SentencePiece model: llm_jax's own (fixed special ids) or a Hugging Face model's.
 
-  def __init__(self, model_proto: bytes):
+  special: None for our own models; else {"bos", "eos" (a list), "pad", "unk"} ids (None where
+  the model has none) from the Hugging Face model's files, and `add_bos` whether it starts
+  documents with BOS. hf_config: the model's tokenizer_config.json, written back on export.
+  """
+
+  kind = "sentencepiece"
+
+  def __init__(self, model_proto: bytes, special: dict | None = None, add_bos: bool = False,
+               hf_config: dict | None = None):
     self._proto = bytes(model_proto)
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-    ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
-    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-      raise ValueError(f"tokenizer has special ids pad/unk/bos/eos={ids}, expected "
-                       f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}: retrain it with llm_jax "
-                       f"(delete the .model file and run again)")
+    self._special, self.add_bos, self.hf_config = special, bool(add_bos), hf_config
+    if special is None:
+      ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
+      if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+        raise ValueError(f"tokenizer has special ids pad/unk/bos/eos={ids}, expected "
+                         f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}: retrain it with llm_jax "
+                         f"(delete the .model file and run again)")
+      self._special = {"bos": BOS_ID, "eos": [EOS_ID], "pad": PAD_ID, "unk": UNK_ID}
+    _check_special(self._special, self.vocab_size)
+
+  @property
+  def is_own(self) -> bool:
+    """Trained by llm_jax (fixed special ids), not a Hugging Face model's."""
+    return self.hf_config is None and self._special == {"bos": BOS_ID, "eos": [EOS_ID],
+                                                        "pad": PAD_ID, "unk": UNK_ID}
 
   @property
   def model_proto(self) -> bytes:
@@ -42,39 +71,33 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self._sp.vocab_size()
 
-  pad_id = property(lambda self: PAD_ID)
-  unk_id = property(lambda self: UNK_ID)
-  bos_id = property(lambda self: BOS_ID)
-  eos_id = property(lambda self: EOS_ID)
+  pad_id = property(lambda self: self._special["pad"])
+  unk_id = property(lambda self: self._special["unk"])
+  bos_id = property(lambda self: self._special["bos"])
+  eos_id = property(lambda self: self._special["eos"][0])
+  eos_ids = property(lambda self: list(self._special["eos"]))
 
   @property
   def byte_fallback(self) -> bool:
-    return self._sp.piece_to_id("<0x00>") != UNK_ID
+    return self._sp.piece_to_id("<0x00>") != self._sp.unk_id()
+
+  @property
+  def fingerprint(self) -> bytes:
+    return self._proto if self.is_own else _item_bytes(self.to_item())
 
   def encode(self, text: str | Sequence[str], *, add_bos: bool = False, add_eos: bool = False,
              num_threads: int = -1) -> list[int] | list[list[int]]:
     """Token ids of one string, or a list of id lists for a list of strings (threaded)."""
-    return self._sp.encode(text if isinstance(text, str) else list(text), add_bos=add_bos,
-                           add_eos=add_eos, num_threads=num_threads)
+    ids = self._sp.encode(text if isinstance(text, str) else list(text), num_threads=num_threads)
+    return _add_specials(ids, isinstance(text, str), self.bos_id if add_bos else None,
+                         self.eos_id if add_eos else None)
 
   def decode(self, ids) -> str | list[str]:
     """Text of one id sequence, or a list of texts for a batch ([B, T] array or list of lists).
 
     Control ids (pad, bos, eos) decode to nothing; ids outside the vocabulary raise ValueError.
     """
-    if isinstance(ids, (list, tuple)) and ids and np.ndim(ids[0]) == 1:  # ragged batch
-      return [self.decode(row) for row in ids]
-    arr = np.asarray(ids)
-    if arr.ndim == 2:
-      return [self.decode(row) for row in arr]
-    if arr.ndim != 1:
-      raise ValueError(f"decode takes ids shaped [T] or [B, T], not {arr.shape}")
-    arr = arr.astype(np.int64)
-    bad = (arr < 0) | (arr >= self.vocab_size)
-    if bad.any():
-      raise ValueError(f"id {int(arr[bad][0])} is outside the tokenizer's vocabulary "
-                       f"[0, {self.vocab_size})")
-    return self._sp.decode(arr.tolist())
+    return _decode(ids, self.vocab_size, lambda row: self._sp.decode(row))
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
@@ -82,9 +105,127 @@ class Tokenizer:
   def piece_to_id(self, piece: str) -> int:
     return self._sp.piece_to_id(piece)
 
+  def to_item(self) -> dict:
+    item = {"kind": self.kind, "model": base64.b64encode(self._proto).decode()}
+    if not self.is_own:
+      item.update(special=self._special, add_bos=self.add_bos, hf_config=self.hf_config)
+    return item
+
   def save(self, path: str) -> None:
-    """Writes the model atomically (a concurrent reader never sees half a file)."""
-    save_bytes(path, self._proto)
+    """Writes the model atomically: our own as a .model file, a Hugging Face one as its item."""
+    save_bytes(path, self._proto if self.is_own else _item_bytes(self.to_item()))
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (GPT-2's byte-level BPE, Llama 3's and Qwen2's tiktoken-style
+  BPE, ...) through the `tokenizers` library. `special` and `add_bos` as for `Tokenizer`."""
+
+  kind = "tokenizers"
+
+  def __init__(self, tokenizer_json: str, special: dict, add_bos: bool = False,
+               hf_config: dict | None = None):
+    import tokenizers  # late: only Hugging Face models need it
+    self._json = tokenizer_json
+    self._tk = tokenizers.Tokenizer.from_str(tokenizer_json)
+    self._special, self.add_bos, self.hf_config = dict(special), bool(add_bos), hf_config
+    self._vocab_size = max(self._tk.get_vocab(with_added_tokens=True).values()) + 1
+    _check_special(self._special, self.vocab_size)
+
+  is_own = False
+  vocab_size = property(lambda self: self._vocab_size)
+  pad_id = property(lambda self: self._special["pad"])
+  unk_id = property(lambda self: self._special["unk"])
+  bos_id = property(lambda self: self._special["bos"])
+  eos_id = property(lambda self: self._special["eos"][0])
+  eos_ids = property(lambda self: list(self._special["eos"]))
+  byte_fallback = True  # byte-level BPE (or its byte_fallback) covers any text
+  tokenizer_json = property(lambda self: self._json)
+
+  @property
+  def fingerprint(self) -> bytes:
+    return _item_bytes(self.to_item())
+
+  def encode(self, text: str | Sequence[str], *, add_bos: bool = False, add_eos: bool = False,
+             num_threads: int = -1) -> list[int] | list[list[int]]:
+    """Token ids without the tokenizer's own special tokens; add_bos / add_eos add ours."""
+    del num_threads  # the tokenizers library parallelises batches itself
+    if isinstance(text, str):
+      ids = self._tk.encode(text, add_special_tokens=False).ids
+    else:
+      ids = [e.ids for e in self._tk.encode_batch(list(text), add_special_tokens=False)]
+    return _add_specials(ids, isinstance(text, str), self.bos_id if add_bos else None,
+                         self.eos_id if add_eos else None)
+
+  def decode(self, ids) -> str | list[str]:
+    """As `Tokenizer.decode`: special tokens decode to nothing."""
+    return _decode(ids, self.vocab_size,
+                   lambda row: self._tk.decode(row, skip_special_tokens=True))
+
+  def id_to_piece(self, i: int) -> str:
+    return self._tk.id_to_token(int(i))
+
+  def piece_to_id(self, piece: str) -> int:
+    return self._tk.token_to_id(piece)
+
+  def to_item(self) -> dict:
+    return {"kind": self.kind, "tokenizer_json": self._json, "special": self._special,
+            "add_bos": self.add_bos, "hf_config": self.hf_config}
+
+  def save(self, path: str) -> None:
+    save_bytes(path, _item_bytes(self.to_item()))
+
+
+def _check_special(special: dict, vocab_size: int) -> None:
+  for name in ("bos", "pad", "unk"):
+    special.setdefault(name, None)
+  ids = [special[n] for n in ("bos", "pad", "unk") if special[n] is not None] + special["eos"]
+  if not special["eos"]:
+    raise ValueError("the tokenizer has no EOS id: set eos_token_id in generation_config.json")
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f"special token id {bad[0]} is outside the tokenizer's vocabulary "
+                     f"[0, {vocab_size}): check bos/eos/pad_token_id in the model's files")
+
+
+def _add_specials(ids, single: bool, bos, eos):
+  if bos is None and eos is None:
+    return ids
+  wrap = lambda row: ([bos] if bos is not None else []) + list(row) + (
+      [eos] if eos is not None else [])
+  return wrap(ids) if single else [wrap(row) for row in ids]
+
+
+def _decode(ids, vocab_size: int, decode_row):
+  if isinstance(ids, (list, tuple)) and ids and np.ndim(ids[0]) == 1:  # ragged batch
+    return [_decode(row, vocab_size, decode_row) for row in ids]
+  arr = np.asarray(ids)
+  if arr.ndim == 2:
+    return [_decode(row, vocab_size, decode_row) for row in arr]
+  if arr.ndim != 1:
+    raise ValueError(f"decode takes ids shaped [T] or [B, T], not {arr.shape}")
+  arr = arr.astype(np.int64)
+  bad = (arr < 0) | (arr >= vocab_size)
+  if bad.any():
+    raise ValueError(f"id {int(arr[bad][0])} is outside the tokenizer's vocabulary "
+                     f"[0, {vocab_size})")
+  return decode_row(arr.tolist())
+
+
+def _item_bytes(item: dict) -> bytes:
+  return json.dumps(item, sort_keys=True).encode()
+
+
+def from_item(item: dict):
+  """The tokenizer a checkpoint's `tokenizer` item describes (items without "kind" are our own
+  sentencepiece models, as checkpoints before Hugging Face support wrote them)."""
+  kind = item.get("kind", "sentencepiece")
+  if kind == "sentencepiece":
+    return Tokenizer(base64.b64decode(item["model"]), item.get("special"),
+                     item.get("add_bos", False), item.get("hf_config"))
+  if kind == "tokenizers":
+    return HFTokenizer(item["tokenizer_json"], item["special"], item.get("add_bos", False),
+                       item.get("hf_config"))
+  raise ValueError(f"unknown tokenizer kind {kind!r} (sentencepiece or tokenizers)")
 
 
 def save_bytes(path: str, data: bytes) -> None:
@@ -96,9 +237,26 @@ def save_bytes(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def load(path: str) -> Tokenizer:
+def load(path: str):
+  """Any tokenizer from a path: our sentencepiece .model, a saved item (JSON with "kind"), a
+  Hugging Face tokenizer.json (its directory's configs give the special ids) or model directory."""
+  if os.path.isdir(path):
+    from llm_jax import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.from_hf_dir(path)
   with open(path, "rb") as f:
-    return Tokenizer(f.read())
+    data = f.read()
+  if data[:1] == b"{":
+    d = json.loads(data)
+    if "kind" in d:
+      return from_item(d)
+    from llm_jax import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.from_hf_dir(os.path.dirname(os.path.abspath(path)))
+  return Tokenizer(data)
+
+
+def save(tok, path: str) -> None:
+  """Writes `tok` so that `load(path)` gives it back (atomically)."""
+  tok.save(path)
 
 
 def _cut(sentence: str) -> Iterable[str]:

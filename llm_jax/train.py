@@ -293,16 +293,16 @@ def sample_lines(trainer, params, tokenizer, cfg, n_tokens=64, n_rows=2) -> list
   return [tokenizer.decode(r) for r in rows]
 
 
-def build_data(cfg, workdir: str):
+def build_data(cfg, workdir: str, tokenizer=None):
   """data.build, by process 0 first on a multi-host run: the others then load its tokenizer and
   caches instead of racing to write the same files (and perhaps train different tokenizers)."""
   from jax.experimental import multihost_utils
   from llm_jax import data as data_lib
   if jax.process_count() == 1:
-    return data_lib.build(cfg, workdir)
-  data = data_lib.build(cfg, workdir) if jax.process_index() == 0 else None
+    return data_lib.build(cfg, workdir, tokenizer=tokenizer)
+  data = data_lib.build(cfg, workdir, tokenizer=tokenizer) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("llm_jax: data built by process 0")
-  return data if data is not None else data_lib.build(cfg, workdir)
+  return data if data is not None else data_lib.build(cfg, workdir, tokenizer=tokenizer)
 
 
 def run(cfg, workdir: str, overrides=None) -> int:
@@ -432,13 +432,11 @@ def load_for_inference(cfg, workdir: str):
   from llm_jax import checkpoint as ckpt_lib
   from llm_jax import tokenizer as tokenizer_lib
   trainer = Trainer(cfg, total_steps=cfg.warmup_steps + 1)  # the optimizer is unused here
-  params, step, _, proto = ckpt_lib.load_params(
+  params, step, _, tok = ckpt_lib.load_params(
       workdir, trainer.abstract_params, trainer.param_shardings, cfg.checkpoint_step, cfg=cfg)
-  if proto is None:
+  if tok is None:
     path = cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
     tok = tokenizer_lib.load(path)
-  else:
-    tok = tokenizer_lib.Tokenizer(proto)
   return trainer, params, step, tok
 
 
@@ -447,12 +445,12 @@ def evaluate_workdir(cfg, workdir: str) -> int:
   from llm_jax import checkpoint as ckpt_lib
   from llm_jax import data as data_lib
   try:
-    trainer, params, step, _ = load_for_inference(cfg, workdir)
+    trainer, params, step, tok = load_for_inference(cfg, workdir)
   except ckpt_lib.CheckpointError as e:
     print(f"error: {e}", flush=True)
     return 2
   try:
-    data = build_data(cfg, workdir)
+    data = build_data(cfg, workdir, tokenizer=tok)
   except data_lib.DataError as e:
     print(f"error: {e}", flush=True)
     return 2

@@ -1,0 +1,195 @@
+"""Hugging Face tokenizer files: read a model directory's tokenizer with its special ids, and write
+the tokenizer files of an export (tokenizer.json, tokenizer_config.json, tokenizer.model).
+
+Reading. `tokenizer.json` (through the `tokenizers` library) wins over a sentencepiece
+`tokenizer.model`, as in transformers. Special ids: generation_config.json first (what
+`generate` stops on; its eos_token_id may be a list), then config.json, then the token strings of
+tokenizer_config.json / special_tokens_map.json. pad falls back to the first EOS id. Whether
+documents start with BOS: tokenizer_config.json's add_bos_token, else what the tokenizer's own
+post-processor adds (Llama 3 adds <|begin_of_text|>, GPT-2 and Qwen2 add nothing).
+
+Writing. A sentencepiece model (ours, or a Llama 2 style `tokenizer.model`) is converted to an
+equivalent `tokenizer.json` by hand (normalizer, Unigram or BPE model with byte fallback,
+decoder), because transformers' own conversion of a bare tokenizer.model assumes Llama's settings
+(a dummy prefix, and none of ours) and, in transformers 5, differs from sentencepiece on a
+leading space. Encodings equal sentencepiece's except on text that spells a control token
+literally ("<s>"), which the `tokenizers` library always treats as that token.
+"""
+
+import json
+import os
+
+from llm_jax import tokenizer as tokenizer_lib
+
+# sentencepiece ModelProto.SentencePiece.Type
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_SPACE = "\u2581"
+
+
+def _read_json(directory: str, name: str) -> dict:
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): restore the file from the model's "
+                     f"source") from None
+
+
+def _first(*values):
+  return next((v for v in values if v is not None), None)
+
+
+def special_ids(directory: str, piece_to_id) -> dict:
+  """{"bos", "eos" (list), "pad", "unk"} ids of the model in `directory` (see module docstring)."""
+  gen = _read_json(directory, "generation_config.json")
+  cfg = _read_json(directory, "config.json")
+  tcfg = _read_json(directory, "tokenizer_config.json")
+  stm = _read_json(directory, "special_tokens_map.json")
+
+  def by_name(name):
+    value = _first(tcfg.get(f"{name}_token"), stm.get(f"{name}_token"))
+    if isinstance(value, dict):
+      value = value.get("content")
+    if not isinstance(value, str):
+      return None
+    i = piece_to_id(value)
+    return None if i is None or i < 0 else i
+
+  def by_id(name):
+    return _first(gen.get(f"{name}_token_id"), cfg.get(f"{name}_token_id"), by_name(name))
+
+  eos = by_id("eos")
+  eos = [] if eos is None else [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]
+  if not eos:
+    raise ValueError(f"{directory}: no EOS token: none of generation_config.json, config.json "
+                     f"(eos_token_id) or tokenizer_config.json (eos_token) names one; add "
+                     f"eos_token_id to generation_config.json")
+  pad = by_id("pad")
+  return {"bos": by_id("bos"), "eos": eos, "pad": eos[0] if pad is None else int(pad),
+          "unk": by_name("unk")}
+
+
+def from_hf_dir(directory: str):
+  """The tokenizer of the Hugging Face model in `directory` (tokenizer.json or tokenizer.model)."""
+  tcfg = _read_json(directory, "tokenizer_config.json")
+  tj_path = os.path.join(directory, "tokenizer.json")
+  sp_path = os.path.join(directory, "tokenizer.model")
+  if os.path.exists(tj_path):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    with open(tj_path, encoding="utf-8") as f:
+      text = f.read()
+    try:
+      tk = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # pylint: disable=broad-except  (the library raises bare Exceptions)
+      raise ValueError(f"{tj_path} is not a tokenizer the tokenizers library can read ({e})") \
+          from None
+    special = special_ids(directory, tk.token_to_id)
+    add_bos = tcfg.get("add_bos_token")
+    if add_bos is None:
+      with_specials = tk.encode("a").ids
+      add_bos = (special["bos"] is not None and len(with_specials) > len(tk.encode(
+          "a", add_special_tokens=False).ids) and with_specials[0] == special["bos"])
+    return tokenizer_lib.HFTokenizer(text, special, add_bos, hf_config=tcfg)
+  if os.path.exists(sp_path):
+    with open(sp_path, "rb") as f:
+      proto = f.read()
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    try:
+      sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:
+      raise ValueError(f"{sp_path} is not a sentencepiece model ({e})") from None
+    special = special_ids(directory, lambda p: sp.piece_to_id(p) if sp.piece_to_id(p) != sp.unk_id()
+                          or p == sp.id_to_piece(sp.unk_id()) else None)
+    if special["unk"] is None and sp.unk_id() >= 0:
+      special["unk"] = sp.unk_id()
+    add_bos = tcfg.get("add_bos_token", special["bos"] is not None)  # LlamaTokenizer's default
+    return tokenizer_lib.Tokenizer(proto, special, add_bos, hf_config=tcfg)
+  raise ValueError(f"{directory} has no tokenizer.json or tokenizer.model: copy the model's "
+                   f"tokenizer files into it")
+
+
+# ------------------------------------------------------------------------------------ Writing
+
+
+def sentencepiece_to_tokenizer_json(proto: bytes) -> str:
+  """A `tokenizers` tokenizer.json that encodes and decodes as the sentencepiece model does."""
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, normalizers  # pylint: disable=g-import-not-at-top
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(proto)
+  ns = m.normalizer_spec
+  if ns.remove_extra_whitespaces:
+    raise ValueError("the sentencepiece model collapses repeated whitespace "
+                     "(remove_extra_whitespaces), which tokenizer.json cannot express exactly")
+  pieces = [(p.piece, p.score, p.type) for p in m.pieces]
+  unk = next((i for i, (_, _, t) in enumerate(pieces) if t == _UNKNOWN), None)
+  byte_fallback = bool(m.trainer_spec.byte_fallback)
+  if m.trainer_spec.model_type == 1:  # unigram
+    # Only normal and user-defined pieces are matched against text in sentencepiece; the others
+    # get a score no segmentation would choose while another exists.
+    floor = min(s for _, s, t in pieces if t == _NORMAL) - 1e4
+    vocab = [(p, s if t in (_NORMAL, _USER_DEFINED) else floor) for p, s, t in pieces]
+    model = models.Unigram(vocab, unk, byte_fallback)
+  elif m.trainer_spec.model_type == 2:  # bpe: merge the pair whose merged piece scores highest
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    merges = []
+    for i, (p, score, t) in enumerate(pieces):
+      if t != _NORMAL or len(p) < 2:
+        continue
+      for cut in range(1, len(p)):
+        left, right = p[:cut], p[cut:]
+        if left in vocab and right in vocab:
+          merges.append((-score, i, vocab[left], vocab[right], left, right))
+    merges.sort()
+    model = models.BPE(vocab, [(a, b) for *_, a, b in merges],
+                       unk_token=None if unk is None else pieces[unk][0], fuse_unk=True,
+                       byte_fallback=byte_fallback)
+  else:
+    raise ValueError(f"sentencepiece model_type {m.trainer_spec.model_type} is not unigram or "
+                     f"bpe: it cannot be exported")
+  tk = tokenizers.Tokenizer(model)
+  norm = []
+  if ns.precompiled_charsmap:
+    norm.append(normalizers.Precompiled(ns.precompiled_charsmap))
+  if ns.add_dummy_prefix:
+    norm.append(normalizers.Prepend(_SPACE))
+  norm.append(normalizers.Replace(" ", _SPACE))
+  tk.normalizer = normalizers.Sequence(norm)
+  dec = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+  if ns.add_dummy_prefix:
+    dec.append(decoders.Strip(" ", 1, 0))
+  tk.decoder = decoders.Sequence(dec)
+  tk.add_special_tokens([tokenizers.AddedToken(p, special=True, normalized=False)
+                         for p, _, t in pieces if t in (_CONTROL, _UNKNOWN)])
+  return tk.to_str()
+
+
+def _token(tok, i):
+  return None if i is None else tok.id_to_piece(i)
+
+
+def write_hf_files(tok, out_dir: str, model_max_length: int | None = None) -> list[str]:
+  """Writes the tokenizer files of `tok` into `out_dir`; returns their names."""
+  if tok.kind == "tokenizers":
+    tokenizer_json = tok.tokenizer_json
+  else:
+    tokenizer_json = sentencepiece_to_tokenizer_json(tok.model_proto)
+    tokenizer_lib.save_bytes(os.path.join(out_dir, "tokenizer.model"), tok.model_proto)
+  tokenizer_lib.save_bytes(os.path.join(out_dir, "tokenizer.json"), tokenizer_json.encode())
+  tcfg = dict(tok.hf_config or {})
+  if not tcfg or (tok.kind == "sentencepiece" and tcfg.get("tokenizer_class") != "LlamaTokenizer"):
+    # Our own model (or an unknown class): the generic fast tokenizer reads tokenizer.json as is.
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+  tcfg.update({f"{name}_token": _token(tok, i) for name, i in (
+      ("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id), ("unk", tok.unk_id))})
+  tcfg["add_bos_token"] = tok.add_bos
+  if model_max_length:
+    tcfg["model_max_length"] = model_max_length
+  tokenizer_lib.save_bytes(os.path.join(out_dir, "tokenizer_config.json"),
+                           json.dumps(tcfg, indent=2, ensure_ascii=False).encode())
+  return ["tokenizer.json", "tokenizer_config.json"] + (
+      ["tokenizer.model"] if tok.kind == "sentencepiece" else [])
