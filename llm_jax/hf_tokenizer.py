@@ -114,11 +114,12 @@ def from_hf_dir(directory: str):
 # ------------------------------------------------------------------------------------ Writing
 
 
-def sentencepiece_to_tokenizer_json(proto: bytes) -> str:
-  """A `tokenizers` tokenizer.json that encodes and decodes as the sentencepiece model does."""
+def sentencepiece_to_tokenizer_json(proto: bytes, bos_id: int | None = None) -> str:
+  """A `tokenizers` tokenizer.json that encodes and decodes as the sentencepiece model does
+  (and, with bos_id, adds that BOS when asked for special tokens, as LlamaTokenizer does)."""
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, normalizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, normalizers, processors  # pylint: disable=g-import-not-at-top
   m = sentencepiece_model_pb2.ModelProto()
   m.ParseFromString(proto)
   ns = m.normalizer_spec
@@ -165,6 +166,10 @@ def sentencepiece_to_tokenizer_json(proto: bytes) -> str:
   tk.decoder = decoders.Sequence(dec)
   tk.add_special_tokens([tokenizers.AddedToken(p, special=True, normalized=False)
                          for p, _, t in pieces if t in (_CONTROL, _UNKNOWN)])
+  if bos_id is not None:
+    bos = pieces[bos_id][0]
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
   return tk.to_str()
 
 
@@ -177,7 +182,8 @@ def write_hf_files(tok, out_dir: str, model_max_length: int | None = None) -> li
   if tok.kind == "tokenizers":
     tokenizer_json = tok.tokenizer_json
   else:
-    tokenizer_json = sentencepiece_to_tokenizer_json(tok.model_proto)
+    tokenizer_json = sentencepiece_to_tokenizer_json(tok.model_proto,
+                                                     tok.bos_id if tok.add_bos else None)
     tokenizer_lib.save_bytes(os.path.join(out_dir, "tokenizer.model"), tok.model_proto)
   tokenizer_lib.save_bytes(os.path.join(out_dir, "tokenizer.json"), tokenizer_json.encode())
   tcfg = dict(tok.hf_config or {})

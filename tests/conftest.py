@@ -1,5 +1,22 @@
-"""Test set-up: CPU only, whatever accelerator the machine has."""
+"""Test set-up: CPU only, whatever accelerator the machine has; the opt-in `hf` marker."""
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "hf: live check against the installed transformers + torch (opt in: pytest -m "
+      "hf; see tests/fixtures/make_hf_fixtures.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if "hf" in (config.option.markexpr or ""):
+    return
+  skip = pytest.mark.skip(reason="live Hugging Face test: run with pytest -m hf")
+  for item in items:
+    if item.get_closest_marker("hf") is not None:
+      item.add_marker(skip)
