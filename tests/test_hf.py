@@ -469,3 +469,26 @@ def _check_in_transformers(python, script, out, ref_dir, tmp_path, tokenizer=Tru
     assert (got["encoded"], got["encoded_plain"], got["decoded"]) == (
         ref["encoded"], ref["encoded_plain"], ref["decoded"])
   return got
+
+
+def test_data_pipeline_uses_the_imported_tokenizer(tmp_path):
+  """Fine-tuning data: documents encoded by the model's tokenizer, each opened by its BOS (Llama
+  adds one) and closed by its EOS; packed segments start at that EOS."""
+  from llm_jax import config as config_lib
+  from llm_jax import data
+  docs = [f"Document {i}: " + " ".join(CORPUS[i % 5:i % 5 + 3]) for i in range(24)]
+  for i, doc in enumerate(docs):
+    (tmp_path / "train").mkdir(exist_ok=True)
+    (tmp_path / "train" / f"d{i:02d}.txt").write_text(doc)
+  tok = hf_tokenizer.from_hf_dir(os.path.join(FIXTURES, "llama"))
+  cfg = config_lib.load(os.path.join(ROOT, "configs", "base.py"), vocab_size=320,
+                        dataset=f"text:{tmp_path}/train", data_dir=str(tmp_path / "cache"),
+                        max_seq_len=16, micro_batch_size=2, pack_segments=True)
+  d = data.build(cfg, None, 0, 1, tokenizer=tok)
+  stream = np.concatenate([np.asarray(d.train_tokens), np.asarray(d.validation_tokens)])
+  want = [t for doc in docs for t in [1] + tok.encode(doc) + [2]]
+  assert sorted(stream.tolist()) == sorted(want) and stream[0] == 1  # documents in some order
+  batch = next(d.train_iter())
+  seg, _ = data.segments(batch["inputs"][0], eos_id=2)
+  np.testing.assert_array_equal(batch["segment_ids"][0], seg)
+  assert (np.diff(seg, axis=-1) > 0).sum() == (batch["inputs"][0][:, 1:] == 2).sum()
