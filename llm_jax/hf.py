@@ -476,7 +476,7 @@ def export_family(mc: model_lib.ModelConfig) -> str:
       have = mc.has_qkv_bias if name == "qkv_bias" else getattr(mc, name)
       allowed = value if isinstance(value, tuple) else (value,)
       if have not in allowed:
-        out.append(f"{name}={have!r} (needs {' or '.join(map(repr, allowed))})")
+        out.append(f"{name} {have!r} -> {' or '.join(map(repr, allowed))}")
     return out
 
   llama_extra = {} if (not mc.use_bias or mc.has_qkv_bias) else {"qkv_bias": True}
@@ -487,9 +487,10 @@ def export_family(mc: model_lib.ModelConfig) -> str:
   if not options["llama"]:
     return "qwen2" if (mc.has_qkv_bias and not mc.use_bias) else "llama"
   nearest = min(options, key=lambda k: len(options[k]))
-  raise HFError(f"this model maps to neither GPT-2 nor Llama; nearest is {nearest}, which "
-                f"needs: {'; '.join(options[nearest])}"
-                + ("" if nearest == "gpt2" else f" (GPT-2 needs: {'; '.join(options['gpt2'])})"))
+  other = "llama" if nearest == "gpt2" else "gpt2"
+  raise HFError(f"this model maps to neither GPT-2 nor Llama, so it cannot be exported. "
+                f"Nearest: {nearest}, which needs {', '.join(options[nearest])}. {other} needs "
+                f"{', '.join(options[other])}.")
 
 
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -317,10 +317,10 @@ EXPORTABLE = model_lib.ModelConfig(vocab_size=100, d_model=32, n_heads=4, n_kv_h
     ({"activation": "swiglu", "use_rms_norm": True, "use_bias": False}, "llama", ()),
     ({"activation": "swiglu", "use_rms_norm": True, "use_bias": False, "qkv_bias": True},
      "qwen2", ()),
-    ({}, None, ("nearest is gpt2", "position_embedding='rope'")),  # LayerNorm with RoPE
-    ({"position_embedding": "sinusoidal"}, None, ("position_embedding='sinusoidal'",)),
+    ({}, None, ("Nearest: gpt2, which needs position_embedding 'rope' -> 'learned'.",)),
+    ({"position_embedding": "sinusoidal"}, None, ("position_embedding 'sinusoidal' ->",)),
     ({"activation": "swiglu", "use_rms_norm": True, "d_v": 16}, None,
-     ("nearest is llama", "d_v=16")),
+     ("Nearest: llama, which needs d_v 16 -> 8.",)),
 ])
 def test_export_family_or_a_refusal_naming_the_fields(change, family, needles):
   mc = dataclasses.replace(EXPORTABLE, **change)
