@@ -20,8 +20,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "estimate", "import", "export"],
-                         "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "sample", "estimate", "import", "export"], "What to do.")
 _COMPILE = flags.DEFINE_bool("compile", False,
                              "With --mode=estimate: also compile one train step on these devices "
                              "and print XLA's memory analysis (the 'will it fit' check).")

@@ -544,9 +544,9 @@ def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
            max_shard_bytes: int = 5 * 2**30) -> list[str]:
   """Writes the model (`params` of `mc`, tokenizer `tok`) to `out_dir` in Hugging Face format.
 
-  Tensors are gathered to the host one param at a time and written in files of at most
-  `max_shard_bytes` (with model.safetensors.index.json when there are several). Only process 0
-  writes. Returns the files written.
+  Tensors are gathered to the host one param (one layer's slice of a scanned param) at a time
+  and written in files of at most `max_shard_bytes` (with model.safetensors.index.json when there
+  are several), in param_dtype. Only process 0 writes. Returns the files written.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   family = export_family(mc)
@@ -570,23 +570,17 @@ def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(out_dir, exist_ok=True)
-  host = {}  # stacked (scanned) params stay on the host until their last layer is written
+  scanned = "layers" in params
   weight_map = {}
   for name, shard in zip(names, shards):
     tensors = {}
     for r in shard:
       parts = []
       for path in r.ours:
-        where, layer = _locate(path, "layers" in params)
-        if where not in host:
-          host[where] = _to_host(flat[where])
-        parts.append(host[where] if layer is None else host[where][layer])
+        where, layer = _locate(path, scanned)
+        parts.append(_to_host(flat[where] if layer is None else flat[where][layer]))
       tensors[r.hf] = np.ascontiguousarray(r.to_hf(*parts))  # safetensors trap: contiguous only
       weight_map[r.hf] = name
-      for path in r.ours:  # free what no later rule reads
-        where, layer = _locate(path, "layers" in params)
-        if layer is None or layer == mc.n_layers - 1:
-          host.pop(where, None)
     if writer:
       save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
   if not writer:

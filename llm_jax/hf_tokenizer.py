@@ -117,9 +117,10 @@ def from_hf_dir(directory: str):
 def sentencepiece_to_tokenizer_json(proto: bytes, bos_id: int | None = None) -> str:
   """A `tokenizers` tokenizer.json that encodes and decodes as the sentencepiece model does
   (and, with bos_id, adds that BOS when asked for special tokens, as LlamaTokenizer does)."""
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, normalizers, processors  # pylint: disable=g-import-not-at-top
+  # Late imports: protobuf and tokenizers are only needed to export.
+  from sentencepiece import sentencepiece_model_pb2
+  import tokenizers
+  from tokenizers import decoders, models, normalizers, processors
   m = sentencepiece_model_pb2.ModelProto()
   m.ParseFromString(proto)
   ns = m.normalizer_spec

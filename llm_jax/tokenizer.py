@@ -2,8 +2,8 @@
 Hugging Face models (a `tokenizer.json` through the `tokenizers` library, or a sentencepiece
 `tokenizer.model`), behind one interface.
 
-Every tokenizer has `kind`, `vocab_size`, `pad_id` / `unk_id` / `bos_id` / `eos_id` (`eos_ids`: every
-id that ends a generation), `add_bos` (documents start with BOS), `encode` / `decode` (single or
+Every tokenizer has `kind`, `vocab_size`, `pad_id` / `unk_id` / `bos_id` / `eos_id` (`eos_ids`:
+every id that ends a generation), `add_bos` (documents start with BOS), `encode` / `decode` (single or
 batched; decode drops control ids), `to_item()` (the checkpoint's JSON `tokenizer` item) and
 `fingerprint` (bytes that identify it, for caches). `from_item` / `load` / `save` handle any kind.
 

@@ -134,15 +134,23 @@ def test_export_then_import_is_identity(imported, tmp_path):
   check_export_roundtrip(directory, params, mc, tok, str(tmp_path / "export"))
 
 
-def test_llama_import_with_scanned_layers_and_bf16_params():
+def test_llama_scanned_bf16_import_and_export_keep_the_bf16_weights_exactly(tmp_path):
   directory = os.path.join(FIXTURES, "llama")
-  _, params, mc = _import(directory)
+  _, params, _ = _import(directory)
   _, sparams, smc = _import(directory, scan_layers=True, param_dtype="bfloat16")
   assert sparams["layers"]["attn"]["query"]["kernel"].dtype == np.dtype("bfloat16")
   # The fixture's weights are bfloat16 on disk: stacking them in bfloat16 loses nothing.
   np.testing.assert_array_equal(
       np.asarray(sparams["layers"]["mlp"]["wo"]["kernel"][1], np.float32),
       np.asarray(params["blocks_1"]["mlp"]["wo"]["kernel"]))
+  out = str(tmp_path / "export")
+  hf.export(smc, sparams, hf_tokenizer.from_hf_dir(directory), out)
+  original, exported = hf.tensor_index(directory), hf.tensor_index(out)
+  assert set(original) == set(exported)
+  for name, (path, _, dtype) in exported.items():
+    assert dtype == "BF16"
+    with safe_open(path, "numpy") as f, safe_open(original[name][0], "numpy") as g:
+      np.testing.assert_array_equal(f.get_tensor(name), g.get_tensor(name), err_msg=name)
 
 
 def test_sharded_import_places_every_param_in_its_sharding():
