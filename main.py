@@ -154,7 +154,9 @@ def import_hf(workdir, overrides) -> int:
   from llm_jax import hf
   raw = _CONFIG.value
   if not raw.hf_path:
-    sys.exit("error: --mode=import needs --config.hf_path=<a local Hugging Face model directory>")
+    print("error: --mode=import needs --config.hf_path=<a local Hugging Face model directory>",
+          file=sys.stderr, flush=True)
+    return 2
   try:
     out = hf.import_to_workdir(raw, raw.hf_path, workdir, overrides)
   except hf.HFError as e:
@@ -220,20 +222,24 @@ def main(argv):
   imported = checkpoint.imported_from(workdir)
   if _MODE.value == "train":
     if imported:
-      sys.exit(f"error: --workdir={workdir} holds a model imported from {imported}, with no "
-               f"optimizer state: fine-tune it into a new workdir with "
-               f"--config.init_from={workdir} --workdir=<new dir>")
+      print(f"error: --workdir={workdir} holds a model imported from {imported}, with no "
+            f"optimizer state: fine-tune it into a new workdir with "
+            f"--config.init_from={workdir} --workdir=<new dir>", file=sys.stderr, flush=True)
+      sys.exit(2)
     sys.exit(train.run(cfg, workdir, overrides=overrides))
   if _MODE.value == "export":
     if not cfg.hf_export_dir:
-      sys.exit("error: --mode=export needs --config.hf_export_dir=<dir> (the Hugging Face format)")
+      print("error: --mode=export needs --config.hf_export_dir=<dir> (the Hugging Face format)",
+            file=sys.stderr, flush=True)
+      sys.exit(2)
     sys.exit(export_hf(workdir, overrides))
   if imported:  # its model fields are in its checkpoint, not in --config
     from llm_jax import hf
     try:
       cfg = hf.checkpoint_config(_CONFIG.value, workdir, overrides)
     except hf.HFError as e:
-      sys.exit(f"error: {e}")
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
   if _MODE.value == "eval":
     sys.exit(train.evaluate_workdir(cfg, workdir))
   prompts = list(_PROMPT.value or [])

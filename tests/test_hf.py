@@ -213,7 +213,7 @@ def test_cli_import_then_sample_uses_the_models_eos_and_refuses_train(tmp_path, 
   tok = hf_tokenizer.from_hf_dir(os.path.join(FIXTURES, "gpt2"))
   assert "The quick brown fox" + tok.decode(ref["greedy_ids"]) in capsys.readouterr().out
   p = run("--mode=train", f"--workdir={workdir}")
-  assert p.returncode != 0 and f"--config.init_from={workdir}" in p.stderr
+  assert p.returncode == 2 and f"--config.init_from={workdir}" in p.stderr
   assert sorted(os.listdir(workdir)) == ["checkpoints"]  # the refused run wrote nothing
 
 
