@@ -85,15 +85,13 @@ def _config_path(argv) -> str:
   return values[-1] if values else _DEFAULT_CONFIG
 
 
-def _config_fields(argv) -> list[str]:
-  """Fields of the config file named in argv (those of configs/base.py if it cannot load)."""
+def _config_fields(argv) -> list[str] | None:
+  """Fields of the config file named in argv; None if it cannot be loaded."""
   from llm_jax import config
-  for path in (_config_path(argv), os.path.join(os.path.dirname(__file__), "configs", "base.py")):
-    try:
-      return list(config.load_unchecked(path).keys())
-    except Exception:  # pylint: disable=broad-except  (reported by the caller)
-      continue
-  return []
+  try:
+    return list(config.load_unchecked(_config_path(argv)).keys())
+  except Exception:  # pylint: disable=broad-except  (reported by the caller)
+    return None
 
 
 def _bad_config_file(e: Exception, argv) -> str:
@@ -122,13 +120,18 @@ def _parse(argv) -> list[str]:
     text = str(e)
     m = re.match(r"Unknown command line flag 'config\.([\w.]+)'", text)
     if m:  # ml_collections raises this for a field of a config that failed to load
-      raise errors.UserError(config.unknown_field(m.group(1), _config_fields(argv))) from None
+      fields = _config_fields(argv)
+      if fields is None:
+        raise errors.UserError(_bad_config_file(e, argv)) from None
+      raise errors.UserError(config.unknown_field(m.group(1), fields)) from None
     raise errors.UserError(f"{text} (main.py --helpfull lists every flag; configs/base.py every "
                            f"config field)") from None
-  except (AttributeError, KeyError) as e:  # --config.<field> names no field of the config
-    names = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if re.match(r"-{1,2}config\.", a)]
+  except (AttributeError, KeyError) as e:  # --config.<field> names no field, or a broken file
     fields = _config_fields(argv)
-    unknown = [n for n in names if n.split(".")[0] not in fields] or [str(e)]
+    names = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if re.match(r"-{1,2}config\.", a)]
+    unknown = [n for n in names if fields is not None and n.split(".")[0] not in fields]
+    if not unknown:
+      raise errors.UserError(_bad_config_file(e, argv)) from None
     raise errors.UserError(config.unknown_field(unknown, fields)) from None
   except Exception as e:  # pylint: disable=broad-except  (the config file: missing, broken)
     raise errors.UserError(_bad_config_file(e, argv)) from None
@@ -329,6 +332,9 @@ def cli(argv) -> int:
   fv.unparse_flags()
   for name in [n for n in fv if n.startswith(_CONFIG.name + ".")]:
     delattr(fv, name)
+  # config_flags loads the file as module "<flag>_config" with load_module(), which would
+  # re-execute it into the previous call's module object (keeping its other attributes).
+  sys.modules.pop(f"{_CONFIG.name}_config", None)
   saved, sys.argv = sys.argv, list(argv)
   try:
     try:

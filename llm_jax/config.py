@@ -73,10 +73,14 @@ def _derive(c, given=frozenset()):
     if c.batch_size < 1:
       problems.append(f"batch_size={c.batch_size} must be >= 1")
     elif c.batch_size % accum:
+      lower = c.batch_size // accum * accum
       problems.append(
-          f"batch_size={c.batch_size} is not a multiple of gradient_accumulation_steps={accum}: "
-          f"set micro_batch_size explicitly or change one of them")
-    c.micro_batch_size = c.batch_size // accum
+          f"batch_size={c.batch_size} is not a multiple of gradient_accumulation_steps={accum}, "
+          f"so micro_batch_size cannot be derived: set batch_size to a multiple of {accum} "
+          f"(e.g. {lower or accum} or {lower + accum}), or set micro_batch_size and "
+          f"gradient_accumulation_steps instead")
+    else:
+      c.micro_batch_size = c.batch_size // accum
   elif c.batch_size is None:
     c.batch_size = c.micro_batch_size * accum
   return problems
@@ -146,13 +150,12 @@ def _check(c):
     need(c.micro_batch_size >= 1, f"micro_batch_size={c.micro_batch_size} must be >= 1")
   if c.batch_size is not None and c.micro_batch_size is not None:
     mb, accum = c.micro_batch_size, c.gradient_accumulation_steps
+    fixes = [f"--config.batch_size={mb * accum}"]
+    if accum >= 1 and c.batch_size % accum == 0:
+      fixes.append(f"--config.micro_batch_size={c.batch_size // accum}")
     need(c.batch_size == mb * accum,
          f"batch_size={c.batch_size} != micro_batch_size={mb} x gradient_accumulation_steps="
-         f"{accum}: set two of the three and the third is derived, e.g. "
-         f"--config.batch_size={c.batch_size} --config.micro_batch_size="
-         f"{max(1, c.batch_size // max(1, accum))} (accumulation {accum}), or "
-         f"--config.micro_batch_size={mb} --config.gradient_accumulation_steps={accum} "
-         f"(batch {mb * accum})")
+         f"{accum}: set {' or '.join(fixes)} (of the three, give two; the third is derived)")
 
   # Training control.
   if c.num_train_steps is None:
@@ -354,10 +357,11 @@ def mode_problems(c, mode: str, given) -> tuple[list[str], list[str]]:
                 f"training always resumes from the latest checkpoint (to branch from step "
                 f"{c.checkpoint_step}, copy checkpoints/{c.checkpoint_step} into a new workdir)")
   mode_only = set(_TRAINING) | set(_DECODING) | {"checkpoint_step"}
-  for f in given:
-    if f in mode_only and f not in _READ_BY[mode] and not (f == "checkpoint_step"
-                                                           and mode == "train"):
-      warns.append(f"--config.{f} does nothing in --mode={mode}"
-                   + (": --mode=eval always evaluates the whole validation split"
-                      if f == "eval_batches" and mode == "eval" else ""))
+  unread = [f for f in given if f in mode_only and f not in _READ_BY[mode]
+            and not (f == "checkpoint_step" and mode == "train")]
+  if unread:
+    names = ", ".join(f"--config.{f}" for f in unread)
+    warns.append(f"{names} {'does' if len(unread) == 1 else 'do'} nothing in --mode={mode}"
+                 + (" (--mode=eval always evaluates the whole validation split)"
+                    if "eval_batches" in unread and mode == "eval" else ""))
   return errs, warns

@@ -11,6 +11,7 @@ the loss are float32.
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -318,11 +319,19 @@ def run(cfg, workdir: str, overrides=None) -> int:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint. Returns an exit code.
 
   Holds the workdir's lock (workdir.lock) for the whole run: a second training run there is
-  refused with WorkdirError (raised, like a bad config or dataset: main.py reports it).
+  refused with WorkdirError. Bad input (errors.UserError: the workdir, the dataset, a checkpoint
+  that does not fit) is raised for main.py to report, after removing the workdir if this call
+  created it.
   """
   del overrides  # a resume compares against the checkpoint's saved config
-  with workdir_lib.lock(workdir):
-    return _run_locked(cfg, workdir)
+  created = not os.path.exists(workdir)
+  try:
+    with workdir_lib.lock(workdir):
+      return _run_locked(cfg, workdir)
+  except errors.UserError:
+    if created and jax.process_index() == 0:  # bad input leaves no new, half-made workdir
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
 
 
 def _run_locked(cfg, workdir: str) -> int:
@@ -336,9 +345,11 @@ def _run_locked(cfg, workdir: str) -> int:
   train_iter = data.train_iter()
   ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch,
                               cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"))
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
+  writer = None
   try:
     state = ckpt.restore_or_init(trainer, train_iter)
+    # Only now: a checkpoint this config cannot use is refused before anything is written.
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
     start = int(jax.device_get(state.step))
     n_params = metrics_lib.count_params(trainer.abstract_params)
     fpt = metrics_lib.flops_per_token(cfg, n_params)
@@ -436,7 +447,8 @@ def _run_locked(cfg, workdir: str) -> int:
     raise
   finally:
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   if is_main:
     png = metrics_lib.plot_losses(writer.jsonl_path, os.path.join(workdir, "loss_curves.png"))
     print(f"done: {workdir} holds checkpoints, metrics.jsonl, tensorboard/ and {png}")

@@ -21,6 +21,7 @@ import helpers
 from llm_jax import checkpoint
 from llm_jax import config
 from llm_jax import data
+from llm_jax import errors
 from llm_jax import metrics
 from llm_jax import sharding
 from llm_jax import train
@@ -302,8 +303,9 @@ def test_run_stops_on_divergence_before_saving(text_dir, tmp_path, capsys):
   cfg = _run_cfg(text_dir, tmp_path, learning_rate=1e9, max_grad_norm=0.0, num_train_steps=20,
                  log_every=1, save_steps=1, eval_steps=0)
   workdir = tmp_path / "run"
-  assert train.run(cfg, str(workdir)) != 0
-  out = capsys.readouterr().out
+  assert train.run(cfg, str(workdir)) == errors.DIVERGED
+  captured = capsys.readouterr()
+  out = captured.out + captured.err
   # Step 1's logged loss is of the initial params, but the state a save at step 1 would write is
   # after the lr=1e9 update: the guard checks that state before saving it.
   match = re.search(r"training stopped: .*at step (\d+)\b.*learning_rate", out)
