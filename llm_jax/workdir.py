@@ -43,8 +43,8 @@ def _holder(path: str) -> str:
   try:
     with open(path, encoding="utf-8") as f:
       h = json.load(f)
-    return (f"pid {h['pid']} on host {h['host']}, started {h['started']}, command: "
-            f"{h['command']}")
+    command = h["command"] if len(h["command"]) <= 200 else h["command"][:200] + " ..."
+    return f"pid {h['pid']} on host {h['host']}, started {h['started']}, command: {command}"
   except (OSError, ValueError, KeyError, TypeError):
     return "holder not recorded yet"  # it is between taking the lock and writing its name
 

@@ -36,6 +36,8 @@ sys.path.insert(0, ROOT)
 import main  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BASE = os.path.join(ROOT, "configs", "base.py")
+# ml_collections loads config files with importlib's deprecated load_module(): not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 # Learned positions over 16 slots: the default max_new_tokens=200 cannot fit (a case below).
 TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, n_heads=2,
             n_layers=2, max_seq_len=16, position_embedding="learned", micro_batch_size=4,
