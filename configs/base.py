@@ -5,7 +5,7 @@ sheets (`P` = the parameter reference, `C` = the experimentation cheat sheet, `+
 Fields left as None are derived in `llm_jax/config.py` after command-line overrides, so
 `--config.d_model=1024` also moves d_k, d_v and d_ff unless you set those explicitly.
 
-    python main.py --config=configs/base.py --workdir=runs/base --mode=estimate
+    python main.py --config=configs/base.py --mode=estimate
 """
 
 import ml_collections

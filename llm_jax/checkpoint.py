@@ -7,8 +7,11 @@ epoch, tokens seen, wall time). Orbax writes each step to a temporary directory 
 when complete, so a run killed at any moment never leaves a checkpoint that looks complete but
 is not (a killed run's leftover temporary directories are removed when the next run starts).
 A checkpoint that fails to restore is skipped with a warning for the one before it, and a training
-run moves it aside to <workdir>/damaged_checkpoints/ so that its step is written again. Arrays are
-restored into the shardings of the current mesh, whatever mesh saved them.
+run moves it aside to <workdir>/damaged_checkpoints/ so that its step is written again. A healthy
+checkpoint that does not fit the config is told apart before any array is read, from its saved
+config and tree metadata: a changed model is refused, a changed optimizer state restarts fresh
+(see `Checkpointer.restore_or_init`); neither is ever moved. Arrays are restored into the
+shardings of the current mesh, whatever mesh saved them.
 """
 
 import base64
@@ -489,7 +492,7 @@ class Checkpointer:
     self.mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     logging.info("checkpoint %d: writing to %s", step, checkpoint_dir(self.workdir))
 
-  def restore_or_init(self, trainer, data_iter, overrides=None):
+  def restore_or_init(self, trainer, data_iter):
     """The latest good checkpoint's state (resharded onto trainer's mesh), or a fresh state.
 
     Each step, newest first, is judged from its config and tree metadata before any array is
@@ -504,7 +507,6 @@ class Checkpointer:
       state starts afresh (its schedule at the restored step), with a warning naming the fields;
     - otherwise everything is restored.
     """
-    del overrides  # the changed fields are read from the checkpoint's saved config
     steps = sorted(self.mngr.all_steps(), reverse=True)
     if not steps:
       return trainer.init_state(self.cfg.seed)

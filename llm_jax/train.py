@@ -315,7 +315,7 @@ def build_data(cfg, workdir: str):
   return data if data is not None else data_lib.build(cfg, workdir)
 
 
-def run(cfg, workdir: str, overrides=None) -> int:
+def run(cfg, workdir: str) -> int:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint. Returns an exit code.
 
   Holds the workdir's lock (workdir.lock) for the whole run: a second training run there is
@@ -323,7 +323,6 @@ def run(cfg, workdir: str, overrides=None) -> int:
   that does not fit) is raised for main.py to report, after removing the workdir if this call
   created it.
   """
-  del overrides  # a resume compares against the checkpoint's saved config
   created = not os.path.exists(workdir)
   try:
     with workdir_lib.lock(workdir):

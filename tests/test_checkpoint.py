@@ -4,8 +4,10 @@ Killed with SIGKILL in the middle of a checkpoint write and restarted == uninter
 params, identical loss per step), and the cut-short write is never taken for a checkpoint;
 SIGTERM saves the current step and exits 0; a damaged latest checkpoint falls back to the one
 before it; a checkpoint written on 8 devices restores on 4 and on 1 with the same eval loss;
-the best and the latest checkpoints are kept; an incompatible config is refused; a diverged run
-writes nothing of its bad state; eval/sample load the chosen step.
+the best and the latest checkpoints are kept; an incompatible config is refused; a config whose
+optimizer state differs resumes a healthy checkpoint with a fresh optimizer state, never calling
+it damaged (also when a newer step is damaged); a diverged run writes nothing of its bad state;
+eval/sample load the chosen step.
 
 Runs are subprocesses (a signal needs a process; the device count is fixed when jax starts). The
 kill and SIGTERM runs go through `_SLOW_MAIN`, which is main.py with a sleep before each train
