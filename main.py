@@ -7,18 +7,28 @@
     python main.py --mode=import --config.hf_path=/models/gpt2 --workdir=runs/gpt2   # Hugging Face
     python main.py --mode=export --workdir=runs/gpt2 --config.hf_export_dir=out/gpt2_hf
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
+
+Exit codes (llm_jax/errors.py): 0 done, 1 training diverged, 2 bad config or input (or the
+workdir is held by another training run), 3 out of memory, 4 internal error (a bug: traceback).
 """
 
 import os
+import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
-                                          lock_config=True)
+from llm_jax import errors
+
+_DEFAULT_CONFIG = "configs/default.py"
+# No default here: config_flags would load it (and apply the overrides) at import time, out of
+# reach of the error handling; _parse adds --config=_DEFAULT_CONFIG when it is not given.
+_CONFIG = config_flags.DEFINE_config_file("config", None, f"Config file (default "
+                                          f"{_DEFAULT_CONFIG}).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics.")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "eval", "sample", "estimate", "import", "export"], "What to do.")
@@ -66,25 +76,118 @@ def _enable_compilation_cache(cfg):
 def _initialize_distributed():
   """Joins the multi-process runtime before anything touches a device (a no-op on one host)."""
   from llm_jax import sharding
-  try:
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                    mode=_DISTRIBUTED.value)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  mode=_DISTRIBUTED.value)
 
 
-def _finalized():
+# --- flags -------------------------------------------------------------------------------------
+
+
+def _config_path(argv) -> str:
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))]
+  return values[-1] if values else _DEFAULT_CONFIG
+
+
+def _config_fields(argv) -> list[str] | None:
+  """Fields of the config file named in argv; None if it cannot be loaded."""
   from llm_jax import config
   try:
-    return config.finalize(_CONFIG.value)
-  except config.ConfigError as e:
-    sys.exit(f"error: {e}\n(fix the config file or the --config.<field> overrides)")
+    return list(config.load_unchecked(_config_path(argv)).keys())
+  except Exception:  # pylint: disable=broad-except  (reported by the caller)
+    return None
+
+
+def _bad_config_file(e: Exception, argv) -> str:
+  path = _config_path(argv)
+  file = path.split(":", 1)[0]
+  if not os.path.exists(file):
+    return f"--config={path}: no such file (configs/*.py lists the shipped configs)"
+  if os.path.isdir(file):
+    return f"--config={path} is a directory: give a config file, e.g. configs/default.py"
+  cause = e.__cause__ or e
+  detail = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+  return (f"--config={path} could not be loaded ({type(cause).__name__}: {detail}); it must "
+          f"define get_config() returning an ml_collections.ConfigDict, as configs/base.py does")
+
+
+def _parse(argv) -> list[str]:
+  """absl's flag parsing, with each bad flag, config file or config field a UserError."""
+  from llm_jax import config
+  if not any(re.match(r"-{1,2}config(=|$)", a) for a in argv[1:]):
+    argv = [argv[0], f"--config={_DEFAULT_CONFIG}"] + list(argv[1:])
+  sys.argv = list(argv)  # config_flags reads its overrides from sys.argv
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # the file loads lazily: load it now
+  except flags.Error as e:
+    text = str(e)
+    m = re.match(r"Unknown command line flag 'config\.([\w.]+)'", text)
+    if m:  # ml_collections raises this for a field of a config that failed to load
+      fields = _config_fields(argv)
+      if fields is None:
+        raise errors.UserError(_bad_config_file(e, argv)) from None
+      raise errors.UserError(config.unknown_field(m.group(1), fields)) from None
+    raise errors.UserError(f"{text} (main.py --helpfull lists every flag; configs/base.py every "
+                           f"config field)") from None
+  except (AttributeError, KeyError) as e:  # --config.<field> names no field, or a broken file
+    fields = _config_fields(argv)
+    names = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if re.match(r"-{1,2}config\.", a)]
+    unknown = [n for n in names if fields is not None and n.split(".")[0] not in fields]
+    if not unknown:
+      raise errors.UserError(_bad_config_file(e, argv)) from None
+    raise errors.UserError(config.unknown_field(unknown, fields)) from None
+  except Exception as e:  # pylint: disable=broad-except  (the config file: missing, broken)
+    raise errors.UserError(_bad_config_file(e, argv)) from None
+  return rest
+
+
+def _flags_parser(argv):
+  """app.run's parser: a bad flag is one `error:` line and exit code 2, not absl's usage dump."""
+  try:
+    return _parse(argv)
+  except errors.UserError as e:
+    errors.report(str(e))
+    sys.exit(errors.BAD_INPUT)
+
+
+def _flag_warnings(mode: str) -> list[str]:
+  """Flags given for another mode: they would do nothing here."""
+  used = {"compile": ("estimate",), "prompt": ("sample",), "prompt_file": ("sample",),
+          "interactive": ("sample",),
+          "workdir": ("train", "eval", "sample", "import", "export")}
+  return [f"--{name} does nothing in --mode={mode} (it is for --mode={'/'.join(modes)})"
+          for name, modes in used.items() if flags.FLAGS[name].present and mode not in modes]
+
+
+# --- modes -------------------------------------------------------------------------------------
 
 
 def _need_workdir():
   if not _WORKDIR.value:
-    sys.exit(f"error: --workdir is required for --mode={_MODE.value} (e.g. --workdir=runs/default)")
+    raise errors.UserError(f"--workdir is required for --mode={_MODE.value} (e.g. "
+                           f"--workdir=runs/default)")
   return _WORKDIR.value
+
+
+def _read_prompt_file(path: str) -> list[str]:
+  if not os.path.exists(path):
+    raise errors.UserError(f"--prompt_file={path} does not exist")
+  if os.path.isdir(path):
+    raise errors.UserError(f"--prompt_file={path} is a directory: give a text file of prompts "
+                           f"separated by blank lines")
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise errors.UserError(f"--prompt_file={path} is not UTF-8 text (invalid byte at offset "
+                           f"{e.start}): re-encode it as UTF-8, e.g. iconv -t utf-8") from None
+  except OSError as e:
+    raise errors.UserError(f"--prompt_file={path} cannot be read ({e.strerror})") from None
+  prompts = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+  if not prompts:
+    raise errors.UserError(f"--prompt_file={path} holds no prompt: write prompts separated by "
+                           f"blank lines")
+  return prompts
 
 
 def _stop_id(cfg, tok):
@@ -93,28 +196,26 @@ def _stop_id(cfg, tok):
   ids = tok.encode(cfg.stop_token)
   ids = [i for i in ids if tok.id_to_piece(i) != "\u2581"]  # a bare word-boundary marker
   if len(ids) != 1:
-    sys.exit(f"error: stop_token={cfg.stop_token!r} is {len(ids)} tokens for this tokenizer; it "
-             f"must be exactly one (e.g. a single character)")
+    raise errors.UserError(f"stop_token={cfg.stop_token!r} is {len(ids)} tokens for this "
+                           f"tokenizer; it must be exactly one (e.g. a single character)")
   return ids[0]
 
 
 def sample(cfg, workdir, prompts, interactive=False) -> int:
   """--mode=sample: continue each prompt from a trained checkpoint, printing as tokens arrive."""
   import jax
-  from llm_jax import checkpoint
   from llm_jax import sampling
   from llm_jax import train
-  try:
-    trainer, params, step, tok = train.load_for_inference(cfg, workdir)
-  except checkpoint.CheckpointError as e:
-    print(f"error: {e}", flush=True)
-    return 2
+  trainer, params, step, tok = train.load_for_inference(cfg, workdir)
   stop_id = _stop_id(cfg, tok)
+  scfg = sampling.SamplingConfig.from_config(cfg)
+  n = scfg.num_return_sequences
   rng = jax.random.key(cfg.seed)
+  warned = []
   print(f"# checkpoint {step} from {workdir}; do_sample={cfg.do_sample} temperature="
         f"{cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} repetition_penalty="
-        f"{cfg.repetition_penalty} num_beams={cfg.num_beams} max_new_tokens={cfg.max_new_tokens}",
-        flush=True)
+        f"{cfg.repetition_penalty} num_beams={cfg.num_beams} max_new_tokens={cfg.max_new_tokens}"
+        + (f" num_return_sequences={n}" if n > 1 else ""), flush=True)
 
   def run(batch):
     nonlocal rng
@@ -122,10 +223,17 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
     # An empty prompt starts a fresh document: the model saw EOS (and BOS, if it uses one)
     # before every document.
     ids = [tok.encode(p, add_bos=tok.add_bos) or [tok.eos_id] for p in batch]
-    if len(batch) == 1 and cfg.num_beams == 1:
+    error, warning = sampling.context_problem(max(map(len, ids)), trainer.model_cfg, scfg,
+                                              cfg.max_seq_len)
+    if error:
+      raise errors.UserError(error)
+    if warning and not warned:  # once: a long session would repeat it for every prompt
+      warned.append(warning)
+      print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if len(batch) == 1 and cfg.num_beams == 1 and n == 1:
       print(batch[0], end="", flush=True)
       new_ids, shown = [], ""
-      for chunk in sampling.generate_stream(params, trainer.model_cfg, ids, cfg, key,
+      for chunk in sampling.generate_stream(params, trainer.model_cfg, ids, scfg, key,
                                             eos_id=tok.eos_ids, stop_id=stop_id):
         new_ids += chunk[0]
         text = tok.decode(new_ids)  # whole text so far: a chunk may split a multi-byte character
@@ -133,35 +241,35 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
         shown = text
       print("\n", flush=True)
       return
-    outs = sampling.generate(params, trainer.model_cfg, ids, cfg, key, eos_id=tok.eos_ids,
+    outs = sampling.generate(params, trainer.model_cfg, ids, scfg, key, eos_id=tok.eos_ids,
                              stop_id=stop_id)
-    for p, out in zip(batch, outs):
-      print(f"{p}{tok.decode(out)}\n" + "-" * 40, flush=True)
+    for i, out in enumerate(outs):
+      head = f"# prompt {i // n + 1}, sample {i % n + 1}\n" if n > 1 else ""
+      print(f"{head}{batch[i // n]}{tok.decode(out)}\n" + "-" * 40, flush=True)
 
   if prompts:
     run(prompts)
   if interactive:
     print("# enter a prompt (empty line: a fresh document; Ctrl-D to quit)", flush=True)
     for line in sys.stdin:
-      run([line.rstrip("\n").replace("\\n", "\n")])
+      try:
+        run([line.rstrip("\n").replace("\\n", "\n")])
+      except errors.UserError as e:  # a prompt too long for the model: say so, take the next
+        errors.report(str(e))
   elif not prompts:
     run([""])
-  return 0
+  return errors.OK
 
 
-def import_hf(workdir, overrides) -> int:
+def import_hf(workdir) -> int:
   """--mode=import: a local Hugging Face model directory -> an llm_jax workdir (step 0)."""
   from llm_jax import hf
   raw = _CONFIG.value
   if not raw.hf_path:
-    print("error: --mode=import needs --config.hf_path=<a local Hugging Face model directory>",
-          file=sys.stderr, flush=True)
-    return 2
-  try:
-    out = hf.import_to_workdir(raw, raw.hf_path, workdir, overrides)
-  except hf.HFError as e:
-    print(f"error: {e}", flush=True)
-    return 2
+    raise errors.UserError("--mode=import needs --config.hf_path=<a local Hugging Face model "
+                           "directory>")
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  out = hf.import_to_workdir(raw, raw.hf_path, workdir, overrides)
   c = out["config"]
   print(f"imported {out['model_type']} from {raw.hf_path} ({out['params'] / 1e6:.1f}M params, "
         f"{'/'.join(out['dtypes'])} -> {c.param_dtype}; d_model {c.d_model}, {c.n_layers} layers, "
@@ -171,85 +279,137 @@ def import_hf(workdir, overrides) -> int:
         f"  fine-tune: python main.py --config.init_from={workdir} --workdir=<new dir> ...\n"
         f"  export:    python main.py --mode=export --workdir={workdir} "
         f"--config.hf_export_dir=<dir>", flush=True)
-  return 0
+  return errors.OK
 
 
-def export_hf(workdir, overrides) -> int:
+def export_hf(workdir) -> int:
   """--mode=export with hf_export_dir: the workdir's model in Hugging Face format."""
-  from llm_jax import checkpoint
   from llm_jax import hf
   from llm_jax import model as model_lib
   from llm_jax import train
   out_dir = _CONFIG.value.hf_export_dir
-  try:
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-      raise hf.HFError(f"hf_export_dir={out_dir} exists and is not empty: export into a new "
-                       f"directory")
-    cfg = hf.checkpoint_config(_CONFIG.value, workdir, overrides)
-    hf.export_family(model_lib.ModelConfig.from_config(cfg))  # refuse before reading params
-    trainer, params, step, tok = train.load_for_inference(cfg, workdir)
-    files = hf.export(trainer.model_cfg, params, tok, out_dir)
-  except (hf.HFError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", flush=True)
-    return 2
+  if not out_dir:
+    raise errors.UserError("--mode=export needs --config.hf_export_dir=<dir> (the Hugging Face "
+                           "format)")
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise errors.UserError(f"hf_export_dir={out_dir} exists and is not empty: export into a new "
+                           f"directory")
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  cfg = hf.checkpoint_config(_CONFIG.value, workdir, overrides)
+  hf.export_family(model_lib.ModelConfig.from_config(cfg))  # refuse before reading params
+  trainer, params, step, tok = train.load_for_inference(cfg, workdir)
+  files = hf.export(trainer.model_cfg, params, tok, out_dir)
   print(f"exported checkpoint {step} of {workdir} to {out_dir}: {', '.join(files)}", flush=True)
-  return 0
+  return errors.OK
 
 
-def main(argv):
+def _run(argv) -> int:
+  """Everything after flag parsing; bad input raises errors.UserError."""
   if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
+    raise errors.UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
   _honour_omp_num_threads()
   if not flags.FLAGS["verbosity"].present:
     # Warnings and errors only unless asked (--verbosity=0 for INFO): the progress bar and printed
     # lines carry the run; orbax and jax log dozens of INFO lines per checkpoint.
     absl_logging.set_verbosity(absl_logging.WARNING)
+  from llm_jax import config
+  mode = _MODE.value
+  given = list(config_flags.get_override_values(flags.FLAGS["config"]))
+  if mode == "import":  # the model fields come from config.json, not from --config
+    workdir = _need_workdir()
+    _initialize_distributed()
+    return import_hf(workdir)
+  try:
+    cfg = config.finalize(_CONFIG.value, given=given)
+  except config.ConfigError as e:
+    raise errors.UserError(f"{e}\n(fix the config file or the --config.<field> overrides)"
+                           ) from None
+  problems, warnings = config.mode_problems(cfg, mode, given)
+  for w in warnings + _flag_warnings(mode):
+    print(f"warning: {w}", file=sys.stderr, flush=True)
+  if problems:
+    raise config.ConfigError(problems)
+  if mode in ("eval", "sample", "export"):
+    from llm_jax import workdir as workdir_lib
+    workdir_lib.check_readable(_need_workdir())
+  prompts = []
+  if mode == "sample":
+    prompts = list(_PROMPT.value or [])
+    if _PROMPT_FILE.value:
+      prompts += _read_prompt_file(_PROMPT_FILE.value)
+  workdir = None if mode == "estimate" else _need_workdir()
   _initialize_distributed()
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  if _MODE.value == "import":  # the model fields come from config.json, not from --config
-    sys.exit(import_hf(_need_workdir(), overrides))
-  cfg = _finalized()
   _enable_compilation_cache(cfg)
-  if _MODE.value == "estimate":
+  if mode == "estimate":
     from llm_jax import sizing
     est = sizing.estimate(cfg)
     compiled = sizing.compiled_memory(cfg) if _COMPILE.value else None
     print(sizing.report(cfg, est, compiled))
-    return
-  workdir = _need_workdir()
+    return errors.OK
   from llm_jax import checkpoint
   from llm_jax import train
   imported = checkpoint.imported_from(workdir)
-  if _MODE.value == "train":
+  if mode == "train":
     if imported:
-      print(f"error: --workdir={workdir} holds a model imported from {imported}, with no "
-            f"optimizer state: fine-tune it into a new workdir with "
-            f"--config.init_from={workdir} --workdir=<new dir>", file=sys.stderr, flush=True)
-      sys.exit(2)
-    sys.exit(train.run(cfg, workdir, overrides=overrides))
-  if _MODE.value == "export":
-    if not cfg.hf_export_dir:
-      print("error: --mode=export needs --config.hf_export_dir=<dir> (the Hugging Face format)",
-            file=sys.stderr, flush=True)
-      sys.exit(2)
-    sys.exit(export_hf(workdir, overrides))
+      raise errors.UserError(
+          f"--workdir={workdir} holds a model imported from {imported}, with no optimizer state: "
+          f"fine-tune it into a new workdir with --config.init_from={workdir} "
+          f"--workdir=<new dir>")
+    return train.run(cfg, workdir)
+  if mode == "export":
+    return export_hf(workdir)
   if imported:  # its model fields are in its checkpoint, not in --config
     from llm_jax import hf
+    cfg = hf.checkpoint_config(_CONFIG.value, workdir,
+                               config_flags.get_override_values(flags.FLAGS["config"]))
+  if mode == "eval":
+    return train.evaluate_workdir(cfg, workdir)
+  return sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value)
+
+
+def main(argv) -> int:
+  """Runs the mode; returns its exit code (llm_jax/errors.py): every failure is one `error:`
+  line, and only a bug in llm_jax prints a traceback (exit code INTERNAL)."""
+  try:
+    return _run(argv)
+  except errors.UserError as e:
+    errors.report(str(e))
+    return errors.BAD_INPUT
+  except Exception as e:  # pylint: disable=broad-except
+    from llm_jax import train
+    if train.is_oom(e):
+      errors.report(f"{train.OOM_ADVICE}\n({str(e).splitlines()[0][:300]})")
+      return errors.OOM
+    traceback.print_exc()
+    errors.report(f"internal error ({type(e).__name__}): a bug in llm_jax, not in your input. "
+                  f"Please report it with the traceback above and the command you ran")
+    return errors.INTERNAL
+
+
+def cli(argv) -> int:
+  """main.py as a function, for tests: argv as sys.argv would be (argv[0] the program name).
+
+  Parses the flags afresh on every call (config_flags reads its overrides from sys.argv and
+  defines a flag per override, so both are reset), then returns main's exit code.
+  """
+  fv = flags.FLAGS
+  fv.unparse_flags()
+  for name in [n for n in fv if n.startswith(_CONFIG.name + ".")]:
+    delattr(fv, name)
+  # config_flags loads the file as module "<flag>_config" with load_module(), which would
+  # re-execute it into the previous call's module object (keeping its other attributes).
+  sys.modules.pop(f"{_CONFIG.name}_config", None)
+  saved, sys.argv = sys.argv, list(argv)
+  try:
     try:
-      cfg = hf.checkpoint_config(_CONFIG.value, workdir, overrides)
-    except hf.HFError as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
-  if _MODE.value == "eval":
-    sys.exit(train.evaluate_workdir(cfg, workdir))
-  prompts = list(_PROMPT.value or [])
-  if _PROMPT_FILE.value:
-    if not os.path.exists(_PROMPT_FILE.value):
-      sys.exit(f"error: --prompt_file={_PROMPT_FILE.value} does not exist")
-    with open(_PROMPT_FILE.value, encoding="utf-8") as f:
-      prompts += [p.strip("\n") for p in f.read().split("\n\n") if p.strip()]
-  sys.exit(sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value))
+      rest = _parse(list(argv))
+    except errors.UserError as e:
+      errors.report(str(e))
+      return errors.BAD_INPUT
+    return main(rest)
+  finally:
+    sys.argv = saved
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_flags_parser)

@@ -6,7 +6,7 @@ VOCAB_SIZE 50K, D_MODEL 1024, N_LAYERS 12, N_HEADS 16, MAX_LEN 256, BATCH_SIZE 6
     python main.py --config=configs/balanced.py --workdir=runs/balanced \
         --config.dataset='text:/path/to/corpus/*.txt'
 
-Expect 203M parameters. Meant for one GPU (bf16, cuDNN attention).
+Expect 202.4M parameters. Meant for one GPU (bf16, cuDNN attention).
 """
 
 from configs import base

@@ -5,7 +5,7 @@ sheets (`P` = the parameter reference, `C` = the experimentation cheat sheet, `+
 Fields left as None are derived in `llm_jax/config.py` after command-line overrides, so
 `--config.d_model=1024` also moves d_k, d_v and d_ff unless you set those explicitly.
 
-    python main.py --config=configs/base.py --workdir=runs/base --mode=estimate
+    python main.py --config=configs/base.py --mode=estimate
 """
 
 import ml_collections
@@ -113,6 +113,7 @@ def get_config():
   c.top_p = 1.0  # P/C: keep the smallest set with this much probability (1.0 = off)
   c.repetition_penalty = 1.0  # P: >1 discourages tokens already present (1.0 = off)
   c.num_beams = 1  # P: beam search width (1 = no beam search)
+  c.num_return_sequences = 1  # +: rows per prompt: samples from distinct random streams, or the best beams
   c.length_penalty = 1.0  # P: beam score = log p / length ** length_penalty
   c.max_new_tokens = 200  # P: tokens generated after the prompt
   c.min_length = 0  # P: new tokens before EOS may be produced

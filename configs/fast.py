@@ -6,7 +6,7 @@ VOCAB_SIZE 20K, D_MODEL 512, N_LAYERS 6, N_HEADS 8, MAX_LEN 128, BATCH_SIZE 32.
     python main.py --config=configs/fast.py --workdir=runs/fast \
         --config.dataset='text:/path/to/corpus/*.txt'
 
-Expect 29.4M parameters. A 20K vocabulary wants a few tens of MB of text; on the embedded
+Expect 29.2M parameters. A 20K vocabulary wants a few tens of MB of text; on the embedded
 Shakespeare lower it: --config.vocab_size=4096.
 """
 

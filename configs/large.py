@@ -4,7 +4,7 @@
     python main.py --config=configs/large.py --workdir=runs/large --config.mesh_shape='(1,-1,1)' \
         --config.dataset='text:/path/to/corpus/*.txt'
 
-Expect 1.31B parameters (the sheet says 1.3B). On one 80 GB GPU it fits with bf16 compute; over
+Expect 1.32B parameters (the sheet says 1.3B). On one 80 GB GPU it fits with bf16 compute; over
 several devices shard parameters and optimizer state with fsdp (mesh_shape (1, -1, 1)).
 """
 

@@ -4,7 +4,7 @@
     python main.py --config=configs/small.py --workdir=runs/small \
         --config.dataset='text:/path/to/corpus/*.txt'
 
-Expect 124.4M parameters (the sheet says 125M; the vocab is padded to 50304). A 50257-token
+Expect 124.5M parameters (the sheet says 125M; the vocab is padded to 50304). A 50257-token
 vocabulary needs a corpus of tens of MB: bring your own (`text:` or `tfds:`); the embedded Shakespeare
 is too small for it. Learned positions, LayerNorm and GELU as in GPT-2; bf16 compute with cuDNN
 attention on a GPU (elsewhere XLA attention, with a warning).

@@ -7,10 +7,14 @@ epoch, tokens seen, wall time). Orbax writes each step to a temporary directory 
 when complete, so a run killed at any moment never leaves a checkpoint that looks complete but
 is not (a killed run's leftover temporary directories are removed when the next run starts).
 A checkpoint that fails to restore is skipped with a warning for the one before it, and a training
-run moves it aside to <workdir>/damaged_checkpoints/ so that its step is written again. Arrays are
-restored into the shardings of the current mesh, whatever mesh saved them.
+run moves it aside to <workdir>/damaged_checkpoints/ so that its step is written again. A healthy
+checkpoint that does not fit the config is told apart before any array is read, from its saved
+config and tree metadata: a changed model is refused, a changed optimizer state restarts fresh
+(see `Checkpointer.restore_or_init`); neither is ever moved. Arrays are restored into the
+shardings of the current mesh, whatever mesh saved them.
 """
 
+import dataclasses
 import logging
 import os
 import signal
@@ -18,9 +22,12 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
+from llm_jax import errors
 from llm_jax import sharding as sharding_lib
 from llm_jax import tokenizer as tokenizer_lib
 
@@ -35,7 +42,7 @@ DATA_FIELDS = ("dataset", "validation", "validation_fraction", "text_key", "bloc
                "tokenizer_type", "byte_fallback")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError):
   """The checkpoint cannot be used with this config; the message names the fields."""
 
 
@@ -121,15 +128,19 @@ def _manager(workdir: str, max_to_keep: int = 3, read_only: bool = False):
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def _config_changes(saved: dict, cfg) -> tuple[list[str], list[str], list[str]]:
-  """(incompatible model fields, changed data fields, other changed fields) as readable lines."""
+def _config_changes(saved: dict, cfg) -> tuple[list, list, list]:
+  """(incompatible model fields, changed data fields, other changed fields), each a list of
+  (field, saved value, value now)."""
   model, data, other = [], [], []
   for k, v in sorted(cfg.to_dict().items()):
     if k not in saved or saved[k] == v or (isinstance(v, tuple) and list(v) == saved[k]):
       continue
-    line = f"{k}: {saved[k]!r} -> {v!r}"
-    (model if k in MODEL_FIELDS else data if k in DATA_FIELDS else other).append(line)
+    (model if k in MODEL_FIELDS else data if k in DATA_FIELDS else other).append((k, saved[k], v))
   return model, data, other
+
+
+def _lines(changes) -> list[str]:
+  return [f"{k}: {was!r} -> {now!r}" for k, was, now in changes]
 
 
 def _restore_first_good(mngr, steps, make_args):
@@ -183,15 +194,257 @@ def _restore_targets(trainer):
   return a.params, {"step": a.step, "opt_state": a.opt_state, "rng": rng}
 
 
+def _model_change_message(model: list[str], workdir: str) -> str:
+  return ("the config changes the model's shape relative to the checkpoint in "
+          f"{checkpoint_dir(workdir)}:\n  " + "\n  ".join(_lines(model)) + "\nUse the checkpoint's "
+          "values for these fields, or start in a new --workdir.")
+
+
 def _refuse_model_changes(saved_config: dict, cfg, workdir: str) -> tuple[list, list]:
   """Raises CheckpointError when `cfg` changes the model's shape; else (data, other) changes."""
   model, data, other = _config_changes(saved_config, cfg)
   if model:
-    raise CheckpointError(
-        "the config changes the model's shape relative to the checkpoint in "
-        f"{checkpoint_dir(workdir)}:\n  " + "\n  ".join(model) + "\nUse the checkpoint's "
-        "values for these fields, or start in a new --workdir.")
+    raise CheckpointError(_model_change_message(model, workdir))
   return data, other
+
+
+# --- resuming: what a step holds, judged before any array is read ------------------------------
+
+_RESTORE, _FRESH_OPTIMIZER, _DAMAGED, _MODEL_CHANGED = range(4)  # what to do with a step
+_DATA_RESTORE, _DATA_RESTART, _DATA_FROM_STEP = range(3)  # where the data iterator resumes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  kind: int
+  data: int = _DATA_RESTORE
+  why: str = ""  # damaged: what could not be read; model changed: the refusal
+  changed: tuple = ()  # (field, saved, now) of the changed fields outside the model and data
+  data_changed: tuple = ()
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _leaves(tree) -> dict:
+  """{path: (shape, dtype)} of a tree's arrays; paths as tuples of names, whatever the containers
+  (orbax's metadata turns namedtuples into dicts and tuples into lists)."""
+  return {tuple(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_leaves(item_dir):
+  """`_leaves` of a saved item from its tree metadata alone (no array read); None if unreadable."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return _leaves(handler.metadata(item_dir))
+  except Exception:  # pylint: disable=broad-except  (missing or corrupt metadata: damaged)
+    return None
+  finally:
+    handler.close()
+
+
+def _describe_difference(saved: dict, want: dict, limit: int = 3) -> str:
+  lines = []
+  for path in sorted(set(saved) | set(want)):
+    if saved.get(path) != want.get(path):
+      name = "/".join(path)
+      have = "absent" if path not in saved else f"{list(saved[path][0])} {saved[path][1]}"
+      need = "absent" if path not in want else f"{list(want[path][0])} {want[path][1]}"
+      lines.append(f"{name}: saved {have}, this config {need}")
+  more = f" (and {len(lines) - limit} more)" if len(lines) > limit else ""
+  return "; ".join(lines[:limit]) + more
+
+
+def _data_saved_for(item_dir, process_count: int) -> bool:
+  """Whether grain saved an iterator position for each of `process_count` processes."""
+  return all((item_dir / f"process_{i}-of-{process_count}.json").exists()
+             for i in range(process_count))
+
+
+def _plan(mngr, step: int, cfg, params_target, train_target) -> _Plan:
+  """What resuming from `step` should do, from its config and tree metadata (no array read)."""
+  step_dir = mngr.directory / str(step)
+  handler = ocp.JsonCheckpointHandler()
+  try:
+    saved = handler.restore(step_dir / "config", args=ocp.args.JsonRestore())
+  except Exception as e:  # pylint: disable=broad-except
+    return _Plan(_DAMAGED, why=f"its config cannot be read ({_first_line(e)})")
+  finally:
+    handler.close()
+  if not isinstance(saved, dict):
+    return _Plan(_DAMAGED, why="its config is not a JSON object")
+  model, data_changed, changed = _config_changes(saved, cfg)
+  if model:
+    return _Plan(_MODEL_CHANGED, why=_model_change_message(model, os.path.dirname(mngr.directory)))
+  saved_params = _saved_leaves(step_dir / "params")
+  saved_train = _saved_leaves(step_dir / "train")
+  if saved_params is None or saved_train is None:
+    return _Plan(_DAMAGED, why="its tree metadata cannot be read")
+  want_params, want_train = _leaves(params_target), _leaves(train_target)
+  if saved_params != want_params:
+    return _Plan(_MODEL_CHANGED, why=(
+        f"the params saved in {step_dir} do not match this config's model "
+        f"({_describe_difference(saved_params, want_params)}): they were written by another "
+        f"version of llm_jax or another model config. Resume with the version and config that "
+        f"wrote them, or start in a new --workdir"))
+  kind = _RESTORE
+  if saved_train != want_train:
+    fixed = {k: v for k, v in want_train.items() if k[0] != "opt_state"}  # step, rng
+    if any(saved_train.get(k) != v for k, v in fixed.items()):
+      return _Plan(_MODEL_CHANGED, why=(
+          f"the train state saved in {step_dir} does not match this version of llm_jax "
+          f"({_describe_difference(saved_train, want_train)}); resume with the version that "
+          f"wrote it, or start in a new --workdir"))
+    kind = _FRESH_OPTIMIZER
+  if data_changed:
+    data = _DATA_RESTART
+  elif _data_saved_for(step_dir / "data", jax.process_count()):
+    data = _DATA_RESTORE
+  else:
+    data = _DATA_FROM_STEP  # saved by another number of processes
+  return _Plan(kind, data, changed=tuple(changed), data_changed=tuple(data_changed))
+
+
+def _agreed(plan: _Plan) -> _Plan:
+  """Process 0's decision, on every process (each judged the step; process 0's judgement wins)."""
+  if jax.process_count() == 1:
+    return plan
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  kind, data = (int(x) for x in multihost_utils.broadcast_one_to_all(
+      np.asarray([plan.kind, plan.data], np.int32)))
+  why = plan.why or ("process 0 could not read it" if kind == _DAMAGED else
+                     "process 0 found that this config does not match the checkpoint")
+  return dataclasses.replace(plan, kind=kind, data=data, why=why)
+
+
+def _failed_anywhere(why: str | None) -> str | None:
+  """Why reading failed on this process or another; None when every process read its part."""
+  if jax.process_count() == 1:
+    return why
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(why is not None))).reshape(-1)
+  if not failed.any():
+    return None
+  return why or f"process(es) {np.nonzero(failed)[0].tolist()} could not read their part"
+
+
+def _read_state(step_dir, plan: _Plan, params_target, train_target, data_iter):
+  """(restored {"params", "train"}, None), or (None, why) when an array or file cannot be read.
+
+  Reads through the item handlers, not the manager: the manager's restore ends in a barrier
+  that a process whose read failed would never reach; the caller agrees on the outcome instead.
+  """
+  handlers = []
+
+  def handler(cls):
+    handlers.append(cls())
+    return handlers[-1]
+
+  try:
+    r = {"params": handler(ocp.StandardCheckpointHandler).restore(
+        step_dir / "params", args=ocp.args.StandardRestore(params_target))}
+    if plan.kind == _RESTORE:
+      r["train"] = handler(ocp.StandardCheckpointHandler).restore(
+          step_dir / "train", args=ocp.args.StandardRestore(train_target))
+    else:  # the optimizer state's tree changed: read only the step and the rng
+      small = {"step": train_target["step"], "rng": train_target["rng"]}
+      r["train"] = handler(ocp.PyTreeCheckpointHandler).restore(
+          step_dir / "train", args=ocp.args.PyTreeRestore(
+              item=small, restore_args=ocp.checkpoint_utils.construct_restore_args(small),
+              partial_restore=True))
+    if plan.data == _DATA_RESTORE:
+      handler(grain.checkpoint.CheckpointHandler).restore(
+          step_dir / "data", args=grain.checkpoint.CheckpointRestore(data_iter))
+    return r, None
+  except Exception as e:  # pylint: disable=broad-except  (truncated or corrupt files)
+    return None, _first_line(e)
+  finally:
+    for h in handlers:
+      getattr(h, "close", lambda: None)()
+
+
+def _schedule_at(opt_state, step):
+  """A fresh optimizer state whose schedule counters read `step` (its moments stay at zero)."""
+  counted = (optax.ScaleByScheduleState, optax.InjectHyperparamsState,
+             optax.InjectStatefulHyperparamsState)
+
+  def at(node):
+    if isinstance(node, optax.MultiStepsState):
+      return node._replace(gradient_step=jnp.full_like(node.gradient_step, step),
+                           inner_opt_state=_schedule_at(node.inner_opt_state, step))
+    if isinstance(node, counted):
+      return node._replace(count=jnp.full_like(node.count, step))
+    return node
+
+  return jax.tree_util.tree_map(
+      at, opt_state, is_leaf=lambda x: isinstance(x, (optax.MultiStepsState,) + counted))
+
+
+def _fresh_opt_state(trainer, params, step: int):
+  init = jax.jit(lambda p: _schedule_at(trainer.tx.init(p), step),
+                 out_shardings=trainer.state_shardings.opt_state)
+  return init(params)
+
+
+def _position_at(data_iter, step: int) -> None:
+  """Moves a step-indexed iterator (state {"next_index"}) to `step`'s batch; else restarts it."""
+  state = data_iter.get_state()
+  if isinstance(state, dict) and set(state) == {"next_index"}:
+    data_iter.set_state({"next_index": step})
+    logging.warning("the checkpoint's data position was saved by another number of processes; "
+                    "resuming at the batch of step %d (the batch of a step does not depend on "
+                    "the process count)", step)
+  else:
+    logging.warning("the checkpoint's data position was saved by another number of processes; "
+                    "the data order restarts from the beginning of the training split")
+
+
+def _optimizer_fields(changes, trainer) -> list:
+  """Of the changed (field, saved, now), those that alone change the optimizer state's tree:
+  with the saved value put back, this config's optimizer state would have another shape."""
+  from llm_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  now = _leaves(jax.eval_shape(trainer.tx.init, trainer.abstract_params))
+  out = []
+  for k, was, new in changes:
+    c = trainer.cfg.copy_and_resolve_references()
+    try:
+      with c.unlocked():
+        c[k] = tuple(was) if isinstance(new, tuple) and isinstance(was, list) else was
+      tx = optimizer_lib.make_optimizer(c, trainer.total_steps)
+      if _leaves(jax.eval_shape(tx.init, trainer.abstract_params)) != now:
+        out.append((k, was, new))
+    except Exception:  # pylint: disable=broad-except  (a value this version cannot build)
+      continue
+  return out
+
+
+def _warn_changes(plan: _Plan, step: int, trainer) -> None:
+  for line in _lines(plan.changed):
+    logging.warning("resuming with a changed field: %s", line)
+  if plan.data_changed:
+    logging.warning("resuming with changed data fields (%s): the data order restarts from the "
+                    "beginning of the training split", "; ".join(_lines(plan.data_changed)))
+  if plan.kind == _FRESH_OPTIMIZER:
+    fields = _optimizer_fields(plan.changed + plan.data_changed, trainer)
+    back = " ".join(f"--config.{k}={was!r}" for k, was, _ in fields)
+    logging.warning(
+        "resuming from step %d with a NEW optimizer state: the checkpoint's optimizer state "
+        "does not fit this config's optimizer (changed: %s). Restored: params, step, rng, data "
+        "position; re-initialised: the optimizer state (Adam moments restart from zero, the "
+        "learning-rate schedule continues at step %d). The checkpoint itself is unchanged%s.",
+        step, "; ".join(_lines(fields)) or "by another version of llm_jax", step,
+        f": to resume with its optimizer state, run with the saved values ({back})"
+        if back else "")
 
 
 class Checkpointer:
@@ -283,40 +536,61 @@ class Checkpointer:
     self.mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     logging.info("checkpoint %d: writing to %s", step, checkpoint_dir(self.workdir))
 
-  def restore_or_init(self, trainer, data_iter, overrides=None):
-    """The latest good checkpoint's state (resharded onto trainer's mesh), or a fresh state."""
-    steps = self.mngr.all_steps()
+  def restore_or_init(self, trainer, data_iter):
+    """The latest good checkpoint's state (resharded onto trainer's mesh), or a fresh state.
+
+    Each step, newest first, is judged from its config and tree metadata before any array is
+    read (on several processes process 0 judges and the others follow, so they never part):
+    - its config changes the model (shape fields, or a params tree that differs): refused with
+      CheckpointError naming the fields, nothing moved;
+    - it cannot be read (config or metadata unreadable, or reading its arrays fails on any
+      process): damaged; the next older step is tried, and once one restores, the damaged newer
+      ones are moved to <workdir>/damaged_checkpoints/;
+    - its optimizer state's tree differs from this config's (max_grad_norm 1 -> 0, grad_accum,
+      ...): healthy but changed; params, step, rng and data position are restored, the optimizer
+      state starts afresh (its schedule at the restored step), with a warning naming the fields;
+    - otherwise everything is restored.
+    """
+    steps = sorted(self.mngr.all_steps(), reverse=True)
     if not steps:
       return trainer.init_state(self.cfg.seed)
-    step, saved = _restore_first_good(
-        self.mngr, steps, lambda s: ocp.args.Composite(config=ocp.args.JsonRestore()))
-    if saved is None:
-      raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(self.workdir)}; move the "
-                            f"directory away to start afresh")
-    data, other = _refuse_model_changes(saved["config"], self.cfg, self.workdir)
-    for line in other:
-      logging.warning("resuming with a changed field: %s", line)
-    if data:
-      logging.warning("resuming with changed data fields (%s): the data order restarts from the "
-                      "beginning of the training split", "; ".join(data))
     params_target, train_target = _restore_targets(trainer)
-
-    def args(_):
-      items = {"params": ocp.args.StandardRestore(params_target),
-               "train": ocp.args.StandardRestore(train_target)}
-      if not data:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-      return ocp.args.Composite(**items)
-
-    step, r = _restore_first_good(self.mngr, [s for s in steps if s <= step], args)
-    if r is None:
-      raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(self.workdir)}; move the "
-                            f"directory away to start afresh")
-    _set_aside(self.mngr, self.workdir, [s for s in steps if s > step])
+    damaged = []  # (step, why)
+    for step in steps:
+      plan = _agreed(_plan(self.mngr, step, self.cfg, params_target, train_target))
+      if plan.kind == _DAMAGED:
+        damaged.append((step, plan.why))
+        continue
+      if plan.kind == _MODEL_CHANGED:
+        raise CheckpointError(plan.why)
+      r, why = _read_state(self.mngr.directory / str(step), plan, params_target, train_target,
+                           data_iter)
+      failed = _failed_anywhere(why)
+      if failed:
+        damaged.append((step, failed))
+        continue
+      break
+    else:
+      raise CheckpointError(
+          f"no checkpoint in {checkpoint_dir(self.workdir)} can be read: "
+          + "; ".join(f"step {s}: {why}" for s, why in damaged)
+          + ". Nothing was moved or deleted. If the storage had a passing fault, run the same "
+          "command again; to train afresh, use a new --workdir")
+    for s, why in damaged:
+      logging.warning("checkpoint %s is damaged (%s); resuming from step %d instead",
+                      os.path.join(checkpoint_dir(self.workdir), str(s)), why, step)
+    _set_aside(self.mngr, self.workdir, [s for s, _ in damaged])
+    _warn_changes(plan, step, trainer)
+    if plan.kind == _FRESH_OPTIMIZER:
+      opt_state = _fresh_opt_state(trainer, r["params"], step)
+    else:
+      opt_state = r["train"]["opt_state"]
+    if plan.data == _DATA_FROM_STEP:
+      _position_at(data_iter, step)
     logging.info("resumed from checkpoint %d in %s", step, checkpoint_dir(self.workdir))
     # state_shardings is a TrainState: replacing every field gives the restored TrainState.
     return trainer.state_shardings.replace(
-        step=r["train"]["step"], params=r["params"], opt_state=r["train"]["opt_state"],
+        step=r["train"]["step"], params=r["params"], opt_state=opt_state,
         rng=jax.random.wrap_key_data(r["train"]["rng"]))
 
   def wait(self) -> None:

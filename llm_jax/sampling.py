@@ -10,6 +10,13 @@ Owns everything between trained params and new token ids:
   fixed-size buffer each step (slow, for checking);
 - `generate` (lists of ids in and out) and `generate_stream` (yields tokens every few steps).
 
+Random streams. Each row draws from its own stream, fold_in(fold_in(rng, prompt index), sample
+index), advanced per new token with fold_in(stream, step). So a row's text is a function of the
+rng, its prompt, its prompt's index and its sample index only: prompt 0 of any batch gives what
+it gives alone, adding or removing other prompts (with the left padding they bring) changes no
+row, and `num_return_sequences` = n gives each prompt n rows (samples 0 .. n-1, n distinct
+streams; the first n' of them are the same for any n >= n').
+
 Hand-written rather than borrowed: the JAX decoders that exist (HF's Flax `generate`, t5x) keep a
 mutable Linen cache or a different model interface, not this model's explicit cache pytree.
 
@@ -52,16 +59,22 @@ class SamplingConfig:
   repetition_penalty: float = 1.0
   num_beams: int = 1
   length_penalty: float = 1.0
+  num_return_sequences: int = 1  # rows per prompt: samples (distinct streams), or the best beams
   use_cache: bool = True
   # Decode steps per all-rows-done check. Each check is a device->host sync of the while
   # loop's predicate on GPU; the steps in between run in a fixed-trip-count inner loop.
   check_every: int = 8
 
   def __post_init__(self):
-    if self.max_new_tokens < 1 or self.num_beams < 1 or self.check_every < 1:
-      raise ValueError(f"max_new_tokens, num_beams and check_every must be >= 1: {self}")
+    if (self.max_new_tokens < 1 or self.num_beams < 1 or self.check_every < 1
+        or self.num_return_sequences < 1):
+      raise ValueError(f"max_new_tokens, num_beams, num_return_sequences and check_every must "
+                       f"be >= 1: {self}")
     if self.num_beams > 1 and self.do_sample:
       raise ValueError("num_beams > 1 is deterministic beam search: set do_sample=False")
+    if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+      raise ValueError(f"num_return_sequences={self.num_return_sequences} > num_beams="
+                       f"{self.num_beams}: beam search returns at most num_beams hypotheses")
 
   @classmethod
   def from_config(cls, cfg, **overrides):
@@ -139,10 +152,21 @@ def process_logits(logits_BV, seen_BV, n_generated, scfg: SamplingConfig, termin
 
 
 def select_tokens(processed_BV, rng, do_sample: bool):
-  """[B] int32: a draw from softmax(processed) per row, or its argmax."""
-  if do_sample:
-    return jax.random.categorical(rng, processed_BV, axis=-1).astype(jnp.int32)
-  return jnp.argmax(processed_BV, axis=-1).astype(jnp.int32)
+  """[B] int32: a draw from softmax(processed) per row, or its argmax.
+
+  rng: one key for the whole batch, or [B] keys, one per row (each row's draw then depends on
+  its own key and logits only).
+  """
+  if not do_sample:
+    return jnp.argmax(processed_BV, axis=-1).astype(jnp.int32)
+  if rng.ndim == 1:
+    return jax.vmap(jax.random.categorical)(rng, processed_BV).astype(jnp.int32)
+  return jax.random.categorical(rng, processed_BV, axis=-1).astype(jnp.int32)
+
+
+def row_keys(rng, rows_B2):
+  """[B] keys: row b's stream fold_in(fold_in(rng, prompt index), sample index), rows_B2 [B, 2]."""
+  return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(rng, r[0]), r[1]))(rows_B2)
 
 
 def seen_from_prompt(prompt_BT, valid_BT, vocab: int):
@@ -200,7 +224,8 @@ def _sample_update(st, logits_BV, scfg, terminal_ids):
   step = st["step"]
   active = step < scfg.max_new_tokens
   processed_BV = process_logits(logits_BV, st["seen"], step, scfg, terminal_ids)
-  tok_B = select_tokens(processed_BV, jax.random.fold_in(st["rng"], step), scfg.do_sample)
+  keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(st["rng"], step)  # per-row streams
+  tok_B = select_tokens(processed_BV, keys_B, scfg.do_sample)
   tok_B = jnp.where(st["done"], terminal_ids[0], tok_B)  # finished rows idle on EOS
   logp_B = jnp.take_along_axis(jax.nn.log_softmax(processed_BV), tok_B[:, None], axis=1)[:, 0]
   seen = st["seen"]
@@ -296,6 +321,12 @@ def _start(params, prompt_BT, valid_BT, rng, terminal_ids, length_penalty=None, 
   """Prefill: the decode state after choosing the first new token. terminal_ids: int32 [E+1]
   (EOS ids, stop) and length_penalty (None = scfg's) are traced, so new values do not recompile."""
   params = _low_precision_params(params, model_cfg)
+  n_ret = scfg.num_return_sequences
+  rows_B2 = jnp.stack([jnp.arange(prompt_BT.shape[0]), jnp.zeros(prompt_BT.shape[0], int)], 1)
+  if not beam and n_ret > 1:  # prompt i becomes rows (i, 0) .. (i, n_ret - 1): own streams
+    prompt_BT, valid_BT = (jnp.repeat(x, n_ret, axis=0) for x in (prompt_BT, valid_BT))
+    rows_B2 = jnp.stack([jnp.repeat(rows_B2[:, 0], n_ret), jnp.tile(jnp.arange(n_ret),
+                                                                    rows_B2.shape[0])], 1)
   b, t = prompt_BT.shape
   k, n = scfg.num_beams, scfg.max_new_tokens
   r = b * k
@@ -307,7 +338,7 @@ def _start(params, prompt_BT, valid_BT, rng, terminal_ids, length_penalty=None, 
     seen = seen_from_prompt(prompt_BT, valid_BT, model_cfg.padded_vocab)
   rep = (lambda x: jnp.repeat(x, k, axis=0)) if k > 1 else (lambda x: x)
   terminal_ids = jnp.asarray(terminal_ids, jnp.int32)
-  st = {"step": jnp.int32(0), "rng": rng, "terminal": terminal_ids,
+  st = {"step": jnp.int32(0), "rng": row_keys(rng, rows_B2), "terminal": terminal_ids,
         "prompt": rep(prompt_BT.astype(jnp.int32)), "kv_valid": rep(kv_valid_BS),
         "prompt_len": rep(prompt_len_B),
         "last": jnp.zeros((r,), jnp.int32), "tokens": jnp.full((r, n), terminal_ids[0], jnp.int32),
@@ -358,13 +389,16 @@ def _finish(st, *, scfg, beam):
     run_ok_BK = ~st["done"][:, None] & (st["beam_scores"] > -jnp.inf)
     run_score_BK = jnp.where(run_ok_BK, st["beam_scores"] / steps.astype(jnp.float32)
                              ** st["length_penalty"], -jnp.inf)
-    best_B1 = jnp.argmax(jnp.concatenate([st["pool_scores"], run_score_BK], 1), axis=1)[:, None]
+    # The best num_return_sequences (= m) of the finished and the still-running hypotheses;
+    # top_k keeps the earlier (finished) one on ties, as argmax did for m = 1.
+    m = scfg.num_return_sequences
+    best_BM = lax.top_k(jnp.concatenate([st["pool_scores"], run_score_BK], 1), m)[1]
     tokens_BN = _gather_rows(jnp.concatenate(
-        [st["pool_tokens"], st["tokens"].reshape(b, k, n)], 1), best_B1)[:, 0]
+        [st["pool_tokens"], st["tokens"].reshape(b, k, n)], 1), best_BM).reshape(b * m, n)
     logps_BN = _gather_rows(jnp.concatenate(
-        [st["pool_logps"], st["logps"].reshape(b, k, n)], 1), best_B1)[:, 0]
+        [st["pool_logps"], st["logps"].reshape(b, k, n)], 1), best_BM).reshape(b * m, n)
     lengths_B = jnp.take_along_axis(jnp.concatenate(
-        [st["pool_len"], jnp.broadcast_to(steps, (b, k))], 1), best_B1, axis=1)[:, 0]
+        [st["pool_len"], jnp.broadcast_to(steps, (b, k))], 1), best_BM, axis=1).reshape(b * m)
   else:
     tokens_BN, logps_BN = st["tokens"], st["logps"]
     term_BN = _terminal(tokens_BN, terminal_ids)
@@ -405,13 +439,15 @@ def decode(params, prompt_BT, valid_BT, rng, *, model_cfg, scfg: SamplingConfig,
   else greedy (do_sample=False) or sampling.
 
   prompt_BT: int [B, T] left-padded prompts (every row ends with a real token); valid_BT: bool
-  [B, T], False on padding; rng: a PRNG key (same key, same output). model_cfg and scfg are
-  static (a new value compiles again); eos_id / stop_id are not. eos_id: an id or a list of
-  ids (each ends a row; the first fills the rows' tails).
-  Returns device arrays: tokens [B, N] int32, lengths [B] (new tokens per row, EOS / stop
-  included) and logps [B, N] float32 (log-prob of each chosen token under the processed
+  [B, T], False on padding; rng: a PRNG key (same key, same output; each row draws from its
+  own stream: see the module docstring). model_cfg and scfg are static (a new value compiles
+  again); eos_id / stop_id are not. eos_id: an id or a list of ids (each ends a row; the first
+  fills the rows' tails).
+  Returns device arrays over R = B * scfg.num_return_sequences rows (prompt-major: prompt b's
+  rows are b * n .. b * n + n - 1): tokens [R, N] int32, lengths [R] (new tokens per row, EOS /
+  stop included) and logps [R, N] float32 (log-prob of each chosen token under the processed
   distribution); entries at positions >= length are EOS and 0. For beam search: the best
-  hypothesis of each prompt.
+  num_return_sequences hypotheses of each prompt, best first.
   """
   return _decode_jit(params, prompt_BT, valid_BT, rng, _terminal_ids(eos_id, stop_id),
                      np.float32(scfg.length_penalty), model_cfg=model_cfg, scfg=_static(scfg),
@@ -462,6 +498,39 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], model_cfg, scfg: SamplingCo
   return prompt_BT, valid_BT
 
 
+def max_new_tokens_for(prompt_len: int, model_cfg, trained_len: int) -> int:
+  """The most new tokens after a `prompt_len`-token prompt that the model holds: up to its
+  learned position table (max_position_embeddings), or for rope / sinusoidal positions up to
+  `trained_len` (max_seq_len: the context it was trained on). At least 1."""
+  limit = (model_cfg.max_position_embeddings if model_cfg.position_embedding == "learned"
+           else trained_len)
+  return max(1, limit - prompt_len)
+
+
+def context_problem(prompt_len: int, model_cfg, scfg: SamplingConfig,
+                    trained_len: int) -> tuple[str | None, str | None]:
+  """(error, warning) for generating scfg.max_new_tokens after a `prompt_len`-token prompt.
+
+  An error when a learned position table cannot reach the last position; a warning when rope /
+  sinusoidal positions go past `trained_len`, the context the model was trained on (they work
+  there, but the model never saw such positions).
+  """
+  need = prompt_len + scfg.max_new_tokens
+  if model_cfg.position_embedding == "learned":
+    if need > model_cfg.max_position_embeddings:
+      return (f"a prompt of {prompt_len} tokens + max_new_tokens={scfg.max_new_tokens} = {need} "
+              f"positions exceeds the learned position table (max_position_embeddings="
+              f"{model_cfg.max_position_embeddings}): shorten the prompt or set "
+              f"--config.max_new_tokens<="
+              f"{max(1, model_cfg.max_position_embeddings - prompt_len)}"), None
+    return None, None
+  if need > trained_len:
+    return None, (f"a prompt of {prompt_len} tokens + max_new_tokens={scfg.max_new_tokens} = "
+                  f"{need} positions goes past max_seq_len={trained_len}, the context the model "
+                  f"was trained on: expect the text to degrade past that point")
+  return None, None
+
+
 def _scfg(cfg, overrides):
   if isinstance(cfg, SamplingConfig):
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
@@ -471,8 +540,9 @@ def _scfg(cfg, overrides):
 def generate(params, model_cfg, prompt_ids: Sequence[Sequence[int]], cfg, rng, eos_id: int,
              stop_id: Optional[int] = None, *, pad_multiple: int = 16,
              **overrides) -> list[list[int]]:
-  """New token ids per prompt, ending with (and including) EOS / stop_id if one was produced.
+  """New token ids per row, ending with (and including) EOS / stop_id if one was produced.
 
+  One row per prompt, or num_return_sequences consecutive rows per prompt (see `decode`).
   cfg: the flat config (its decoding fields) or a SamplingConfig; overrides replace its fields
   (e.g. max_new_tokens=50). rng: a PRNG key. Equal keys give equal outputs.
   """
@@ -489,9 +559,10 @@ def generate_stream(params, model_cfg, prompt_ids: Sequence[Sequence[int]], cfg,
                     pad_multiple: int = 16, **overrides) -> Iterator[list[list[int]]]:
   """Like `generate`, but yields each prompt's newly produced ids about every `every` steps.
 
-  Each yield is a list (one per prompt) of the ids produced since the previous yield ([] once a
-  row has finished); concatenated, they equal `generate`'s output for the same rng. The cache
-  stays on the device (donated between chunks); the host syncs once per chunk, not per token.
+  Each yield is a list (one per row, as `generate`) of the ids produced since the previous
+  yield ([] once a row has finished); concatenated, they equal `generate`'s output for the
+  same rng. The cache stays on the device (donated between chunks); the host syncs once per
+  chunk, not per token.
   Beam search yields once, at the end, because beams reorder until then.
   """
   scfg = _scfg(cfg, overrides)
@@ -505,7 +576,8 @@ def generate_stream(params, model_cfg, prompt_ids: Sequence[Sequence[int]], cfg,
     return
   kw = dict(model_cfg=model_cfg, scfg=_static(scfg), beam=False)
   st = _start_jit(params, prompt_BT, valid_BT, rng, terminal_ids, **kw)
-  step, emitted, ended = 1, [0] * len(prompt_ids), [False] * len(prompt_ids)
+  rows = len(prompt_ids) * scfg.num_return_sequences
+  step, emitted, ended = 1, [0] * rows, [False] * rows
   while True:
     if step < scfg.max_new_tokens and not all(ended):
       st = _advance_jit(params, st, step + every, **kw)

@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from llm_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
 
@@ -58,7 +60,7 @@ def _parse_rules(value) -> list[tuple[str, object]]:
     for item in filter(None, (s.strip() for s in value.split(","))):
       name, sep, target = item.partition(":")
       if not sep:
-        raise ValueError(f"logical_axis_rules={value!r}: entry {item!r} is not logical:mesh "
+        raise UserError(f"logical_axis_rules={value!r}: entry {item!r} is not logical:mesh "
                          f"(e.g. 'vocab:none,embed:fsdp+tensor')")
       target = target.strip()
       pairs.append((name.strip(), None if target.lower() in ("", "none") else
@@ -67,12 +69,12 @@ def _parse_rules(value) -> list[tuple[str, object]]:
     pairs = [tuple(p) for p in value]
   for pair in pairs:
     if len(pair) != 2 or pair[0] not in LOGICAL_AXES:
-      raise ValueError(f"logical_axis_rules: {pair!r} must be (logical, mesh) with logical one of "
+      raise UserError(f"logical_axis_rules: {pair!r} must be (logical, mesh) with logical one of "
                        f"{', '.join(LOGICAL_AXES)}")
     target = pair[1]
     axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
     if any(a not in MESH_AXES for a in axes):
-      raise ValueError(f"logical_axis_rules: {pair!r} maps to {target!r}; mesh axes are "
+      raise UserError(f"logical_axis_rules: {pair!r} maps to {target!r}; mesh axes are "
                        f"{', '.join(MESH_AXES)} (join several with '+', or none)")
   return pairs
 
@@ -100,17 +102,17 @@ def _shapes(cfg, n_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   n_dcn = math.prod(dcn)
   where = (f"mesh_shape={tuple(cfg.mesh_shape)} x dcn_mesh_shape={tuple(dcn)}")
   if n_devices % n_dcn:
-    raise ValueError(f"{where}: {n_devices} devices do not split into {n_dcn} slices/hosts; fix "
+    raise UserError(f"{where}: {n_devices} devices do not split into {n_dcn} slices/hosts; fix "
                      f"dcn_mesh_shape (its product is the number of slices or hosts)")
   per_slice = n_devices // n_dcn
   known = math.prod(s for s in ici if s != -1)
   if -1 in ici:
     if per_slice % known:
-      raise ValueError(f"{where}: {per_slice} devices per slice/host are not divisible by "
+      raise UserError(f"{where}: {per_slice} devices per slice/host are not divisible by "
                        f"{known}; change mesh_shape")
     ici[ici.index(-1)] = per_slice // known
   if math.prod(ici) != per_slice:
-    raise ValueError(f"{where} uses {math.prod(ici) * n_dcn} devices but {n_devices} are "
+    raise UserError(f"{where} uses {math.prod(ici) * n_dcn} devices but {n_devices} are "
                      f"present; use -1 for one axis of mesh_shape")
   return tuple(ici), tuple(dcn)
 
@@ -128,7 +130,7 @@ def _hybrid_devices(ici, dcn, devices):
   slices = {getattr(d, "slice_index", None) for d in devices}
   by_slice = None not in slices and len(slices) == n_dcn
   if not by_slice and len({d.process_index for d in devices}) != n_dcn:
-    raise ValueError(f"dcn_mesh_shape={dcn} asks for {n_dcn} slices/hosts but the devices come from "
+    raise UserError(f"dcn_mesh_shape={dcn} asks for {n_dcn} slices/hosts but the devices come from "
                      f"{len(slices)} slice(s) and {len({d.process_index for d in devices})} "
                      f"process(es); set dcn_mesh_shape to match (or (1, 1, 1) on one host)")
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
@@ -148,7 +150,7 @@ def make_mesh(cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.
   mb = cfg.get("micro_batch_size") if hasattr(cfg, "get") else None
   dp = shape[0] * shape[1]
   if mb is not None and mb % dp:
-    raise ValueError(f"micro_batch_size={mb} is not divisible by the data-parallel size "
+    raise UserError(f"micro_batch_size={mb} is not divisible by the data-parallel size "
                      f"data x fsdp = {dp} of mesh {dict(zip(MESH_AXES, shape))}: set "
                      f"--config.micro_batch_size to a multiple of {dp} or change mesh_shape")
   # Auto axes: Linen's logical constraints are assertions under Explicit axes (jax >= 0.11 default).
@@ -368,10 +370,10 @@ def initialize_distributed(coordinator_address: str | None = None,
                               ("--num_processes", num_processes), ("--process_id", process_id))
                if v is None]
     if missing:
-      raise ValueError(f"multi-host flags: {', '.join(missing)} missing; give all three "
+      raise UserError(f"multi-host flags: {', '.join(missing)} missing; give all three "
                        f"(or none, where SLURM or a TPU VM pod is detected automatically)")
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+      raise UserError(f"--process_id={process_id} must be in [0, --num_processes="
                        f"{num_processes})")
     kind = "flags"
   else:

@@ -11,6 +11,7 @@ the loss are float32.
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -21,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llm_jax import errors
 from llm_jax import metrics as metrics_lib
 from llm_jax import model as model_lib
 from llm_jax import optimizer as optimizer_lib
 from llm_jax import sharding as sharding_lib
+from llm_jax import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -275,19 +278,26 @@ OOM_ADVICE = (
     "Check what fits first with --mode=estimate --compile.")
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
 def sample_lines(trainer, params, tokenizer, cfg, n_tokens=64, n_rows=2) -> list[str]:
-  """A few sampled continuations of a fresh document, to eyeball progress at each evaluation."""
+  """A few sampled continuations of a fresh document, to eyeball progress at each evaluation.
+
+  At most `n_tokens`, capped to what the model holds: a learned position table has
+  max_position_embeddings slots (one is the EOS the rows start from), and rope / sinusoidal
+  models stay within max_seq_len, the context they were trained on.
+  """
   from llm_jax import sampling  # late: sampling is optional to training
+  n_tokens = min(n_tokens, sampling.max_new_tokens_for(1, trainer.model_cfg, cfg.max_seq_len))
   with cfg.unlocked():
     scfg = cfg.copy_and_resolve_references()
   with scfg.unlocked():
     scfg.max_new_tokens = n_tokens
     scfg.min_length = 0
+    scfg.num_return_sequences = 1
   rows = sampling.generate(params, trainer.model_cfg, [[tokenizer.eos_id]] * n_rows, scfg,
                            jax.random.key(cfg.seed), eos_id=tokenizer.eos_id)
   return [tokenizer.decode(r) for r in rows]
@@ -305,30 +315,40 @@ def build_data(cfg, workdir: str, tokenizer=None):
   return data if data is not None else data_lib.build(cfg, workdir, tokenizer=tokenizer)
 
 
-def run(cfg, workdir: str, overrides=None) -> int:
-  """Trains `cfg` in `workdir`, resuming from its latest checkpoint. Returns an exit code."""
+def run(cfg, workdir: str) -> int:
+  """Trains `cfg` in `workdir`, resuming from its latest checkpoint. Returns an exit code.
+
+  Holds the workdir's lock (workdir.lock) for the whole run: a second training run there is
+  refused with WorkdirError. Bad input (errors.UserError: the workdir, the dataset, a checkpoint
+  that does not fit) is raised for main.py to report, after removing the workdir if this call
+  created it.
+  """
+  created = not os.path.exists(workdir)
+  try:
+    with workdir_lib.lock(workdir):
+      return _run_locked(cfg, workdir)
+  except errors.UserError:
+    if created and jax.process_index() == 0:  # bad input leaves no new, half-made workdir
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _run_locked(cfg, workdir: str) -> int:
   from tqdm import tqdm
   from llm_jax import checkpoint as ckpt_lib
 
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  try:
-    data = build_data(cfg, workdir)
-    steps = total_steps(cfg, data.steps_per_epoch)
-    trainer = Trainer(cfg, steps)
-  except ValueError as e:  # DataError, or a mesh that does not fit the devices
-    print(f"error: {e}", flush=True)
-    return 2
+  data = build_data(cfg, workdir)
+  steps = total_steps(cfg, data.steps_per_epoch)
+  trainer = Trainer(cfg, steps)
   train_iter = data.train_iter()
   ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch,
                               cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"))
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
+  writer = None
   try:
-    try:
-      state = ckpt.restore_or_init(trainer, train_iter, overrides)
-    except ckpt_lib.CheckpointError as e:
-      print(f"error: {e}", flush=True)
-      return 2
+    state = ckpt.restore_or_init(trainer, train_iter)
+    # Only now: a checkpoint this config cannot use is refused before anything is written.
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
     start = int(jax.device_get(state.step))
     n_params = metrics_lib.count_params(trainer.abstract_params)
     fpt = metrics_lib.flops_per_token(cfg, n_params)
@@ -375,56 +395,80 @@ def run(cfg, workdir: str, overrides=None) -> int:
                         tok_s=f"{tps:,.0f}", **({"mfu": f"{m:.1%}"} if m is not None else {}),
                         refresh=False)
         t0, steps_timed = time.perf_counter(), 0
-      if do_eval:
-        # Periodic evaluations may be capped (eval_batches); the final one covers the whole split.
-        ev = trainer.evaluate(state.params, data.eval_batches(),
-                              None if step == steps else cfg.eval_batches, data.chars_per_token)
-        writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-        # Every process samples (the params are spread over all of them); process 0 prints.
-        lines = (sample_lines(trainer, state.params, data.tokenizer, cfg)
-                 if cfg.sample_every_eval else [])
-        if is_main:
-          bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
-                    f"{ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}, "
-                    f"train loss {last.get('train/loss', float('nan')):.4f}")
-          for line in lines:
-            bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
-        ckpt.record_eval(step, ev["loss"])
-        t0 = time.perf_counter()  # evaluation time is not training throughput
       stop = ckpt.should_stop(step, cfg.log_every)
       if do_save or stop:
         # The logged loss is of the params before this step's update; the state about to be
         # saved is after it, so check that state itself: one forward pass on this step's batch.
         running_min = _check_loss(step, trainer.loss_of(state.params, batch), running_min,
                                   cfg.loss_explosion_factor)
+      ev = None
+      if do_eval:
+        # The eval loss goes into the checkpoint (the best one is kept), so it comes first, but
+        # the step is saved even when the evaluation fails; sampling comes after the save.
+        try:
+          # Periodic evaluations may be capped (eval_batches); the final one is whole.
+          ev = trainer.evaluate(state.params, data.eval_batches(),
+                                None if step == steps else cfg.eval_batches, data.chars_per_token)
+        except BaseException:
+          if do_save or stop:
+            ckpt.save(step, state, train_iter)
+          raise
+        writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
+        ckpt.record_eval(step, ev["loss"])
+      if do_save or stop:
         ckpt.save(step, state, train_iter)
-        t0 = time.perf_counter()
+      if ev is not None:
+        lines = _eval_samples(trainer, state.params, data.tokenizer, cfg, step)
+        if is_main:
+          bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
+                    f"{ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}, "
+                    f"train loss {last.get('train/loss', float('nan')):.4f}")
+          for line in lines:
+            bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
+      if do_eval or do_save or stop:
+        t0 = time.perf_counter()  # evaluation and saving time is not training throughput
       bar.update(1)
       if stop:
         bar.close()
         ckpt.wait()
         print(f"stopped by a signal at step {step}: checkpoint saved in {workdir}; run the same "
               f"command to resume", flush=True)
-        return 0
+        return errors.OK
     bar.close()
   except TrainingDiverged as e:
     logging.error("training stopped: %s", e)
-    print(f"error: training stopped: {e}", flush=True)
-    return 1
-  except KeyboardInterrupt:
-    raise
+    errors.report(f"training stopped: {e}")
+    return errors.DIVERGED
   except Exception as e:  # pylint: disable=broad-except
-    if _is_oom(e):
-      print(f"error: {OOM_ADVICE}\n({str(e).splitlines()[0][:300]})", flush=True)
-      return 3
+    if is_oom(e):
+      errors.report(f"{OOM_ADVICE}\n({str(e).splitlines()[0][:300]})")
+      return errors.OOM
     raise
   finally:
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   if is_main:
     png = metrics_lib.plot_losses(writer.jsonl_path, os.path.join(workdir, "loss_curves.png"))
     print(f"done: {workdir} holds checkpoints, metrics.jsonl, tensorboard/ and {png}")
-  return 0
+  return errors.OK
+
+
+def _eval_samples(trainer, params, tokenizer, cfg, step) -> list[str]:
+  """sample_lines at an evaluation, if asked for; a failure there is a warning, not the run's end.
+
+  Every process samples (the params are spread over all of them); process 0 prints.
+  """
+  if not cfg.sample_every_eval:
+    return []
+  try:
+    return sample_lines(trainer, params, tokenizer, cfg)
+  except Exception as e:  # pylint: disable=broad-except
+    if is_oom(e):
+      raise
+    logging.warning("could not sample at step %d (training goes on; the step is saved): %s: %s",
+                    step, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+    return []
 
 
 def load_for_inference(cfg, workdir: str):
@@ -442,19 +486,9 @@ def load_for_inference(cfg, workdir: str):
 
 def evaluate_workdir(cfg, workdir: str) -> int:
   """--mode=eval: loss, accuracy, perplexity and bits/char of a saved checkpoint."""
-  from llm_jax import checkpoint as ckpt_lib
-  from llm_jax import data as data_lib
-  try:
-    trainer, params, step, tok = load_for_inference(cfg, workdir)
-  except ckpt_lib.CheckpointError as e:
-    print(f"error: {e}", flush=True)
-    return 2
-  try:
-    data = build_data(cfg, workdir, tokenizer=tok)
-  except data_lib.DataError as e:
-    print(f"error: {e}", flush=True)
-    return 2
+  trainer, params, step, tok = load_for_inference(cfg, workdir)
+  data = build_data(cfg, workdir, tokenizer=tok)
   ev = trainer.evaluate(params, data.eval_batches(), None, data.chars_per_token)  # whole split
   print(f"eval of checkpoint {step} in {workdir}: " + ", ".join(
       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()), flush=True)
-  return 0
+  return errors.OK

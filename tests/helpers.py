@@ -1,5 +1,7 @@
 """Shared test helpers."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,3 +25,17 @@ def random_params(shapes, seed=0, std=0.05):
     return jnp.asarray(sd * rng.normal(size=s.shape), s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def write_corpus(root, train_files=4, lines=60, val_lines=30):
+  """A seeded text: corpus of pseudo-words, <root>/train/<i>.txt and <root>/val/0.txt: enough
+  for a 128-piece tokenizer (byte_fallback off) and a few dozen rows of 16 tokens."""
+  rng = np.random.default_rng(0)
+  syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ba", "de", "fo", "gu"]
+  words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(200)]
+  for split, n_files, n_lines in (("train", train_files, lines), ("val", 1, val_lines)):
+    os.makedirs(os.path.join(root, split))
+    for i in range(n_files):
+      with open(os.path.join(root, split, f"{i}.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 10))).capitalize() + "."
+                          for _ in range(n_lines)) + "\n")

@@ -4,8 +4,10 @@ Killed with SIGKILL in the middle of a checkpoint write and restarted == uninter
 params, identical loss per step), and the cut-short write is never taken for a checkpoint;
 SIGTERM saves the current step and exits 0; a damaged latest checkpoint falls back to the one
 before it; a checkpoint written on 8 devices restores on 4 and on 1 with the same eval loss;
-the best and the latest checkpoints are kept; an incompatible config is refused; a diverged run
-writes nothing of its bad state; eval/sample load the chosen step.
+the best and the latest checkpoints are kept; an incompatible config is refused; a config whose
+optimizer state differs resumes a healthy checkpoint with a fresh optimizer state, never calling
+it damaged (also when a newer step is damaged); a diverged run writes nothing of its bad state;
+eval/sample load the chosen step.
 
 Runs are subprocesses (a signal needs a process; the device count is fixed when jax starts). The
 kill and SIGTERM runs go through `_SLOW_MAIN`, which is main.py with a sleep before each train
@@ -29,7 +31,10 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+
+import helpers  # tests/helpers.py
 
 from llm_jax import checkpoint
 from llm_jax import config
@@ -472,6 +477,120 @@ def test_incompatible_config_is_refused_and_compatible_change_is_logged(corpus, 
   assert "learning_rate: 0.003 -> 0.001" in caplog.text
   assert int(state.step) == N
   _assert_bitwise_equal(jax.device_get(state.params), reference["params"])
+
+
+def _saved_run(corpus, workdir, steps=(2, 4), **overrides):
+  """A workdir with checkpoints at `steps` of random params and a used optimizer state (Adam
+  moments non-zero), saved by the project's Checkpointer without training (nothing compiles)."""
+  cfg = _cfg(corpus, **overrides)
+  trainer = _one_device_trainer(cfg)
+  it = data_lib.build(cfg, workdir).train_iter()
+  ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=69)
+  try:
+    for s in steps:
+      params = helpers.random_params(trainer.abstract_params, seed=s)
+      opt_state = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x,
+                               trainer.tx.init(params))
+      while it.get_state()["next_index"] < s:  # the position a run at step s is at
+        next(it)
+      ckpt.save(s, train.TrainState(step=jnp.asarray(s, jnp.int32), params=params,
+                                    opt_state=opt_state, rng=jax.random.key(s)), it)
+  finally:
+    ckpt.close()
+  return cfg
+
+
+def _files(directory):
+  return {os.path.join(d, f): os.path.getsize(os.path.join(d, f))
+          for d, _, fs in os.walk(directory) for f in fs}
+
+
+def _schedule_counts(opt_state):
+  """(Adam's step counts, the schedule's step counts) of an optax state."""
+  adam, sched = [], []
+  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+      x, (optax.ScaleByAdamState, optax.ScaleByScheduleState))):
+    if isinstance(node, optax.ScaleByAdamState):
+      adam.append(int(node.count))
+    elif isinstance(node, optax.ScaleByScheduleState):
+      sched.append(int(node.count))
+  return adam, sched
+
+
+@pytest.mark.parametrize("change", [
+    dict(max_grad_norm=0.0, num_train_steps=40),  # clipping's state leaves the optimizer tree
+    dict(grad_accum="multisteps", gradient_accumulation_steps=2, micro_batch_size=2),
+])
+def test_changed_optimizer_resumes_healthy_checkpoint_with_fresh_optimizer_state(
+    corpus, tmp_path, caplog, change):
+  workdir = str(tmp_path / "run")
+  saved_cfg = _saved_run(corpus, workdir)
+  saved = _load(workdir, saved_cfg)[0]
+  before = _files(workdir)
+  cfg = _cfg(corpus, **change)
+  trainer = _one_device_trainer(cfg)
+  data_iter = data_lib.build(cfg, workdir).train_iter()
+  ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=69)
+  try:
+    with caplog.at_level(logging.WARNING):
+      state = ckpt.restore_or_init(trainer, data_iter)
+  finally:
+    ckpt.close()
+  # Never called damaged, never moved: the checkpoint files are as they were.
+  assert "damaged" not in caplog.text
+  assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
+  assert _files(workdir) == before
+  # What matches is restored exactly; the optimizer state is this config's, fresh, with the
+  # learning-rate schedule at the restored step.
+  assert int(state.step) == 4
+  _assert_bitwise_equal(jax.device_get(state.params), saved)
+  np.testing.assert_array_equal(jax.random.key_data(state.rng),
+                                jax.random.key_data(jax.random.key(4)))
+  assert jax.tree.structure(state) == jax.tree.structure(trainer.abstract_state())
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+  assert moments and all(not np.any(np.asarray(x)) for x in moments)
+  adam, sched = _schedule_counts(state.opt_state)
+  assert adam == [0] and sched == [4]
+  # The warning names the fields that changed the optimizer, what was kept and the way back,
+  # and nothing else (num_train_steps changes the schedule's length, not the state's tree).
+  text = caplog.text
+  assert "NEW optimizer state" in text and "Restored: params, step, rng" in text
+  if "max_grad_norm" in change:
+    assert "max_grad_norm: 1.0 -> 0.0" in text and "--config.max_grad_norm=1.0" in text
+    assert "--config.num_train_steps" not in text
+  else:
+    assert "--config.grad_accum='scan'" in text
+    assert "--config.gradient_accumulation_steps=1" in text
+
+
+def test_damaged_newer_and_changed_older_checkpoint(corpus, tmp_path, caplog, monkeypatch):
+  workdir = str(tmp_path / "run")
+  saved_cfg = _saved_run(corpus, workdir)
+  older = _load(workdir, saved_cfg, 2)[0]
+  _truncate_largest_file(os.path.join(checkpoint.checkpoint_dir(workdir), "4", "params"))
+  cfg = _cfg(corpus, max_grad_norm=0.0)
+  trainer = _one_device_trainer(cfg)
+  data_iter = data_lib.build(cfg, workdir).train_iter()
+  ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=69)
+  try:
+    with caplog.at_level(logging.WARNING):
+      state = ckpt.restore_or_init(trainer, data_iter)
+    # The damaged step is set aside; the healthy older one, only changed, is used and kept.
+    assert int(state.step) == 2 and data_iter.get_state() == {"next_index": 2}
+    _assert_bitwise_equal(jax.device_get(state.params), older)
+    assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", "4"))
+    assert _steps_on_disk(workdir) == [2]
+    assert "NEW optimizer state" in caplog.text
+    # A data position saved by another number of processes is taken from the step instead.
+    fresh = data_lib.build(cfg, workdir).train_iter()
+    checkpoint._position_at(fresh, 2)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(next(fresh)["inputs"], next(data_iter)["inputs"])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    params_target, train_target = checkpoint._restore_targets(trainer)  # pylint: disable=protected-access
+    plan = checkpoint._plan(ckpt.mngr, 2, cfg, params_target, train_target)  # pylint: disable=protected-access
+    assert plan.data == checkpoint._DATA_FROM_STEP  # pylint: disable=protected-access
+  finally:
+    ckpt.close()
 
 
 # --- divergence -------------------------------------------------------------------------------

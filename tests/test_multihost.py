@@ -21,6 +21,7 @@ from llm_jax import data as data_lib
 from llm_jax import sharding
 from llm_jax import train
 
+import helpers  # tests/helpers.py
 import run_once  # tests/run_once.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,20 +36,8 @@ TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, 
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def _write_corpus(root):
-  rng = np.random.default_rng(0)
-  syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ba", "de", "fo", "gu"]
-  words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(200)]
-  for split, n_files, n_lines in (("train", 4, 60), ("val", 1, 30)):
-    os.makedirs(os.path.join(root, split))
-    for i in range(n_files):
-      with open(os.path.join(root, split, f"{i}.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 10))).capitalize() + "."
-                          for _ in range(n_lines)) + "\n")
-
-
 def _prepare(root):
-  _write_corpus(os.path.join(root, "text"))
+  helpers.write_corpus(os.path.join(root, "text"))
   f = {**TINY, "dataset": f"text:{root}/text/train", "validation": f"{root}/text/val/*.txt",
        "data_dir": os.path.join(root, "data"), "tokenizer_path": os.path.join(root, "tok.model")}
   data_lib.build(config.load(BASE_CONFIG, **f), None, 0, 1)

@@ -5,6 +5,7 @@ traced, so changing them does not recompile) and every reference forward pass go
 jitted function on a fixed [8 or 128, 24] shape.
 """
 
+import dataclasses
 import functools
 import itertools
 
@@ -271,6 +272,42 @@ def test_sampling_is_seeded_and_streaming_matches(tiny):
   assert sampling.generate(params, mcfg, PROMPTS, SAMPLED, jax.random.key(7), EOS) == a
 
 
+@jax.threefry_partitionable(False)
+def test_each_row_samples_from_its_own_stream(tiny):
+  """Row 0 of a batch is the prompt sampled alone; more prompts (and the left padding a longer
+  one brings) change no row; num_return_sequences gives each prompt distinct samples whose
+  first is the one-sample row. By construction (a key per row), not by how jax happens to lay
+  out the random bits of one [B, V] draw: so with partitionable threefry off, too."""
+  mcfg, params = tiny
+  batch, _ = _decode(mcfg, params, PROMPTS, SAMPLED, rng=7)
+  alone, _ = _decode(mcfg, params, PROMPTS[:1], SAMPLED, rng=7)
+  assert alone[0] == batch[0]
+  # Two more prompts, one of 18 tokens (the batch pads to 32, not 16), 3 samples each.
+  longer = PROMPTS + [list(range(30, 48)), [25]]
+  several = dataclasses.replace(SAMPLED, num_return_sequences=3)
+  rows, _ = _decode(mcfg, params, longer, several, rng=7)
+  assert len(rows) == 15 and rows[0::3][:3] == batch
+  for i in range(5):
+    assert len({tuple(r) for r in rows[3 * i:3 * i + 3]}) == 3  # distinct streams
+  assert sampling.generate(params, mcfg, longer, several, jax.random.key(7), EOS) == rows
+
+
+def test_generation_length_against_the_positions_the_model_holds():
+  learned = model_lib.ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_kv_heads=4,
+                                  n_layers=2, d_ff=64, d_k=8, d_v=8, max_position_embeddings=16,
+                                  position_embedding="learned")
+  rope = dataclasses.replace(learned, position_embedding="rope")
+  scfg = sampling.SamplingConfig(max_new_tokens=10)
+  assert sampling.context_problem(6, learned, scfg, 16) == (None, None)
+  error, _ = sampling.context_problem(7, learned, scfg, 16)
+  assert "17 positions" in error and "max_new_tokens<=9" in error
+  assert sampling.context_problem(6, rope, scfg, 16) == (None, None)
+  error, warning = sampling.context_problem(7, rope, scfg, 16)
+  assert error is None and "max_seq_len=16" in warning
+  assert sampling.max_new_tokens_for(1, learned, 64) == 15
+  assert sampling.max_new_tokens_for(1, rope, 64) == 63
+
+
 def test_one_beam_is_greedy(tiny):
   mcfg, params = tiny
   free, _ = _decode(mcfg, params, PROMPTS, GREEDY, eos=49)
@@ -294,19 +331,21 @@ def test_beam_search_finds_the_exhaustive_best(length_penalty):
   # K = V * (V - 1) keeps every non-terminal prefix alive, so beam search must be exhaustive.
   scfg = sampling.SamplingConfig(max_new_tokens=n, do_sample=False, num_beams=v * (v - 1),
                                  length_penalty=length_penalty, check_every=2)
-  got, logps = _decode(mcfg, params, prompts, scfg, pad_multiple=1)
+  # The best 3 hypotheses per prompt, best first (rows 3 * prompt + rank).
+  scfg = dataclasses.replace(scfg, num_return_sequences=3)
+  top3, logps = _decode(mcfg, params, prompts, scfg, pad_multiple=1)
   fulls = list(itertools.product(range(v), repeat=n))
   for row, prompt in enumerate(prompts):
     ref = _ref_logp(mcfg, params, [prompt + list(f) for f in fulls])[:, len(prompt) - 1:]
-    best, best_score = None, -np.inf
+    scores = {}
     for full, logp in zip(fulls, ref):
       for length in range(1, n + 1):
         seq = full[:length]
         if EOS in seq[:-1] or (length < n and seq[-1] != EOS):
           continue  # only the last token may be EOS; shorter sequences must end with it
-        score = sum(logp[i, tok] for i, tok in enumerate(seq)) / length ** length_penalty
-        if score > best_score:
-          best, best_score = list(seq), score
-    assert got[row] == best, (length_penalty, got[row], best)
-    np.testing.assert_allclose(logps[row].sum() / len(best) ** length_penalty, best_score,
+        scores[seq] = sum(logp[i, tok] for i, tok in enumerate(seq)) / length ** length_penalty
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    assert top3[3 * row:3 * row + 3] == [list(r) for r in ranked[:3]], (length_penalty, row)
+    best = ranked[0]
+    np.testing.assert_allclose(logps[3 * row].sum() / len(best) ** length_penalty, scores[best],
                                atol=1e-4)

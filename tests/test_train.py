@@ -21,6 +21,7 @@ import helpers
 from llm_jax import checkpoint
 from llm_jax import config
 from llm_jax import data
+from llm_jax import errors
 from llm_jax import metrics
 from llm_jax import sharding
 from llm_jax import train
@@ -302,8 +303,9 @@ def test_run_stops_on_divergence_before_saving(text_dir, tmp_path, capsys):
   cfg = _run_cfg(text_dir, tmp_path, learning_rate=1e9, max_grad_norm=0.0, num_train_steps=20,
                  log_every=1, save_steps=1, eval_steps=0)
   workdir = tmp_path / "run"
-  assert train.run(cfg, str(workdir)) != 0
-  out = capsys.readouterr().out
+  assert train.run(cfg, str(workdir)) == errors.DIVERGED
+  captured = capsys.readouterr()
+  out = captured.out + captured.err
   # Step 1's logged loss is of the initial params, but the state a save at step 1 would write is
   # after the lr=1e9 update: the guard checks that state before saving it.
   match = re.search(r"training stopped: .*at step (\d+)\b.*learning_rate", out)
@@ -368,3 +370,31 @@ def test_run_writes_metrics_tensorboard_and_plot(text_dir, tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in events), events
   with open(workdir / "loss_curves.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluation_failures_never_cost_the_step_checkpoint(text_dir, tmp_path, monkeypatch,
+                                                            caplog):
+  # Learned positions over 16 slots: the eval sample (64 tokens asked) must be capped to fit.
+  cfg = _run_cfg(text_dir, tmp_path, position_embedding="learned", num_train_steps=4,
+                 eval_steps=2, save_steps=2, log_every=2, sample_every_eval=True)
+  sampled, evaluations = [], []
+  real_sample_lines, real_evaluate = train.sample_lines, train.Trainer.evaluate
+
+  def sample_lines(*args, **kwargs):
+    sampled.append(real_sample_lines(*args, **kwargs))
+    raise RuntimeError("sampling broke")  # after a real sample: a failure here is a warning
+
+  def evaluate(self, *args, **kwargs):
+    evaluations.append(real_evaluate(self, *args, **kwargs))
+    if len(evaluations) == 2:
+      raise RuntimeError("evaluation broke")  # at step 4, due a save
+    return evaluations[-1]
+
+  monkeypatch.setattr(train, "sample_lines", sample_lines)
+  monkeypatch.setattr(train.Trainer, "evaluate", evaluate)
+  workdir = tmp_path / "run"
+  with pytest.raises(RuntimeError, match="evaluation broke"):
+    train.run(cfg, str(workdir))
+  assert len(sampled) == 1 and len(sampled[0]) == 2
+  assert "could not sample at step 2" in caplog.text and "sampling broke" in caplog.text
+  assert _saved_steps(workdir) == ["2", "4"]  # step 4 saved although its evaluation failed
