@@ -4,6 +4,7 @@
     python main.py --config=configs/default.py --workdir=runs/default --mode=eval
     python main.py --config=configs/default.py --workdir=runs/default --mode=sample --prompt="ROMEO:"
     python main.py --config=configs/small.py --mode=estimate [--compile]
+    python main.py --config=configs/large.py --mode=compile --config.compile_topology=v5p-128
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 """
 
@@ -18,10 +19,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "estimate"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "estimate", "compile"],
+                          "What to do.")
 _COMPILE = flags.DEFINE_bool("compile", False,
-                             "With --mode=estimate: also compile one train step on these devices "
-                             "and print XLA's memory analysis (the 'will it fit' check).")
+                             "With --mode=estimate: also print --mode=compile's report (one train "
+                             "step compiled for these devices or --config.compile_topology).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt(s) for --mode=sample (repeatable).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None,
                                    "File of prompts for --mode=sample, separated by blank lines.")
@@ -51,6 +53,30 @@ def _honour_omp_num_threads():
   if n.isdigit() and int(n) > 0 and hasattr(os, "sched_setaffinity"):
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, cpus[:int(n)])
+
+
+def _choose_platform(cfg):
+  """Keeps jax off the TPU backend where no TPU is attached (libtpu, installed for --mode=compile,
+  would otherwise start, warn about the missing TPU and take its lock file), and off the host's
+  devices when compiling for a TPU slice, which gets compile-only devices of its own.
+  Runs before anything initialises a backend; JAX_PLATFORMS, when set, wins.
+  """
+  import jax
+  if jax.config.jax_platforms or "JAX_FORCE_TPU_INIT" in os.environ:
+    return
+  if cfg.compile_topology and (_MODE.value == "compile" or _COMPILE.value):
+    jax.config.update("jax_platforms", "cpu")
+    return
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    return
+  try:
+    from jax._src import hardware_utils  # the checks jax's own backend discovery makes
+    if (hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0
+        and not hardware_utils.has_visible_nvidia_gpu()):
+      jax.config.update("jax_platforms", "cpu")
+  except (ImportError, AttributeError):
+    pass
 
 
 def _enable_compilation_cache(cfg):
@@ -155,13 +181,16 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
   _initialize_distributed()
   cfg = _finalized()
+  _choose_platform(cfg)
   _enable_compilation_cache(cfg)
-  if _MODE.value == "estimate":
+  if _MODE.value in ("estimate", "compile"):
     from llm_jax import sizing
-    est = sizing.estimate(cfg)
-    compiled = sizing.compiled_memory(cfg) if _COMPILE.value else None
-    print(sizing.report(cfg, est, compiled))
-    return
+    if _MODE.value == "estimate":
+      print(sizing.report(cfg, sizing.estimate(cfg)), flush=True)
+      if not _COMPILE.value:
+        return
+      print(flush=True)
+    sys.exit(sizing.run_compile(cfg))
   workdir = _need_workdir()
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   from llm_jax import train
