@@ -17,7 +17,6 @@ import math
 import os
 import pickle
 import re
-import sys
 import time
 
 import jax
@@ -345,7 +344,7 @@ def _device_hbm(device) -> int | None:
     return None
 
 
-def compile_report(cfg, devices=None, slice_=None) -> tuple[CompileReport, object]:
+def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
   """Compiles the train step of `cfg` for `devices` (default: `target_devices(cfg)`).
 
   Returns (report, compiled executable or None when the compiler ran out of memory). Raises
@@ -354,8 +353,9 @@ def compile_report(cfg, devices=None, slice_=None) -> tuple[CompileReport, objec
   from llm_jax import sharding  # pylint: disable=g-import-not-at-top
   from llm_jax import topology  # pylint: disable=g-import-not-at-top
   from llm_jax import train  # pylint: disable=g-import-not-at-top  (train imports sizing's neighbours)
+  slice_ = topology.parse(cfg.compile_topology) if cfg.compile_topology else None
   if devices is None:
-    devices, slice_ = target_devices(cfg)
+    devices, _ = target_devices(cfg)
   mesh = sharding.make_mesh(cfg, devices)
   trainer = train.Trainer(cfg, total_steps=cfg.warmup_steps + 1, mesh=mesh)
   t0 = time.perf_counter()
