@@ -429,7 +429,7 @@ def format_report(cfg, r: CompileReport) -> str:
     for k, v in r.memory.items():
       lines.append(f"  {k:<40}{_fmt_bytes(v)}")
     share = f"  ({r.peak_bytes / r.hbm_bytes:.1%} of {hbm} HBM)" if r.hbm_bytes else ""
-    lines.append(f"  {'peak: args + outputs - aliased + temps + code':<40}"
+    lines.append(f"  {'peak (args+outputs-aliased+temps+code)':<40}"
                  f"{_fmt_bytes(r.peak_bytes)}{share}")
     verdict = {True: "FITS", False: f"DOES NOT FIT in {hbm} of HBM",
                None: f"no HBM figure for {r.device_kind}: nothing to compare against"}[r.fits]

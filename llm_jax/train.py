@@ -249,8 +249,6 @@ class Trainer:
     return self._train_step.lower(state, batch)
 
 
-
-
 def total_steps(cfg, steps_per_epoch: int) -> int:
   if cfg.num_train_steps is not None:
     return int(cfg.num_train_steps)

@@ -218,7 +218,7 @@ def test_doubling_the_micro_batch_doubles_temporaries_and_flops(fsdp):
 
 @needs_libtpu
 def test_data_parallel_all_reduces_the_gradients(v5e_2x2):
-  cfg, r, _ = _compile(v5e_2x2, mesh_shape=(-1, 1, 1))
+  cfg, r, _ = _compile(v5e_2x2, mesh_shape=(-1, 1, 1), n_layers=1)  # 1 layer: a cheaper compile
   assert r.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
   count, nbytes = r.collectives["all-reduce"]
   assert count >= 1 and nbytes >= 4 * _n_params(cfg)  # fp32 gradients, whole on every chip
@@ -229,7 +229,7 @@ def test_data_parallel_all_reduces_the_gradients(v5e_2x2):
 
 @needs_libtpu
 def test_two_slices_over_dcn_compile_as_one_mesh():
-  cfg = _cfg(mesh_shape=(-1, 1, 1), dcn_mesh_shape=(2, 1, 1))
+  cfg = _cfg(mesh_shape=(-1, 1, 1), dcn_mesh_shape=(2, 1, 1), n_layers=1)
   devices, sl = sizing.target_devices(cfg)
   assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
   r, _ = sizing.compile_report(cfg, devices)
