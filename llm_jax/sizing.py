@@ -459,14 +459,16 @@ def format_report(cfg, r: CompileReport) -> str:
     compute, memory = t
     step = max(compute, memory or 0.0)
     fmt = lambda s: f"{s:10.3f} s" if s >= 1 else f"{s * 1e3:10.2f} ms"
+    source = "XLA" if r.flops_xla else "model"
     lines += ["", f"Step time at the chip's peak ({r.peak_flops / 1e12:.0f} TFLOP/s bf16"
               + (f", {r.hbm_bytes_per_s / 1e9:.0f} GB/s HBM" if r.hbm_bytes_per_s else "") + ")",
-              f"  {'compute-bound (FLOPs / peak)':<40}{fmt(compute)}",
+              f"  {f'compute-bound ({source} FLOPs / peak)':<40}{fmt(compute)}",
               f"  {'HBM-bound (XLA bytes accessed / bandwidth)':<40}"
               + (fmt(memory) if memory else f"{'-':>10}"),
               f"  at best {fmt(step).strip()} per step = {r.tokens_per_step / step:,.0f} tokens/s "
-              f"per device, MFU {r.flops_model / (step * r.peak_flops):.0%} at most (with every "
-              f"collective hidden behind compute)"]
+              f"per device (every collective hidden behind compute)"
+              + (f", MFU {r.flops_model / (step * r.peak_flops):.0%} at most" if r.flops_xla else
+                 "; the MFU bound needs XLA's count (scan_layers=False)")]
   return "\n".join(lines)
 
 
