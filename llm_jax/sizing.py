@@ -356,6 +356,10 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
   slice_ = topology.parse(cfg.compile_topology) if cfg.compile_topology else None
   if devices is None:
     devices, _ = target_devices(cfg)
+  if slice_ is not None:
+    # A compile-only executable cannot be loaded back from the persistent cache (no TPU client):
+    # writing it there would only cost disk and a warning on the next run.
+    jax.config.update("jax_enable_compilation_cache", False)
   mesh = sharding.make_mesh(cfg, devices)
   trainer = train.Trainer(cfg, total_steps=cfg.warmup_steps + 1, mesh=mesh)
   t0 = time.perf_counter()
