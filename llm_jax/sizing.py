@@ -417,6 +417,7 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
 
 def format_report(cfg, r: CompileReport) -> str:
   """The report `--mode=compile` prints."""
+  from llm_jax import topology  # pylint: disable=g-import-not-at-top
   from llm_jax import train  # pylint: disable=g-import-not-at-top
   accum = (f"{cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} accumulation steps "
            f"({cfg.grad_accum})" if cfg.gradient_accumulation_steps > 1 else
@@ -437,6 +438,9 @@ def format_report(cfg, r: CompileReport) -> str:
                  f"{_fmt_bytes(r.peak_bytes)}{share}")
     verdict = {True: "FITS", False: f"DOES NOT FIT in {hbm} of HBM",
                None: f"no HBM figure for {r.device_kind}: nothing to compare against"}[r.fits]
+    if r.fits is False and topology.generation_of(r.device_kind):
+      verdict += (" (the TPU compiler accepted the program, so it is at the very edge: expect "
+                  "an out-of-memory error when it loads or runs)")
     lines.append(f"  {verdict}")
   if r.fits is False:
     lines.append(f"  Try: {train.OOM_FIXES}.")
