@@ -82,6 +82,8 @@ def _choose_platform(cfg):
 def _enable_compilation_cache(cfg):
   """Persist compiled programs beside the dataset cache: a rerun, resume or sample skips compiles."""
   import jax
+  if cfg.compile_topology and (_MODE.value == "compile" or _COMPILE.value):
+    return  # compile-only TPU programs cannot be loaded back (no TPU here): they would only fill it
   from llm_jax import config
   jax.config.update("jax_compilation_cache_dir", os.path.join(config.cache_dir(cfg), "jax"))
 

@@ -360,18 +360,12 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
   trainer = train.Trainer(cfg, total_steps=cfg.warmup_steps + 1, mesh=mesh)
   t0 = time.perf_counter()
   compiled, oom = None, None
-  cache = jax.config.jax_enable_compilation_cache
   try:
-    # A compile-only executable cannot be loaded back from the persistent cache (no TPU client):
-    # writing it there would only cost disk and a warning on the next run.
-    jax.config.update("jax_enable_compilation_cache", cache and slice_ is None)
     compiled = trainer.lower_train_step().compile()
   except Exception as e:  # pylint: disable=broad-except
     if not train._is_oom(e):  # pylint: disable=protected-access
       raise
     oom = str(e).splitlines()[0]
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache)
   compile_s = time.perf_counter() - t0
 
   device = mesh.devices.flat[0]
