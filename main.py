@@ -6,6 +6,7 @@
     python main.py --config=configs/small.py --mode=estimate [--compile]
     python main.py --mode=import --config.hf_path=/models/gpt2 --workdir=runs/gpt2   # Hugging Face
     python main.py --mode=export --workdir=runs/gpt2 --config.hf_export_dir=out/gpt2_hf
+    python main.py --config=configs/large.py --mode=compile --config.compile_topology=v5p-128
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 
 Exit codes (llm_jax/errors.py): 0 done, 1 training diverged, 2 bad config or input (or the
@@ -31,10 +32,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, f"Config file (default
                                           f"{_DEFAULT_CONFIG}).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics.")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "sample", "estimate", "import", "export"], "What to do.")
+                          ["train", "eval", "sample", "estimate", "compile", "import", "export"],
+                          "What to do.")
 _COMPILE = flags.DEFINE_bool("compile", False,
-                             "With --mode=estimate: also compile one train step on these devices "
-                             "and print XLA's memory analysis (the 'will it fit' check).")
+                             "With --mode=estimate: also print --mode=compile's report (one train "
+                             "step compiled for these devices or --config.compile_topology).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt(s) for --mode=sample (repeatable).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None,
                                    "File of prompts for --mode=sample, separated by blank lines.")
@@ -66,9 +68,18 @@ def _honour_omp_num_threads():
     os.sched_setaffinity(0, cpus[:int(n)])
 
 
+def _choose_platform(cfg):
+  """Keeps jax off a TPU backend that is not here (topology.choose_platform); before any backend."""
+  from llm_jax import topology
+  for_slice = bool(cfg.compile_topology) and (_MODE.value == "compile" or _COMPILE.value)
+  topology.choose_platform(compile_for_slice=for_slice)
+
+
 def _enable_compilation_cache(cfg):
   """Persist compiled programs beside the dataset cache: a rerun, resume or sample skips compiles."""
   import jax
+  if cfg.compile_topology and (_MODE.value == "compile" or _COMPILE.value):
+    return  # compile-only TPU programs cannot be loaded back (no TPU here): they would only fill it
   from llm_jax import config
   jax.config.update("jax_compilation_cache_dir", os.path.join(config.cache_dir(cfg), "jax"))
 
@@ -317,6 +328,7 @@ def _run(argv) -> int:
   given = list(config_flags.get_override_values(flags.FLAGS["config"]))
   if mode == "import":  # the model fields come from config.json, not from --config
     workdir = _need_workdir()
+    _choose_platform(_CONFIG.value)
     _initialize_distributed()
     return import_hf(workdir)
   try:
@@ -337,15 +349,18 @@ def _run(argv) -> int:
     prompts = list(_PROMPT.value or [])
     if _PROMPT_FILE.value:
       prompts += _read_prompt_file(_PROMPT_FILE.value)
-  workdir = None if mode == "estimate" else _need_workdir()
+  workdir = None if mode in ("estimate", "compile") else _need_workdir()
+  _choose_platform(cfg)
   _initialize_distributed()
   _enable_compilation_cache(cfg)
-  if mode == "estimate":
+  if mode in ("estimate", "compile"):
     from llm_jax import sizing
-    est = sizing.estimate(cfg)
-    compiled = sizing.compiled_memory(cfg) if _COMPILE.value else None
-    print(sizing.report(cfg, est, compiled))
-    return errors.OK
+    if mode == "estimate":
+      print(sizing.report(cfg, sizing.estimate(cfg)), flush=True)
+      if not _COMPILE.value:
+        return errors.OK
+      print(flush=True)
+    return sizing.run_compile(cfg)
   from llm_jax import checkpoint
   from llm_jax import train
   imported = checkpoint.imported_from(workdir)

@@ -2,6 +2,11 @@
 
 from setuptools import find_packages, setup
 
+# libtpu: the TPU runtime, and what --mode=compile needs to compile for a TPU slice from any
+# Linux x86-64 host. jax's own [tpu] extra pins the libtpu built for that jax; the explicit pin is
+# the pair tested here (jax 0.12.0.1, libtpu 0.0.50.1; a 214 MB wheel, 640 MB installed).
+TPU = ["jax[tpu]>=0.11.2,<0.13", "libtpu==0.0.50.*"]
+
 setup(
     name="llm_jax",
     version="0.1.0",
@@ -28,9 +33,9 @@ setup(
         # its own dependencies are not needed to read its data files.
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"] + TPU,  # tests compile for TPU topologies
         "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
-        "tpu": ["jax[tpu]>=0.11.2,<0.13"],
+        "tpu": TPU,
         # Only to remake tests/fixtures/hf or run `pytest -m hf` (any Python torch supports).
         "hf": ["torch", "transformers>=5", "sentencepiece", "protobuf"],
     },

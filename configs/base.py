@@ -133,4 +133,8 @@ def get_config():
   c.mesh_shape = (-1, 1, 1)  # +: devices along (data, fsdp, tensor); -1 = the rest
   c.dcn_mesh_shape = (1, 1, 1)  # +: hosts/slices along (data, fsdp, tensor)
   c.logical_axis_rules = ""  # +: overrides of sharding.RULES, e.g. "vocab:none,embed:fsdp+tensor" ('+' joins axes, none = replicated)
+
+  # --- Ahead-of-time compile (+): --mode=compile, "will it fit" before paying for the slice ---
+  c.compile_topology = ""  # +: TPU slice to compile for: Cloud name (v5p-128, v6e-256, v5litepod-16) or topology (v5p:4x4x4); "" = the devices present
+  c.compile_save = ""  # +: also write the compiled train step to this file, to load on the slice (same jax/libtpu)
   return c

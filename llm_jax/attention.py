@@ -145,17 +145,33 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, dropout_rate=0.0, dropou
 
 
 def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
-  """Causal self-attention with the TPU Pallas flash kernel (T == S, a multiple of 128)."""
+  """Causal self-attention with the TPU Pallas flash kernel (T == S, a multiple of 128).
+
+  XLA cannot partition a Pallas (Mosaic) kernel, so under a multi-device mesh it runs per shard
+  inside shard_map, split over batch and heads as the activations are (rows and heads attend
+  independently).
+  """
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # TPU-only module
+  from llm_jax import sharding  # late: sharding imports flax, unneeded by the pure functions
   n, k_heads = q_BTNH.shape[2], k_BSKH.shape[2]
   # The kernel wants [B, N, T, H] and the same head count for q, k and v.
   k_BSNH = jnp.repeat(k_BSKH, n // k_heads, axis=2)
   v_BSNH = jnp.repeat(v_BSKH, n // k_heads, axis=2)
-  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BTNH, k_BSNH, v_BSNH))
-  segments = None if segment_ids_BT is None else fa.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
-  out_BNTH = fa.flash_attention(q, k, v, segment_ids=segments, causal=True,
-                                sm_scale=1.0 / math.sqrt(q_BTNH.shape[-1]))
-  return jnp.swapaxes(out_BNTH, 1, 2).astype(q_BTNH.dtype)
+  scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+
+  def kernel(q_BTNH, k_BSNH, v_BSNH, *segment_ids_BT):
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BTNH, k_BSNH, v_BSNH))
+    segments = (fa.SegmentIds(q=segment_ids_BT[0], kv=segment_ids_BT[0]) if segment_ids_BT
+                else None)
+    out_BNTH = fa.flash_attention(q, k, v, segment_ids=segments, causal=True, sm_scale=scale)
+    return jnp.swapaxes(out_BNTH, 1, 2).astype(q_BTNH.dtype)
+
+  args = (q_BTNH, k_BSNH, v_BSNH) + (() if segment_ids_BT is None else (segment_ids_BT,))
+  spec = sharding.context_spec(("batch", "length", "heads", "head_dim"), q_BTNH.shape)
+  if spec is None:
+    return kernel(*args)
+  specs = (spec,) * 3 + (() if segment_ids_BT is None else (jax.sharding.PartitionSpec(*spec[:2]),))
+  return jax.shard_map(kernel, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, impl="xla", is_causal=False,

@@ -261,6 +261,15 @@ def _check(c):
     need(len(shape) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
          and list(shape).count(-1) <= 1,
          f"{f}={shape} must be 3 integers (data, fsdp, tensor), each >= 1 or one of them -1")
+  if c.compile_topology:
+    from llm_jax import topology  # late, and jax-free: names only
+    try:
+      topology.parse(c.compile_topology)
+    except topology.TopologyError as e:
+      p.append(str(e))
+    need(-1 not in tuple(c.dcn_mesh_shape),
+         f"dcn_mesh_shape={tuple(c.dcn_mesh_shape)} with compile_topology: give every entry (their "
+         f"product is the number of slices to compile for), no -1")
   return p
 
 
@@ -362,6 +371,7 @@ _READ_BY = {
     "sample": {"checkpoint_step"} | set(_DECODING),
     "estimate": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
     "export": {"checkpoint_step"},
+    "compile": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
 }
 # eval_batches caps the periodic evaluations only: --mode=eval always covers the whole split.
 

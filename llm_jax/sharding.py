@@ -261,6 +261,17 @@ def _vocab_plan(shape_BTV, mesh=None, rules=None):
   return spec, v_axes, b_axes + t_axes
 
 
+def context_spec(logical_axes, shape) -> P | None:
+  """The mesh PartitionSpec of an activation with these logical axes under the mesh and rules in
+  context (jax.set_mesh + nn.logical_axis_rules), axes that do not divide dropped; None outside a
+  multi-device mesh. For shard_map around kernels XLA cannot partition (Pallas attention)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh is None or mesh.empty or mesh.size == 1 or not rules:
+    return None
+  return _fit(P(*nn.logical_to_mesh_axes(tuple(logical_axes), rules)), shape, mesh)
+
+
 def vocab_is_sharded(shape_BTV, mesh=None, rules=None) -> bool:
   """Whether `vocab_parallel_cross_entropy` applies to logits of this shape in this context."""
   return _vocab_plan(shape_BTV, mesh, rules) is not None

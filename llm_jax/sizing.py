@@ -1,17 +1,28 @@
-"""Parameter, memory and FLOP estimates, before anything is allocated (`--mode=estimate`).
+"""Parameter, memory and FLOP estimates before anything is allocated (`--mode=estimate`), and
+the ahead-of-time compile of the real train step that says whether a run fits (`--mode=compile`).
 
 The parameter count is exact: it comes from `jax.eval_shape` of the model's init. Memory is given
 twice: the parameter reference's three rough formulas, as the sheet writes them, beside our byte
-count of params + gradients + optimizer state + activations, so the difference is visible. On
-request, XLA compiles one train step and reports what it will really allocate.
+count of params + gradients + optimizer state + activations, so the difference is visible.
+
+`compile_report` compiles the train step a run would execute (the same Trainer, mesh, rules,
+accumulation, remat and attention kernel) for the present devices or, from any host with libtpu,
+for a TPU slice that is not here (topology.py), and reads back what XLA decided: bytes per
+device against the chip's HBM, FLOPs beside the analytic count, and the collectives in the
+compiled HLO. Nothing is allocated and nothing runs.
 """
 
 import dataclasses
 import math
+import os
+import pickle
+import re
+import time
 
 import jax
 import numpy as np
 
+from llm_jax import errors
 from llm_jax import metrics
 from llm_jax import model as model_lib
 
@@ -110,30 +121,11 @@ def estimate(cfg) -> Estimate:
   return Estimate(n, breakdown, fpt, sheet, exact)
 
 
-def compiled_memory(cfg) -> dict:
-  """Compiles one train step for the current devices and returns XLA's memory analysis in bytes.
-
-  The "will it fit" answer: nothing but the compiled program is created.
-  """
-  from llm_jax import train  # late import: train imports this module's neighbours
-  compiled = train.compile_train_step(cfg)
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-            "generated_code_size_in_bytes", "alias_size_in_bytes")
-  out = {f: int(getattr(m, f, 0) or 0) for f in fields}
-  out["peak (arguments + outputs + temporaries - aliased)"] = (
-      out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"]
-      - out["alias_size_in_bytes"])
-  return out
-
-
 def _fmt_bytes(b: float) -> str:
   return f"{b / GIB:10.3f} GiB" if b >= 0.01 * GIB else f"{b / 1024**2:10.2f} MiB"
 
 
-def report(cfg, est: Estimate, compiled: dict | None = None) -> str:
+def report(cfg, est: Estimate) -> str:
   """A readable table of the estimate."""
   lines = [f"Model: d_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} "
            f"n_kv_heads={cfg.n_kv_heads} d_ff={cfg.d_ff} vocab={cfg.vocab_size} "
@@ -154,9 +146,384 @@ def report(cfg, est: Estimate, compiled: dict | None = None) -> str:
             f"(params {cfg.param_dtype}, AdamW):"]
   for k, v in est.exact.items():
     lines.append(f"  {k:<40}{_fmt_bytes(v)}")
-  if compiled:
-    lines += ["", f"XLA memory analysis of one compiled train step on {jax.devices()[0].device_kind}"
-              f" x{jax.device_count()} (per device):"]
-    for k, v in compiled.items():
-      lines.append(f"  {k:<52}{_fmt_bytes(v)}")
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- Ahead-of-time compile
+
+EXIT_DOES_NOT_FIT = errors.OOM  # --mode=compile's exit code when the step does not fit
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass
+class CompileReport:
+  """What XLA decided for one train step, per device (see `compile_report`)."""
+  target: str  # what it was compiled for, in words
+  n_devices: int
+  device_kind: str
+  mesh: dict  # axis -> size
+  attention_impl: str
+  compile_s: float
+  memory: dict  # XLA memory analysis in bytes; empty when the compiler ran out of memory
+  hbm_bytes: int | None  # per device; None where unknown (CPU)
+  oom: str | None  # the compiler's out-of-memory message
+  flops_xla: float | None  # XLA cost analysis per optimizer step; None where not comparable
+  flops_note: str  # how flops_xla was scaled, or why it is missing
+  flops_model: float  # 6N + attention per optimizer step
+  bytes_accessed: float | None  # XLA's HBM traffic estimate per optimizer step
+  hbm_bytes_per_s: float | None
+  peak_flops: float | None  # dense bf16 FLOP/s per device
+  collectives: dict  # kind -> [count, bytes] per optimizer step
+  tokens_per_step: int  # per device
+
+  @property
+  def peak_bytes(self) -> int | None:
+    if not self.memory:
+      return None
+    m = self.memory
+    return (m["arguments"] + m["outputs"] - m["aliased (donated, counted once)"]
+            + m["temporaries"] + m["generated code"])
+
+  @property
+  def fits(self) -> bool | None:
+    if self.oom:
+      return False
+    if self.hbm_bytes is None:
+      return None
+    return self.peak_bytes <= self.hbm_bytes
+
+  @property
+  def step_time(self) -> tuple[float, float | None] | None:
+    """(seconds at the chip's peak FLOP/s, seconds at its HBM bandwidth); None without a peak."""
+    if not self.peak_flops:
+      return None
+    compute = (self.flops_xla or self.flops_model) / self.peak_flops
+    memory = (self.bytes_accessed / self.hbm_bytes_per_s
+              if self.bytes_accessed and self.hbm_bytes_per_s else None)
+    return compute, memory
+
+
+# --- Collectives in compiled HLO text. The TPU compiler clones an async collective into the
+# fusions that start and finish it (same channel_id: counted once) and writes a reduce-scatter as
+# an all-reduce inside an "all-reduce-scatter" fusion. Ops inside while loops (scans over
+# micro-batches or layers) count once per iteration, the trip count read from the loop condition.
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*->.*\{\s*$")
+_INSTR = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OP = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+_ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16|f8\w*)\[([\d,]*)\]")
+_CALLS = re.compile(r"\b(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_CALL_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_BITS = {"pred": 8, "bf16": 16}
+
+
+def _array_bytes(type_text: str, largest: bool = False) -> int:
+  sizes = []
+  for dtype, dims in _ARRAY.findall(type_text):
+    bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
+    sizes.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
+  return (max(sizes) if largest else sum(sizes)) if sizes else 0
+
+
+def _group_size(line: str) -> int:
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if m:
+    return len(m.group(1).split(","))
+  m = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
+  if m:
+    return int(m.group(1).split(",")[-1])
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if m:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'(\w+)'", m.group(2)))
+  return 1
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: [count, bytes]} of the collectives one execution of compiled HLO runs, per device.
+
+  bytes: the whole buffer each one gathers or reduces on a device (all-gather: its result;
+  reduce-scatter and all-reduce: their input), summed over executions.
+  """
+  comps, order = {}, []
+  current = None
+  for line in hlo_text.splitlines():
+    h = _HEADER.match(line)
+    if h:
+      current = h.group(1)
+      comps[current] = []
+      order.append((current, line.startswith("ENTRY")))
+    elif current is not None and line.startswith(" "):
+      comps[current].append(line)
+  entry = next((n for n, is_entry in order if is_entry), None)
+
+  def trip_count(cond: str) -> int:
+    lines = comps.get(cond, [])
+    consts = [int(c) for ln in lines for c in re.findall(r"\bs32\[\]\S*\s+constant\((\d+)\)", ln)]
+    root = next((ln for ln in lines if "ROOT" in ln), "")
+    return consts[0] if len(consts) == 1 and "direction=LT" in root else 1
+
+  calls = {n: [] for n in comps}  # caller -> [(callee, executions per call)]
+  for name, lines in comps.items():
+    for ln in lines:
+      body = re.search(r"\bbody=%?([\w.\-]+)", ln)
+      if body and " while(" in ln:
+        cond = re.search(r"\bcondition=%?([\w.\-]+)", ln)
+        calls[name].append((body.group(1), trip_count(cond.group(1)) if cond else 1))
+      callees = _CALLS.findall(ln) + [c.strip().lstrip("%") for group in _CALL_LISTS.findall(ln)
+                                      for c in group.split(",") if c.strip()]
+      calls[name] += [(c, 1) for c in callees if c in comps]
+
+  mult = dict.fromkeys(comps, 0)
+  if entry:
+    stack = [(entry, 1)]
+    while stack:  # the call graph is a DAG; paths multiply, call sites add
+      name, m = stack.pop()
+      mult[name] += m
+      stack += [(c, m * f) for c, f in calls[name]]
+
+  seen, out = {}, {k: [0, 0] for k in COLLECTIVES}
+  for name, lines in comps.items():
+    for ln in lines:
+      i = _INSTR.match(ln)
+      op = _OP.search(i.group(2)) if i else None
+      if not op:
+        continue
+      kind = op.group(1).removesuffix("-start")
+      if kind not in COLLECTIVES or op.group(1).endswith("-done"):
+        continue
+      type_text = i.group(2)[:op.start()]
+      nbytes = _array_bytes(type_text, largest=op.group(1).endswith("-start"))
+      if kind == "reduce-scatter":
+        nbytes *= _group_size(ln)
+      elif kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+        kind = "reduce-scatter"
+      channel = re.search(r"channel_id=(\d+)", ln)
+      key = (kind, channel.group(1)) if channel else (kind, name, i.group(1))
+      prev = seen.get(key, (0, 0))
+      seen[key] = (max(prev[0], mult[name]), max(prev[1], nbytes))
+  for (kind, *_), (m, nbytes) in seen.items():
+    out[kind][0] += m
+    out[kind][1] += m * nbytes
+  return out
+
+
+# --- The compile itself.
+
+
+def target_devices(cfg):
+  """(devices, topology.Slice or None): cfg.compile_topology's compile-only TPU devices (one
+  slice per dcn_mesh_shape entry's product), or the devices present when it is unset."""
+  from llm_jax import topology  # pylint: disable=g-import-not-at-top
+  if not cfg.compile_topology:
+    return jax.devices(), None
+  sl = topology.parse(cfg.compile_topology)
+  return topology.devices(sl, num_slices=math.prod(cfg.dcn_mesh_shape)), sl
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  get = lambda f: int(getattr(m, f, 0) or 0)
+  return {"arguments": get("argument_size_in_bytes"), "outputs": get("output_size_in_bytes"),
+          "aliased (donated, counted once)": get("alias_size_in_bytes"),
+          "temporaries": get("temp_size_in_bytes"),
+          "generated code": get("generated_code_size_in_bytes")}
+
+
+def _device_hbm(device) -> int | None:
+  """HBM per device: the TPU table, else what the runtime reports (GPUs); None for CPUs."""
+  from llm_jax import topology  # pylint: disable=g-import-not-at-top
+  gen = topology.generation_of(device.device_kind)
+  if gen is not None:
+    return gen.hbm_bytes
+  if device.platform == "cpu":
+    return None
+  try:
+    return int((device.memory_stats() or {}).get("bytes_limit")) or None
+  except Exception:  # pylint: disable=broad-except  (compile-only devices have no stats)
+    return None
+
+
+def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
+  """Compiles the train step of `cfg` for `devices` (default: `target_devices(cfg)`).
+
+  Returns (report, compiled executable or None when the compiler ran out of memory). Raises
+  ValueError (a mesh that does not divide the devices) and topology.TopologyError before compiling.
+  """
+  from llm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from llm_jax import topology  # pylint: disable=g-import-not-at-top
+  from llm_jax import train  # pylint: disable=g-import-not-at-top  (train imports sizing's neighbours)
+  slice_ = topology.parse(cfg.compile_topology) if cfg.compile_topology else None
+  if devices is None:
+    devices, _ = target_devices(cfg)
+  mesh = sharding.make_mesh(cfg, devices)
+  trainer = train.Trainer(cfg, total_steps=cfg.warmup_steps + 1, mesh=mesh)
+  t0 = time.perf_counter()
+  compiled, oom = None, None
+  try:
+    compiled = trainer.lower_train_step().compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if not train._is_oom(e):  # pylint: disable=protected-access
+      raise
+    oom = str(e).splitlines()[0]
+  compile_s = time.perf_counter() - t0
+
+  device = mesh.devices.flat[0]
+  n = mesh.devices.size
+  gen = topology.generation_of(device.device_kind)
+  accum = cfg.gradient_accumulation_steps
+  multisteps = cfg.grad_accum == "multisteps" and accum > 1
+  n_params = metrics.count_params(trainer.abstract_params)
+  tokens = cfg.batch_size * cfg.block_size // n
+  flops_xla = bytes_accessed = None
+  note = ""
+  if compiled is not None:
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cfg.scan_layers:
+      note = ("not comparable with scan_layers=True: XLA counts a loop's body once, so one "
+              "layer of the scan; the step time below uses the analytic count")
+    elif "flops" in cost:
+      # XLA counts a loop's body once: the accumulation scan's A micro-batches appear as one
+      # (the optimizer update, counted A times instead of once, is a few FLOPs per parameter).
+      flops_xla = float(cost["flops"]) * accum
+      bytes_accessed = float(cost.get("bytes accessed", 0.0)) * accum or None
+      if accum > 1:
+        note = (f"x {accum}: one program call per micro-batch" if multisteps else
+                f"x {accum}: XLA counts the accumulation loop's body once")
+  colls = {}
+  if compiled is not None:
+    colls = collectives(compiled.as_text())
+    if multisteps:
+      colls = {k: [c * accum, b * accum] for k, (c, b) in colls.items()}
+  target = (slice_.describe() + (f", x{math.prod(cfg.dcn_mesh_shape)} slices"
+                                 if math.prod(cfg.dcn_mesh_shape) > 1 else "")
+            if slice_ else f"the {n} present device(s), {device.device_kind}")
+  report = CompileReport(
+      target=target, n_devices=n, device_kind=device.device_kind, mesh=dict(mesh.shape),
+      attention_impl=trainer.model_cfg.attention_impl, compile_s=compile_s,
+      memory=_memory(compiled) if compiled is not None else {}, hbm_bytes=_device_hbm(device),
+      oom=oom, flops_xla=flops_xla, flops_note=note,
+      flops_model=metrics.flops_per_token(cfg, n_params) * tokens,
+      bytes_accessed=bytes_accessed, hbm_bytes_per_s=gen.hbm_bytes_per_s if gen else None,
+      peak_flops=metrics.peak_flops_per_device(device.device_kind), collectives=colls,
+      tokens_per_step=tokens)
+  return report, compiled
+
+
+def format_report(cfg, r: CompileReport) -> str:
+  """The report `--mode=compile` prints."""
+  from llm_jax import topology  # pylint: disable=g-import-not-at-top
+  from llm_jax import train  # pylint: disable=g-import-not-at-top
+  accum = (f"{cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} accumulation steps "
+           f"({cfg.grad_accum})" if cfg.gradient_accumulation_steps > 1 else
+           f"{cfg.micro_batch_size}")
+  lines = [f"Train step compiled for {r.target} in {r.compile_s:.0f} s",
+           f"  mesh {' '.join(f'{k}={v}' for k, v in r.mesh.items())}; batch {accum} x "
+           f"{cfg.block_size} tokens; attention {r.attention_impl}; remat {cfg.remat_policy}; "
+           f"scan_layers {cfg.scan_layers}; dtype {cfg.dtype}, params {cfg.param_dtype}", ""]
+  hbm = f"{r.hbm_bytes / GIB:.2f} GiB" if r.hbm_bytes else "unknown"
+  if r.oom:
+    lines += [f"DOES NOT FIT in {hbm} of HBM per device. The compiler says:", f"  {r.oom}"]
+  else:
+    lines.append("Memory per device (XLA memory analysis)")
+    for k, v in r.memory.items():
+      lines.append(f"  {k:<40}{_fmt_bytes(v)}")
+    share = f"  ({r.peak_bytes / r.hbm_bytes:.1%} of {hbm} HBM)" if r.hbm_bytes else ""
+    lines.append(f"  {'peak (args+outputs-aliased+temps+code)':<40}"
+                 f"{_fmt_bytes(r.peak_bytes)}{share}")
+    verdict = {True: "FITS", False: f"DOES NOT FIT in {hbm} of HBM",
+               None: f"no HBM figure for {r.device_kind}: nothing to compare against"}[r.fits]
+    if r.fits is False and topology.generation_of(r.device_kind):
+      verdict += (" (the TPU compiler accepted the program, so it is at the very edge: expect "
+                  "an out-of-memory error when it loads or runs)")
+    lines.append(f"  {verdict}")
+  if r.fits is False:
+    lines.append(f"  Try: {train.OOM_FIXES}.")
+  if r.oom:
+    lines.append(f"  Analytic FLOPs per device per optimizer step (6N + attention): "
+                 f"{r.flops_model:.3e}")
+    return "\n".join(lines)
+
+  lines += ["", f"FLOPs per device per optimizer step ({r.tokens_per_step:,} tokens per device)",
+            f"  {'XLA cost analysis':<40}" + (f"{r.flops_xla:10.3e}" if r.flops_xla else
+                                              f"{'-':>10}")
+            + (f"  ({r.flops_note})" if r.flops_note else ""),
+            f"  {'model: 6N + attention':<40}{r.flops_model:10.3e}"
+            + (f"  ({r.flops_model / r.flops_xla:.0%} of XLA's)" if r.flops_xla else "")]
+  lines += ["", "Collectives per device per optimizer step (compiled HLO; ops in loops counted "
+            "per iteration)"]
+  for kind in COLLECTIVES:
+    count, nbytes = r.collectives.get(kind, (0, 0))
+    lines.append(f"  {kind:<22}{count:>8,} ops{_fmt_bytes(nbytes) if count else '':>16}")
+  t = r.step_time
+  if t is None:
+    lines += ["", f"Step time: no peak FLOP/s known for {r.device_kind}"]
+  else:
+    compute, memory = t
+    step = max(compute, memory or 0.0)
+    fmt = lambda s: f"{s:10.3f} s" if s >= 1 else f"{s * 1e3:10.2f} ms"
+    source = "XLA" if r.flops_xla else "model"
+    lines += ["", f"Step time at the chip's peak ({r.peak_flops / 1e12:.0f} TFLOP/s bf16"
+              + (f", {r.hbm_bytes_per_s / 1e9:.0f} GB/s HBM" if r.hbm_bytes_per_s else "") + ")",
+              f"  {f'compute-bound ({source} FLOPs / peak)':<40}{fmt(compute)}",
+              f"  {'HBM-bound (XLA bytes accessed / bandwidth)':<40}"
+              + (fmt(memory) if memory else f"{'-':>10}"),
+              f"  at best {fmt(step).strip()} per step = {r.tokens_per_step / step:,.0f} tokens/s "
+              f"per device (every collective hidden behind compute)"
+              + (f", MFU {r.flops_model / (step * r.peak_flops):.0%} at most" if r.flops_xla else
+                 "; the MFU bound needs XLA's count (scan_layers=False)")]
+  return "\n".join(lines)
+
+
+def _versions() -> dict:
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  out = {}
+  for pkg in ("jax", "jaxlib", "libtpu"):
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
+def save_executable(compiled, path: str, target: str) -> None:
+  """Writes the compiled train step (jax.experimental.serialize_executable) with the versions
+  it needs; `load_executable` reads it back on the pod."""
+  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
+  payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "wb") as f:
+    pickle.dump({"versions": _versions(), "target": target, "executable": payload,
+                 "in_tree": in_tree, "out_tree": out_tree}, f)
+
+
+def load_executable(path: str, backend: str | None = None):
+  """The train step `save_executable` wrote, loaded on this host's devices (same jax, jaxlib
+  and libtpu versions, same topology): call it as trainer._train_step would be called."""
+  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    saved = pickle.load(f)
+  if saved["versions"] != _versions():
+    raise ValueError(f"{path} was compiled with {saved['versions']}, this host has "
+                     f"{_versions()}: compile it again here (--mode=compile)")
+  return serialize_executable.deserialize_and_load(saved["executable"], saved["in_tree"],
+                                                   saved["out_tree"], backend=backend)
+
+
+def run_compile(cfg) -> int:
+  """--mode=compile: prints the report; OK when it fits, EXIT_DOES_NOT_FIT when not (bad input
+  raises errors.UserError: main.py exits BAD_INPUT)."""
+  try:
+    report_, compiled = compile_report(cfg)
+  except ValueError as e:  # e.g. a mesh the slice's devices cannot form
+    if isinstance(e, errors.UserError):
+      raise
+    raise errors.UserError(str(e)) from None
+  print(format_report(cfg, report_), flush=True)
+  if compiled is not None and cfg.compile_save:
+    save_executable(compiled, cfg.compile_save, report_.target)
+    print(f"\nsaved the compiled step to {cfg.compile_save} (loads with sizing.load_executable "
+          f"under the same jax/jaxlib/libtpu: {_versions()})", flush=True)
+  return EXIT_DOES_NOT_FIT if report_.fits is False else errors.OK

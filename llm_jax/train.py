@@ -136,11 +136,16 @@ def make_eval_step(model):
 class Trainer:
   """Everything a run needs built once: mesh, model, optimizer, jitted and sharded steps."""
 
-  def __init__(self, cfg, total_steps: int, mesh=None):
+  def __init__(self, cfg, total_steps: int, mesh=None, backend=None):
+    """`mesh` defaults to cfg's mesh over every device; `backend` ('cpu', 'gpu', 'tpu', which
+    picks the attention kernel) to the platform of the mesh's devices, so a mesh of compile-only
+    TPU devices (sizing.compile_report) gets the step a TPU run would, Pallas attention included.
+    """
     self.cfg = cfg
     self.total_steps = total_steps
     self.mesh = sharding_lib.make_mesh(cfg) if mesh is None else mesh
-    self.model_cfg = model_lib.ModelConfig.from_config(cfg)
+    backend = backend or self.mesh.devices.flat[0].platform
+    self.model_cfg = model_lib.ModelConfig.from_config(cfg, backend=backend)
     self.model = model_lib.Transformer(self.model_cfg)
     self.schedule = optimizer_lib.lr_schedule(cfg, total_steps)
     self.tx = optimizer_lib.make_optimizer(cfg, total_steps, self.schedule)
@@ -247,11 +252,6 @@ class Trainer:
     return self._train_step.lower(state, batch)
 
 
-def compile_train_step(cfg):
-  """Compiles one train step of `cfg` for the present devices (ahead of time, nothing allocated)."""
-  return Trainer(cfg, total_steps=cfg.warmup_steps + 1).lower_train_step().compile()
-
-
 def total_steps(cfg, steps_per_epoch: int) -> int:
   if cfg.num_train_steps is not None:
     return int(cfg.num_train_steps)
@@ -271,11 +271,12 @@ def _check_loss(step: int, loss: float, running_min: float, factor: float) -> fl
   return min(running_min, loss)
 
 
-OOM_ADVICE = (
-    "out of memory (XLA RESOURCE_EXHAUSTED). Try: a smaller --config.micro_batch_size with more "
-    "--config.gradient_accumulation_steps (same batch_size), --config.remat_policy=full, "
-    "--config.dtype=bfloat16, or sharding over more devices (--config.mesh_shape). "
-    "Check what fits first with --mode=estimate --compile.")
+OOM_FIXES = (
+    "a smaller --config.micro_batch_size with more --config.gradient_accumulation_steps (same "
+    "batch_size), --config.remat_policy=full, --config.dtype=bfloat16, or sharding over more "
+    "devices (--config.mesh_shape)")
+OOM_ADVICE = (f"out of memory (XLA RESOURCE_EXHAUSTED). Try: {OOM_FIXES}. Check what fits first "
+              f"with --mode=compile.")
 
 
 def is_oom(e: BaseException) -> bool:
