@@ -364,7 +364,7 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
   try:
     compiled = trainer.lower_train_step().compile()
   except Exception as e:  # pylint: disable=broad-except
-    if not train._is_oom(e):  # pylint: disable=protected-access
+    if not train.is_oom(e):
       raise
     oom = str(e).splitlines()[0]
   compile_s = time.perf_counter() - t0
