@@ -4,6 +4,9 @@
     python main.py --config=configs/default.py --workdir=runs/default --mode=eval
     python main.py --config=configs/default.py --workdir=runs/default --mode=sample --prompt="ROMEO:"
     python main.py --config=configs/small.py --mode=estimate [--compile]
+    python main.py --config=configs/finetune.py --workdir=runs/ft --config.init_from=runs/default \
+        --config.dataset='text:/data/mine/*.txt'                                        # fine-tune
+    python main.py --config=configs/finetune.py --workdir=runs/ft --mode=export --config.export_dir=runs/merged
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 """
 
@@ -18,7 +21,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "estimate"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "estimate", "export"],
+                          "What to do.")
 _COMPILE = flags.DEFINE_bool("compile", False,
                              "With --mode=estimate: also compile one train step on these devices "
                              "and print XLA's memory analysis (the 'will it fit' check).")
@@ -95,20 +99,23 @@ def _stop_id(cfg, tok):
   return ids[0]
 
 
-def sample(cfg, workdir, prompts, interactive=False) -> int:
+def sample(cfg, workdir, prompts, interactive=False, overrides=None) -> int:
   """--mode=sample: continue each prompt from a trained checkpoint, printing as tokens arrive."""
   import jax
   from llm_jax import checkpoint
+  from llm_jax import loader
   from llm_jax import sampling
-  from llm_jax import train
   try:
-    trainer, params, step, tok = train.load_for_inference(cfg, workdir)
-  except checkpoint.CheckpointError as e:
+    loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=overrides or {})
+  except (checkpoint.CheckpointError, ValueError) as e:
     print(f"error: {e}", flush=True)
     return 2
+  params, model_cfg, tok = loaded.params, loaded.model_cfg, loaded.tokenizer
   stop_id = _stop_id(cfg, tok)
   rng = jax.random.key(cfg.seed)
-  print(f"# checkpoint {step} from {workdir}; do_sample={cfg.do_sample} temperature="
+  if loaded.quantization:
+    print(f"# {loaded.quantization}", flush=True)
+  print(f"# checkpoint {loaded.step} from {workdir}; do_sample={cfg.do_sample} temperature="
         f"{cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} repetition_penalty="
         f"{cfg.repetition_penalty} num_beams={cfg.num_beams} max_new_tokens={cfg.max_new_tokens}",
         flush=True)
@@ -121,7 +128,7 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
     if len(batch) == 1 and cfg.num_beams == 1:
       print(batch[0], end="", flush=True)
       new_ids, shown = [], ""
-      for chunk in sampling.generate_stream(params, trainer.model_cfg, ids, cfg, key,
+      for chunk in sampling.generate_stream(params, model_cfg, ids, cfg, key,
                                             eos_id=tok.eos_id, stop_id=stop_id):
         new_ids += chunk[0]
         text = tok.decode(new_ids)  # whole text so far: a chunk may split a multi-byte character
@@ -129,7 +136,7 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
         shown = text
       print("\n", flush=True)
       return
-    outs = sampling.generate(params, trainer.model_cfg, ids, cfg, key, eos_id=tok.eos_id,
+    outs = sampling.generate(params, model_cfg, ids, cfg, key, eos_id=tok.eos_id,
                              stop_id=stop_id)
     for p, out in zip(batch, outs):
       print(f"{p}{tok.decode(out)}\n" + "-" * 40, flush=True)
@@ -142,6 +149,29 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
       run([line.rstrip("\n").replace("\\n", "\n")])
   elif not prompts:
     run([""])
+  return 0
+
+
+def export(cfg, workdir, overrides) -> int:
+  """--mode=export: a run (LoRA adapters merged into its base) as a plain checkpoint."""
+  from llm_jax import checkpoint
+  from llm_jax import loader
+  out = cfg.export_dir
+  if not out:
+    print("error: --mode=export needs --config.export_dir (a new directory, e.g. runs/merged)")
+    return 2
+  if os.path.abspath(out) == os.path.abspath(workdir) or os.path.isdir(
+      checkpoint.checkpoint_dir(out)):
+    print(f"error: export_dir={out} already holds checkpoints (or is the workdir): choose a new "
+          f"directory, nothing was written")
+    return 2
+  try:
+    path = loader.export(cfg, workdir, overrides)
+  except (checkpoint.CheckpointError, ValueError) as e:
+    print(f"error: {e}", flush=True)
+    return 2
+  print(f"exported {workdir} (adapters merged) to {path}: use --workdir={out} with --mode=sample, "
+        f"--mode=eval or --config.init_from={out}", flush=True)
   return 0
 
 
@@ -168,14 +198,16 @@ def main(argv):
   if _MODE.value == "train":
     sys.exit(train.run(cfg, workdir, overrides=overrides))
   if _MODE.value == "eval":
-    sys.exit(train.evaluate_workdir(cfg, workdir))
+    sys.exit(train.evaluate_workdir(cfg, workdir, overrides))
+  if _MODE.value == "export":
+    sys.exit(export(cfg, workdir, overrides))
   prompts = list(_PROMPT.value or [])
   if _PROMPT_FILE.value:
     if not os.path.exists(_PROMPT_FILE.value):
       sys.exit(f"error: --prompt_file={_PROMPT_FILE.value} does not exist")
     with open(_PROMPT_FILE.value, encoding="utf-8") as f:
       prompts += [p.strip("\n") for p in f.read().split("\n\n") if p.strip()]
-  sys.exit(sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value))
+  sys.exit(sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value, overrides=overrides))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from llm_jax import sharding as sharding_lib
 # Fields that change the shapes or meaning of saved arrays: a resumed run may not change them.
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_heads", "n_layers",
                 "d_ff", "d_k", "d_v", "position_embedding", "max_position_embeddings",
-                "activation", "use_rms_norm", "use_bias", "tie_embeddings", "scan_layers")
+                "activation", "use_rms_norm", "use_bias", "tie_embeddings", "scan_layers",
+                "lora_r", "lora_targets")
 # Fields that decide which tokens land in which batch: when changed, the data order restarts.
 DATA_FIELDS = ("dataset", "validation", "validation_fraction", "text_key", "block_size",
                "micro_batch_size", "gradient_accumulation_steps", "pack_segments", "seed",
@@ -157,10 +158,12 @@ class Checkpointer:
   current step, waits for the write and exits cleanly.
   """
 
-  def __init__(self, workdir: str, cfg, steps_per_epoch: int, tokenizer=None):
-    """`tokenizer` (saved in every checkpoint): a Tokenizer, its model bytes, or a model path."""
+  def __init__(self, workdir: str, cfg, steps_per_epoch: int, tokenizer=None, extra=None):
+    """`tokenizer` (saved in every checkpoint): a Tokenizer, its model bytes, or a model path.
+    `extra`: more JSON items saved in every checkpoint, {name: value} (a LoRA run's base)."""
     self.workdir, self.cfg, self.steps_per_epoch = workdir, cfg, max(1, steps_per_epoch)
     self._tokenizer = tokenizer
+    self._extra = dict(extra or {})
     self.mngr = _manager(workdir, cfg.max_to_keep)
     self.stop_requested = False
     self._eval_loss = {}
@@ -231,6 +234,7 @@ class Checkpointer:
         "data": grain.checkpoint.CheckpointSave(data_iter),
         "config": ocp.args.JsonSave(self.cfg.to_dict()),
         "meta": ocp.args.JsonSave(meta),
+        **{k: ocp.args.JsonSave(v) for k, v in self._extra.items()},
     }
     proto = self._tokenizer_proto()
     if proto:
@@ -325,3 +329,48 @@ def load_params(workdir: str, abstract_params, shardings, step: int | None = Non
     return r["params"], got, r["config"], tok
   finally:
     mngr.close()
+
+
+def load_json(workdir: str, names, step: int | None = None) -> tuple[int, dict]:
+  """(step, {name: value, or None when absent}) of JSON items (config, meta, base, ...) of the
+  newest readable checkpoint of `workdir`, or of `step`. Reads no array."""
+  mngr = _manager(workdir, read_only=True)
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with "
+                            f"--mode=train --workdir={workdir}")
+    if step is not None and step not in steps:
+      raise CheckpointError(f"checkpoint_step={step} is not in {checkpoint_dir(workdir)}; "
+                            f"available: {sorted(steps)}")
+    got, r = _restore_first_good(mngr, [step] if step is not None else steps,
+                                 lambda s: ocp.args.Composite(config=ocp.args.JsonRestore()))
+    if r is None:
+      raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
+    items = {}
+    for name in names:
+      try:
+        items[name] = (r if name == "config" else mngr.restore(
+            got, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()})))[name]
+      except Exception:  # pylint: disable=broad-except  (an item this checkpoint does not have)
+        items[name] = None
+    return got, items
+  finally:
+    mngr.close()
+
+
+def save_params(workdir: str, step: int, params, config: dict, tokenizer_proto=None,
+                meta=None) -> str:
+  """Writes a checkpoint of params alone (no optimizer state, no data position) at `step` in
+  `workdir`, which eval, sample and init_from read like any other. Returns its directory."""
+  mngr = _manager(workdir)
+  try:
+    items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config),
+             "meta": ocp.args.JsonSave({"step": step, "saved_at": time.time(), **(meta or {})})}
+    if tokenizer_proto:
+      items["tokenizer"] = ocp.args.JsonSave({"model": base64.b64encode(tokenizer_proto).decode()})
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return os.path.join(checkpoint_dir(workdir), str(step))
