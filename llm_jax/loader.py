@@ -131,7 +131,7 @@ def _restore(workdir, step, model_cfg, mesh, rules):
   return params, proto
 
 
-def _quantized(params, model_cfg, mesh, rules):
+def quantized(params, model_cfg, mesh, rules):
   """params (plain, full precision) -> the quantized model's, sharded like the kernels."""
   plain = dataclasses.replace(model_cfg, lora_r=0)
   target, shardings = _abstract(plain, mesh, rules)
@@ -168,7 +168,7 @@ def _quantize_base(params, model_cfg, mesh, rules):
   """(params with their base quantized as model_cfg.quant says, a line saying what it saved)."""
   base, adapters = lora.split(params)
   before = quantize.param_bytes(base)
-  base = _quantized(base, model_cfg, mesh, rules)
+  base = quantized(base, model_cfg, mesh, rules)
   after = quantize.param_bytes(base)
   group = ("per channel" if model_cfg.quant == "int8"
            else f"in groups of {model_cfg.quant_group_size}")

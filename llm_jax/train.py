@@ -13,6 +13,7 @@ checkpoints are the adapters'; the frozen base (quantized for QLoRA) is a separa
 argument of the jitted steps, sharded like the kernels.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -209,9 +210,12 @@ class Trainer:
   def _init(self, key, params=None) -> TrainState:
     if params is None:
       dummy = jnp.zeros((1, self.cfg.block_size), jnp.int32)
-      params = nn.meta.unbox(self.model.init(key, dummy)["params"])
+      # A LoRA run initialises its adapters alone: the base's part of init is dead code, and
+      # needs no quantizing (adapters have the same shapes over a quantized base).
+      model = model_lib.build(dataclasses.replace(self.model_cfg, quant=""))
+      params = nn.meta.unbox(model.init(key, dummy)["params"])
       if self.cfg.lora_r:
-        _, params = lora_lib.split(params)  # the base's part is never computed (dead code)
+        _, params = lora_lib.split(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), rng=jax.random.fold_in(key, 1))
 
