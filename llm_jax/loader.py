@@ -112,7 +112,7 @@ def with_model_fields(cfg, saved: dict, asked=(), lora_fields: bool = False):
     raise CheckpointError(f"with the checkpoint's model fields, {e}") from None
 
 
-def _abstract(model_cfg, mesh, rules):
+def abstract(model_cfg, mesh, rules):
   """(unboxed abstract params with their shardings, shardings) of build(model_cfg)."""
   dummy = jnp.zeros((1, 1), jnp.int32)
   boxed = jax.eval_shape(model_lib.build(model_cfg).init, jax.random.key(0), dummy)["params"]
@@ -123,7 +123,7 @@ def _abstract(model_cfg, mesh, rules):
 def _restore(workdir, step, model_cfg, mesh, rules):
   """(params, tokenizer model bytes) of a checkpoint whose `params` item build(model_cfg) holds
   (a LoRA run's: its adapters alone)."""
-  target, shardings = _abstract(model_cfg, mesh, rules)
+  target, shardings = abstract(model_cfg, mesh, rules)
   if model_cfg.lora_r:
     _, target = lora.split(target)
     _, shardings = lora.split(shardings)
@@ -134,7 +134,7 @@ def _restore(workdir, step, model_cfg, mesh, rules):
 def quantized(params, model_cfg, mesh, rules):
   """params (plain, full precision) -> the quantized model's, sharded like the kernels."""
   plain = dataclasses.replace(model_cfg, lora_r=0)
-  target, shardings = _abstract(plain, mesh, rules)
+  target, shardings = abstract(plain, mesh, rules)
   fn = lambda p: quantize.quantize_params(p, target, model_cfg.scan_layers,
                                           model_cfg.compute_dtype)
   with jax.set_mesh(mesh):
