@@ -153,7 +153,8 @@ def sample(cfg, workdir, prompts, interactive=False, overrides=None) -> int:
 
 
 def export(cfg, workdir, overrides) -> int:
-  """--mode=export: a run (LoRA adapters merged into its base) as a plain checkpoint."""
+  """--mode=export: a run (LoRA adapters merged into its base) as a plain checkpoint, of
+  quantized weights with load_in_8bit / load_in_4bit."""
   from llm_jax import checkpoint
   from llm_jax import loader
   out = cfg.export_dir
@@ -170,8 +171,8 @@ def export(cfg, workdir, overrides) -> int:
   except (checkpoint.CheckpointError, ValueError) as e:
     print(f"error: {e}", flush=True)
     return 2
-  print(f"exported {workdir} (adapters merged) to {path}: use --workdir={out} with --mode=sample, "
-        f"--mode=eval or --config.init_from={out}", flush=True)
+  print(f"exported {workdir} to {path}: use --workdir={out} with --mode=sample, --mode=eval or "
+        f"--config.init_from={out}", flush=True)
   return 0
 
 

@@ -43,10 +43,12 @@ SHAPE_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_head
 # Taken from the checkpoint; asking for another value warns (the weights were trained with it).
 FUNCTION_FIELDS = ("position_embedding", "rope_theta", "activation", "use_rms_norm",
                    "layer_norm_eps", "use_bias", "tie_embeddings", "max_seq_len")
-# A LoRA run's: its adapters' shapes, and how they apply to the base they were trained against.
+# A LoRA run's adapters: their shapes, and their scale.
 LORA_SHAPE_FIELDS = ("lora_r", "lora_targets")
-LORA_FUNCTION_FIELDS = ("lora_alpha", "load_in_8bit", "load_in_4bit", "quant_type",
-                        "quant_group_size", "quantize_embeddings")
+LORA_FUNCTION_FIELDS = ("lora_alpha",)
+# How a LoRA run's base was quantized when it trained, or how an export stored its weights.
+QUANT_FIELDS = ("load_in_8bit", "load_in_4bit", "quant_type", "quant_group_size",
+                "quantize_embeddings")
 
 
 @dataclasses.dataclass
@@ -76,15 +78,25 @@ def _same(a, b) -> bool:
   return a == b or (isinstance(a, (list, tuple)) and list(a) == list(b))
 
 
-def with_model_fields(cfg, saved: dict, asked=(), lora_fields: bool = False):
+def stores_quantized(saved: dict) -> bool:
+  """Whether a checkpoint (its saved config) holds quantized weights: an export made with
+  load_in_8bit / load_in_4bit (a training run never saves quantized weights)."""
+  return not saved.get("lora_r", 0) and bool(saved.get("load_in_8bit")
+                                             or saved.get("load_in_4bit"))
+
+
+def with_model_fields(cfg, saved: dict, asked=(), *, lora: bool = False, quant: bool = False):
   """`cfg` with the model fields of a checkpoint's saved config (see the module docstring).
 
-  lora_fields: also take the LoRA run's adapter and base-quantization fields; without them the
-  result has cfg's own. Raises CheckpointError naming the shape fields asked to change.
+  lora: also take a LoRA run's adapter fields; quant: also the quantization fields (a LoRA run's
+  base, or weights stored quantized). Otherwise the result keeps cfg's own. Raises
+  CheckpointError naming the shape fields asked to change.
   """
   shape, function = SHAPE_FIELDS, FUNCTION_FIELDS
-  if lora_fields:
+  if lora:
     shape, function = shape + LORA_SHAPE_FIELDS, function + LORA_FUNCTION_FIELDS
+  if quant:
+    function += QUANT_FIELDS
   values, refused = cfg.to_dict(), []
   for field in shape + function:
     if field not in saved or _same(saved[field], cfg[field]):
@@ -122,13 +134,14 @@ def abstract(model_cfg, mesh, rules):
 
 def _restore(workdir, step, model_cfg, mesh, rules):
   """(params, tokenizer model bytes) of a checkpoint whose `params` item build(model_cfg) holds
-  (a LoRA run's: its adapters alone)."""
+  (a LoRA run's: its adapters alone; an export's: maybe quantized)."""
   target, shardings = abstract(model_cfg, mesh, rules)
   if model_cfg.lora_r:
     _, target = lora.split(target)
     _, shardings = lora.split(shardings)
-  params, _, _, proto = checkpoint.load_params(workdir, target, shardings, step)
-  return params, proto
+  params, _, _, proto = checkpoint.load_params(workdir, quantize.for_storage(target), shardings,
+                                               step)
+  return quantize.from_storage(params, target), proto
 
 
 def quantized(params, model_cfg, mesh, rules):
@@ -191,13 +204,14 @@ def load(source: str, cfg, *, step: int | None = None, asked=(), mesh=None, merg
   workdir, step = locate(source, step)
   step, items = checkpoint.load_json(workdir, ("config", "base"), step)
   saved = items["config"]
-  lora_run = saved.get("lora_r", 0) > 0
+  lora_run, stored = saved.get("lora_r", 0) > 0, stores_quantized(saved)
   if lora_run and not items["base"]:
     raise CheckpointError(f"{checkpoint.checkpoint_dir(workdir)}/{step} is a LoRA run's "
                           f"checkpoint without the reference to its base model")
   if not lora_run and cfg.lora_r and "lora_r" in asked:
     logging.warning("lora_r=%d is ignored: %s holds no LoRA adapters", cfg.lora_r, workdir)
-  cfg = with_model_fields(cfg, saved, asked, lora_fields=lora_run and not merge)
+  as_trained = lora_run and not merge
+  cfg = with_model_fields(cfg, saved, asked, lora=as_trained, quant=as_trained or stored)
   if not lora_run or merge:
     with cfg.unlocked():
       cfg.lora_r = 0
@@ -212,7 +226,8 @@ def load(source: str, cfg, *, step: int | None = None, asked=(), mesh=None, merg
         {**cfg.to_dict(), "load_in_8bit": False, "load_in_4bit": False, "lora_r": 0}))
     base = load(items["base"]["path"], base_cfg, mesh=mesh, merge=True, with_fingerprint=True)
     check_base(items["base"], base.fingerprint, workdir)
-    run_cfg = model_lib.ModelConfig.from_config(with_model_fields(cfg, saved, lora_fields=True))
+    run_cfg = model_lib.ModelConfig.from_config(
+        with_model_fields(cfg, saved, lora=True, quant=True))
     params = base.params
     if run_cfg.quant:
       params, note = _quantize_base(params, run_cfg, mesh, rules)
@@ -221,9 +236,13 @@ def load(source: str, cfg, *, step: int | None = None, asked=(), mesh=None, merg
     if merge:
       params = lora.merge(params, run_cfg)
   else:
-    params, proto = _restore(workdir, step, dataclasses.replace(model_cfg, quant=""), mesh, rules)
+    params, proto = _restore(workdir, step, model_cfg if stored else
+                             dataclasses.replace(model_cfg, quant=""), mesh, rules)
   fp = fingerprint(params) if with_fingerprint else None
-  if model_cfg.quant and (merge or not lora_run):
+  if stored:
+    note = (f"{model_cfg.quant} weights as stored: parameters "
+            f"{quantize.param_bytes(params) / 2**20:.2f} MiB")
+  elif model_cfg.quant and (merge or not lora_run):
     params, note = _quantize_base(params, model_cfg, mesh, rules)
   return Loaded(cfg=cfg, model_cfg=model_cfg, params=params,
                 tokenizer=_tokenizer(workdir, proto, cfg), saved_config=saved, step=step,
@@ -266,9 +285,10 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
   """For a training run with init_from: (its config, the loaded base or None, the base reference).
 
   A new run takes the base's model fields (a shape asked otherwise is refused) and a copy of its
-  tokenizer; only its params are used: a full fine-tune starts from them, LoRA keeps them frozen.
-  A resumed run (the workdir has checkpoints) resumes itself: its own config decides, and the base
-  is loaded again only for LoRA, from the checkpoint its run recorded, refused if it changed.
+  tokenizer; only its params are used: a full fine-tune starts from them, LoRA keeps them frozen
+  (quantized as cfg asks, or as an export stored them). A resumed run (the workdir has
+  checkpoints) resumes itself: its own config decides, and the base is loaded again only for LoRA,
+  from the checkpoint its run recorded, and refused if it changed.
   """
   reference, own = None, None
   if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
@@ -278,7 +298,8 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
       own = None  # no readable checkpoint yet: a new run
   if own is not None:
     saved, reference = own["config"], own["base"]
-    source = reference["path"] if cfg.lora_r and reference else None
+    cfg = with_model_fields(cfg, saved, asked, lora=bool(reference), quant=bool(reference))
+    source = reference["path"] if reference else None
   else:
     base_workdir, step = locate(cfg.init_from)
     try:
@@ -286,7 +307,11 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
     except CheckpointError as e:
       raise CheckpointError(f"init_from={cfg.init_from}: {e}") from None
     saved, source = items["config"], cfg.init_from
-  cfg = with_model_fields(cfg, saved, asked)
+    if stores_quantized(saved) and not cfg.lora_r:
+      raise ValueError(f"init_from={cfg.init_from} holds quantized weights, which are not "
+                       f"trained: set lora_r > 0 (LoRA over them), or start from the "
+                       f"full-precision run")
+    cfg = with_model_fields(cfg, saved, asked, quant=stores_quantized(saved))
   if source is None:
     return cfg, None, reference
   base = load(source, cfg, mesh=mesh, merge=True, with_fingerprint=bool(cfg.lora_r))
@@ -300,14 +325,13 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
 
 def export(cfg, workdir: str, asked=()) -> str:
   """--mode=export: the run in `workdir` (adapters merged) as a plain checkpoint in
-  cfg.export_dir. Returns the checkpoint directory written."""
+  cfg.export_dir, quantized when load_in_8bit / load_in_4bit ask (a QLoRA run's base is
+  dequantized to merge). Returns the checkpoint directory written."""
   loaded = load(workdir, cfg, step=cfg.checkpoint_step, asked=asked, merge=True)
-  if loaded.model_cfg.quant:
-    raise ValueError("export writes full-precision weights: set load_in_8bit=False and "
-                     "load_in_4bit=False (a QLoRA run's base is dequantized when merged)")
   out = dict(loaded.cfg.to_dict(), init_from=None, export_dir=None, tokenizer_path=None,
              checkpoint_step=None)
-  path = checkpoint.save_params(cfg.export_dir, loaded.step, loaded.params, out,
+  path = checkpoint.save_params(cfg.export_dir, loaded.step,
+                                quantize.for_storage(loaded.params), out,
                                 loaded.tokenizer.model_proto,
                                 meta={"exported_from": loaded.path})
   _save_tokenizer(loaded.tokenizer, cfg.export_dir)

@@ -2,10 +2,11 @@
 
 Owns which kernels are quantized and how (`rules`, `check`), the quantized model (`wrap`, used by
 model.build), turning trained params into codes and scales (`quantize_params`, scanned layers
-included), `dequantize` and counting what the result occupies (`param_bytes`).
+included), `dequantize`, their form on disk (`for_storage`) and what they occupy (`param_bytes`).
 
-Used at load time (loader.py): by --mode=eval and --mode=sample on any checkpoint, and as the
-frozen base of LoRA (QLoRA). Quantized weights are never trained.
+Used at load time (loader.py): by --mode=eval and --mode=sample on any checkpoint, as the frozen
+base of LoRA (QLoRA), and by --mode=export to write a checkpoint of quantized weights. Quantized
+weights are never trained.
 
 - load_in_8bit: int8 codes with one float scale per output channel (absmax / 127).
 - load_in_4bit: 4-bit codes with one scale per `quant_group_size` weights along the contracted
@@ -113,6 +114,26 @@ def quantize_params(params, abstract, scanned: bool, compute_dtype):
 def dequantize(leaf):
   """A quantized leaf's weights in its scales' dtype (other leaves unchanged)."""
   return qwix.dequantize(leaf.array) if is_quantized(leaf) else leaf
+
+
+def _uint4_as_uint8(x):
+  if jnp.dtype(x.dtype) != jnp.uint4:
+    return x
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, jnp.uint8, sharding=x.sharding)
+  return x.astype(jnp.uint8)
+
+
+def for_storage(tree):
+  """Params (or their abstract target) as orbax can write them: nf4's uint4 codes as uint8
+  (tensorstore has no uint4; int8 and int4 are stored as they are)."""
+  return jax.tree.map(_uint4_as_uint8, tree)
+
+
+def from_storage(tree, target):
+  """`for_storage`'s inverse, given the abstract target it was made from."""
+  return jax.tree.map(lambda x, t: x.astype(jnp.uint4) if jnp.dtype(t.dtype) == jnp.uint4 else x,
+                      tree, target)
 
 
 def param_bytes(tree) -> int:
