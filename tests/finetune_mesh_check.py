@@ -45,7 +45,7 @@ TINY = dict(vocab_size=200, vocab_multiple=64, d_model=64, n_heads=4, n_kv_heads
             learning_rate=1e-2, init_from="unused", lora_r=4, lora_targets="all",
             lora_dropout=0.0, load_in_4bit=True, quant_group_size=32, scan_layers=True,
             activation="swiglu", use_rms_norm=True, use_bias=False)
-MESHES = [(1, 1, 1), (1, 4, 2), (2, 2, 2)]
+MESHES = [(1, 1, 1), (2, 2, 2)]
 
 
 def main():

@@ -9,8 +9,8 @@
   channel's or group's absmax), and XLA's memory analysis of the compiled forward pass finds
   4-bit kernels at 4.5 bits per weight (codes + one float32 scale per 64): about an eighth.
 - QLoRA trains: the loss falls over an nf4 base and only adapter leaves change; one step on 8
-  devices (tests/finetune_mesh_check.py, meshes (1,4,2) and (2,2,2)) equals one device's, codes
-  sharded as their kernels.
+  devices (tests/finetune_mesh_check.py, mesh (2,2,2), scanned layers) equals one device's, the
+  codes sharded as their kernels.
 - Quantized weights exported through orbax (nf4 via uint8) load back bit for bit.
 - End to end through `train.run` (in this process): a LoRA fine-tune from a base checkpoint logs
   its step-0 evaluation, keeps the base's tokenizer and model fields (another shape on the
@@ -114,8 +114,9 @@ def _logits(mc, params, deterministic=True, key=0):
 # --- LoRA -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_lora_starts_at_the_base_and_merges_to_the_same_logits(scan):
+def test_lora_starts_at_the_base_and_merges_to_the_same_logits():
+  # Scanned layers (the interceptor inside nn.scan); the unrolled ones in the tests below.
+  scan = True
   mc, lc = _cfg(MODEL, scan_layers=scan), _cfg(LORA, scan_layers=scan)
   base = _plain_params(mc)
   want = _logits(mc, base)
@@ -260,8 +261,7 @@ def test_qlora_loss_falls_and_only_adapters_change():
   cfg = config.load(BASE_CONFIG, vocab_size=60, vocab_multiple=64, d_model=32, n_heads=2,
                     n_layers=2, max_seq_len=16, micro_batch_size=4, init_from="unused",
                     lora_r=4, lora_targets="all", load_in_4bit=True, quant_group_size=32,
-                    learning_rate=1e-2, warmup_steps=0, lr_decay="constant", scan_layers=True,
-                    lora_dropout=0.1)
+                    learning_rate=1e-2, warmup_steps=0, lr_decay="constant", lora_dropout=0.1)
   assert cfg.dropout == cfg.attention_dropout == cfg.hidden_dropout == 0.0
   mesh = sharding.make_mesh(cfg, jax.devices()[:1])
   mc = model_lib.ModelConfig.from_config(cfg)
@@ -287,8 +287,8 @@ def test_qlora_loss_falls_and_only_adapters_change():
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(trainer.base))):
     np.testing.assert_array_equal(a, b)  # the frozen base: bit for bit
   full = trainer.full_params(state.params)
-  assert quantize.is_quantized(full["layers"]["attn"]["query"]["kernel"])
-  assert np.abs(np.asarray(full["layers"]["attn"]["query"]["lora"]["b"])).max() > 0
+  assert quantize.is_quantized(full["blocks_1"]["attn"]["query"]["kernel"])
+  assert np.abs(np.asarray(full["blocks_1"]["attn"]["query"]["lora"]["b"])).max() > 0
 
 
 def _check_on_8_devices():
@@ -301,10 +301,10 @@ def _check_on_8_devices():
 
 
 def test_qlora_step_under_a_mesh_equals_one_device(tmp_path_factory):
-  """nf4 base with scanned layers on meshes (1,1,1), (1,4,2), (2,2,2) of 8 devices: the same
-  loss and updated adapters, and every quantized kernel's codes sharded as its kernel."""
+  """nf4 base with scanned layers on meshes (1,1,1) and (2,2,2) of 8 devices: the same loss and
+  updated adapters, and every quantized kernel's codes sharded as its kernel."""
   out = run_once.once(tmp_path_factory, "finetune_mesh_check", _check_on_8_devices)
-  assert out["devices"] == 8 and set(out["steps"]) == {"1x1x1", "1x4x2", "2x2x2"}
+  assert out["devices"] == 8 and set(out["steps"]) == {"1x1x1", "2x2x2"}
   ref = out["steps"]["1x1x1"]
   for mesh, r in out["steps"].items():
     assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), mesh
