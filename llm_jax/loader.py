@@ -228,8 +228,8 @@ def load(source: str, cfg, *, step: int | None = None, asked=(), mesh=None, merg
     check_base(items["base"], base.fingerprint, workdir)
     run_cfg = model_lib.ModelConfig.from_config(
         with_model_fields(cfg, saved, lora=True, quant=True))
-    params = base.params
-    if run_cfg.quant:
+    params, note = base.params, base.quantization
+    if run_cfg.quant and not stores_quantized(base.saved_config):
       params, note = _quantize_base(params, run_cfg, mesh, rules)
     adapters, proto = _restore(workdir, step, run_cfg, mesh, rules)
     params = lora.combine(params, adapters)
