@@ -114,10 +114,13 @@ def _logits(mc, params, deterministic=True, key=0):
 # --- LoRA -------------------------------------------------------------------------------------
 
 
+# Scanned layers here (the interceptor inside nn.scan, adapters with a layer axis); unrolled ones
+# in the QLoRA and end-to-end tests below.
+SCANNED, SCANNED_LORA = _cfg(MODEL, scan_layers=True), _cfg(LORA, scan_layers=True)
+
+
 def test_lora_starts_at_the_base_and_merges_to_the_same_logits():
-  # Scanned layers (the interceptor inside nn.scan); the unrolled ones in the tests below.
-  scan = True
-  mc, lc = _cfg(MODEL, scan_layers=scan), _cfg(LORA, scan_layers=scan)
+  mc, lc, scan = SCANNED, SCANNED_LORA, True
   base = _plain_params(mc)
   want = _logits(mc, base)
 
@@ -145,11 +148,11 @@ def test_lora_merge_over_an_nf4_base_keeps_the_quantized_function():
 
 
 def test_lora_dropout_changes_training_but_not_evaluation():
-  params = lora.combine(_plain_params(MODEL), _random_adapters(LORA))
-  merged = _logits(MODEL, lora.merge(params, LORA))  # no dropout anywhere
+  params = lora.combine(_plain_params(SCANNED), _random_adapters(SCANNED_LORA))
+  merged = _logits(SCANNED, lora.merge(params, SCANNED_LORA))  # no dropout anywhere
   for key in (1, 2):  # evaluation and sampling: deterministic whatever the key
-    np.testing.assert_allclose(_logits(LORA, params, key=key), merged, atol=2e-5)
-  train1, train2 = (_logits(LORA, params, deterministic=False, key=k) for k in (1, 2))
+    np.testing.assert_allclose(_logits(SCANNED_LORA, params, key=key), merged, atol=2e-5)
+  train1, train2 = (_logits(SCANNED_LORA, params, deterministic=False, key=k) for k in (1, 2))
   assert np.abs(train1 - merged).max() > 1e-2 and np.abs(train1 - train2).max() > 1e-2
   # The train step turns it on with the model's own dropouts at 0: test_qlora_loss_falls_...
 
