@@ -6,7 +6,8 @@
     python main.py --config=configs/small.py --mode=estimate [--compile]
     python main.py --config=configs/finetune.py --workdir=runs/ft --config.init_from=runs/default \
         --config.dataset='text:/data/mine/*.txt'                                        # fine-tune
-    python main.py --config=configs/finetune.py --workdir=runs/ft --mode=export --config.export_dir=runs/merged
+    python main.py --config=configs/finetune.py --workdir=runs/ft --mode=export \
+        --config.export_dir=runs/merged
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 """
 

@@ -1,4 +1,4 @@
-"""Fine-tuning and quantized sampling: LoRA / QLoRA vs full fine-tuning, int8 / nf4 vs bf16 decoding.
+"""Fine-tuning and quantized sampling: LoRA and QLoRA vs full fine-tuning, int8 / nf4 vs bf16.
 
     python bench/finetune.py                          # configs/default.py's shape
     python bench/finetune.py --config=configs/small.py --micro_batch_size=8 --prompt_len=128
@@ -107,9 +107,10 @@ def sample_row(name, cfg, quant, batch, prompt_len, new_tokens, repeats):
     jax.block_until_ready(run())
     times.append(time.perf_counter() - t0)
   dt = min(times)
-  lowered = sampling._decode_jit.lower(  # pylint: disable=protected-access
-      params, prompt, valid, jax.random.key(0), sampling._terminal_ids(3, None),  # pylint: disable=protected-access
-      np.float32(1.0), model_cfg=mc, scfg=sampling._static(scfg), beam=False)  # pylint: disable=protected-access
+  # pylint: disable=protected-access  (the same jitted program decode runs, lowered)
+  lowered = sampling._decode_jit.lower(
+      params, prompt, valid, jax.random.key(0), sampling._terminal_ids(3, None),
+      np.float32(1.0), model_cfg=mc, scfg=sampling._static(scfg), beam=False)
   return {"row": name, "param_MiB": quantize.param_bytes(params) / MiB,
           "xla_args_MiB": lowered.compile().memory_analysis().argument_size_in_bytes / MiB,
           "new_tokens_per_s": batch * new_tokens / dt, "seconds": dt}

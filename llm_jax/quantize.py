@@ -141,7 +141,9 @@ def param_bytes(tree) -> int:
   bits = 0
   for x in jax.tree.leaves(tree):
     dtype = jnp.dtype(x.dtype)
-    width = (jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer)
-             else jnp.finfo(dtype).bits if jnp.issubdtype(dtype, jnp.floating) else 8 * dtype.itemsize)
+    if jnp.issubdtype(dtype, jnp.integer):
+      width = jnp.iinfo(dtype).bits
+    else:
+      width = jnp.finfo(dtype).bits if jnp.issubdtype(dtype, jnp.floating) else 8 * dtype.itemsize
     bits += x.size * width
   return bits // 8

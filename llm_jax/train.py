@@ -401,7 +401,8 @@ def run(cfg, workdir: str, overrides=None) -> int:
       what = (f"{n_trained / 1e6:.2f}M params" if not cfg.lora_r else
               f"LoRA r={cfg.lora_r} on {cfg.lora_targets}: {n_trained / 1e6:.3f}M trained params "
               f"over a frozen base of {trainer.model_cfg.quant or cfg.param_dtype} weights")
-      print(f"llm_jax: {what}{f' from {cfg.init_from}' if cfg.init_from else ''}, {steps} steps of {cfg.batch_size} x {cfg.block_size} tokens "
+      source = f" from {cfg.init_from}" if cfg.init_from else ""
+      print(f"llm_jax: {what}{source}, {steps} steps of {cfg.batch_size} x {cfg.block_size} tokens "
             f"({data.steps_per_epoch} steps/epoch), mesh {dict(trainer.mesh.shape)}, "
             f"{jax.device_count()} x {jax.devices()[0].device_kind}, workdir {workdir}"
             + (f", resumed at step {start}" if start else ""), flush=True)
