@@ -2,8 +2,9 @@
 
 A checkpoint (<workdir>/checkpoints/<step>/) holds separate items so that eval and sampling can
 read the params alone: `params`, `train` (step, optimizer state, rng), `data` (the grain iterator's
-position, per process), `config` (JSON), `tokenizer` (the sentencepiece model) and `meta` (step,
-epoch, tokens seen, wall time). Orbax writes each step to a temporary directory and renames it
+position, per process), `config` (JSON), `tokenizer` (the sentencepiece model), `meta` (step,
+epoch, tokens seen, wall time) and, for a LoRA run, `base` (its base model's reference: loader.py).
+`save_params` writes params alone (an export: no `train` or `data`). Orbax writes each step to a temporary directory and renames it
 when complete, so a run killed at any moment never leaves a checkpoint that looks complete but
 is not (a killed run's leftover temporary directories are removed when the next run starts).
 A checkpoint that fails to restore is skipped with a warning for the one before it, and a training
@@ -290,11 +291,11 @@ class Checkpointer:
     self._previous = {}
 
 
-def load_params(workdir: str, abstract_params, shardings, step: int | None = None, cfg=None):
+def load_params(workdir: str, abstract_params, shardings, step: int | None = None):
   """(params, step, saved config dict, tokenizer model bytes or None) from a run's checkpoint.
 
-  With `cfg`, a config that changes the model's shape is refused with the fields named, before
-  any array is read (a shape mismatch would otherwise look like a damaged checkpoint).
+  loader.load builds `abstract_params` from the checkpoint's own config (read first, with
+  load_json), so a model of another shape is never taken for a damaged checkpoint.
   """
   mngr = _manager(workdir, read_only=True)
   try:
@@ -307,11 +308,6 @@ def load_params(workdir: str, abstract_params, shardings, step: int | None = Non
                             f"available: {sorted(steps)}")
 
     candidates = [step] if step is not None else steps
-    if cfg is not None:
-      _, saved = _restore_first_good(
-          mngr, candidates, lambda s: ocp.args.Composite(config=ocp.args.JsonRestore()))
-      if saved is not None:
-        _refuse_model_changes(saved["config"], cfg, workdir)
 
     def args(_):
       return ocp.args.Composite(
