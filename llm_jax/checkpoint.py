@@ -2,9 +2,10 @@
 
 A checkpoint (<workdir>/checkpoints/<step>/) holds separate items so that eval and sampling can
 read the params alone: `params`, `train` (step, optimizer state, rng), `data` (the grain iterator's
-position, per process), `config` (JSON), `tokenizer` (the sentencepiece model) and `meta` (step,
-epoch, tokens seen, wall time). Orbax writes each step to a temporary directory and renames it
-when complete, so a run killed at any moment never leaves a checkpoint that looks complete but
+position, per process), `config` (JSON), `tokenizer` (tokenizer.py's item), `meta` (step,
+epoch, tokens seen, wall time) and, for a LoRA run, `base` (its base model's reference: loader.py).
+`save_params` writes params alone (an import or an export: no `train` or `data`). Orbax writes
+each step to a temporary directory and renames it when complete, so a run killed at any moment never leaves a checkpoint that looks complete but
 is not (a killed run's leftover temporary directories are removed when the next run starts).
 A checkpoint that fails to restore is skipped with a warning for the one before it, and a training
 run moves it aside to <workdir>/damaged_checkpoints/ so that its step is written again. A healthy
@@ -35,7 +36,7 @@ from llm_jax import tokenizer as tokenizer_lib
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_heads", "n_layers",
                 "d_ff", "d_k", "d_v", "position_embedding", "max_position_embeddings",
                 "activation", "use_rms_norm", "use_bias", "qkv_bias", "tie_embeddings",
-                "scan_layers")
+                "scan_layers", "lora_r", "lora_targets")
 # Fields that decide which tokens land in which batch: when changed, the data order restarts.
 DATA_FIELDS = ("dataset", "validation", "validation_fraction", "text_key", "block_size",
                "micro_batch_size", "gradient_accumulation_steps", "pack_segments", "seed",
@@ -50,36 +51,14 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
-def save_inference(workdir: str, params, cfg_dict: dict, tokenizer, meta: dict,
-                   step: int = 0) -> None:
-  """Writes a checkpoint of params, config, tokenizer and meta only (no optimizer or data state),
-  as an import or export makes: eval, sample and init_from read it like any other."""
-  mngr = _manager(workdir)
-  try:
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(cfg_dict),
-        tokenizer=ocp.args.JsonSave(tokenizer.to_item()),
-        meta=ocp.args.JsonSave({"step": step, **meta})), force=True)
-    mngr.wait_until_finished()
-  finally:
-    mngr.close()
-
-
 def _latest_item(workdir: str, name: str) -> dict | None:
-  """A JSON item of the latest checkpoint (None when there is none or it cannot be read)."""
+  """A JSON item of the newest readable checkpoint (None when there is none, or no such item)."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
-  mngr = _manager(workdir, read_only=True)
   try:
-    steps = mngr.all_steps()
-    if not steps:
-      return None
-    return mngr.restore(max(steps), args=ocp.args.Composite(
-        **{name: ocp.args.JsonRestore()}))[name]
-  except Exception:  # pylint: disable=broad-except  (unreadable: treated as absent)
+    return load_json(workdir, (name,))[1][name]
+  except CheckpointError:
     return None
-  finally:
-    mngr.close()
 
 
 def saved_config(workdir: str) -> dict | None:
@@ -454,11 +433,13 @@ class Checkpointer:
   current step, waits for the write and exits cleanly.
   """
 
-  def __init__(self, workdir: str, cfg, steps_per_epoch: int, tokenizer=None):
+  def __init__(self, workdir: str, cfg, steps_per_epoch: int, tokenizer=None, extra=None):
     """`tokenizer` (saved in every checkpoint): a tokenizer, sentencepiece model bytes, or a path
-    `tokenizer.load` reads."""
+    `tokenizer.load` reads. `extra`: more JSON items saved in every checkpoint, {name: value}
+    (a LoRA run's base)."""
     self.workdir, self.cfg, self.steps_per_epoch = workdir, cfg, max(1, steps_per_epoch)
     self._tokenizer = tokenizer
+    self._extra = dict(extra or {})
     self.mngr = _manager(workdir, cfg.max_to_keep)
     self.stop_requested = False
     self._eval_loss = {}
@@ -528,6 +509,7 @@ class Checkpointer:
         "data": grain.checkpoint.CheckpointSave(data_iter),
         "config": ocp.args.JsonSave(self.cfg.to_dict()),
         "meta": ocp.args.JsonSave(meta),
+        **{k: ocp.args.JsonSave(v) for k, v in self._extra.items()},
     }
     tok_item = self._tokenizer_item()
     if tok_item:
@@ -604,11 +586,11 @@ class Checkpointer:
     self._previous = {}
 
 
-def load_params(workdir: str, abstract_params, shardings, step: int | None = None, cfg=None):
+def load_params(workdir: str, abstract_params, shardings, step: int | None = None):
   """(params, step, saved config dict, tokenizer or None) from a run's checkpoint.
 
-  With `cfg`, a config that changes the model's shape is refused with the fields named, before
-  any array is read (a shape mismatch would otherwise look like a damaged checkpoint).
+  loader.load builds `abstract_params` from the checkpoint's own config (read first, with
+  load_json), so a model of another shape is never taken for a damaged checkpoint.
   """
   mngr = _manager(workdir, read_only=True)
   try:
@@ -621,11 +603,6 @@ def load_params(workdir: str, abstract_params, shardings, step: int | None = Non
                             f"available: {sorted(steps)}")
 
     candidates = [step] if step is not None else steps
-    if cfg is not None:
-      _, saved = _restore_first_good(
-          mngr, candidates, lambda s: ocp.args.Composite(config=ocp.args.JsonRestore()))
-      if saved is not None:
-        _refuse_model_changes(saved["config"], cfg, workdir)
 
     def args(_):
       return ocp.args.Composite(
@@ -643,3 +620,49 @@ def load_params(workdir: str, abstract_params, shardings, step: int | None = Non
     return r["params"], got, r["config"], tok
   finally:
     mngr.close()
+
+
+def load_json(workdir: str, names, step: int | None = None) -> tuple[int, dict]:
+  """(step, {name: value, or None when absent}) of JSON items (config, meta, base, ...) of the
+  newest readable checkpoint of `workdir`, or of `step`. Reads no array."""
+  mngr = _manager(workdir, read_only=True)
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with "
+                            f"--mode=train --workdir={workdir}")
+    if step is not None and step not in steps:
+      raise CheckpointError(f"checkpoint_step={step} is not in {checkpoint_dir(workdir)}; "
+                            f"available: {sorted(steps)}")
+    got, r = _restore_first_good(mngr, [step] if step is not None else steps,
+                                 lambda s: ocp.args.Composite(config=ocp.args.JsonRestore()))
+    if r is None:
+      raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
+    items = {}
+    for name in names:
+      try:
+        items[name] = (r if name == "config" else mngr.restore(
+            got, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()})))[name]
+      except Exception:  # pylint: disable=broad-except  (an item this checkpoint does not have)
+        items[name] = None
+    return got, items
+  finally:
+    mngr.close()
+
+
+def save_params(workdir: str, step: int, params, config: dict, tokenizer=None,
+                meta=None) -> str:
+  """Writes a checkpoint of params, config, tokenizer and meta alone (no optimizer state, no data
+  position) at `step` in `workdir`, as an import or an export makes: eval, sample and init_from
+  read it like any other. Returns its directory."""
+  mngr = _manager(workdir)
+  try:
+    items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config),
+             "meta": ocp.args.JsonSave({"step": step, "saved_at": time.time(), **(meta or {})})}
+    if tokenizer is not None:
+      items["tokenizer"] = ocp.args.JsonSave(tokenizer.to_item())
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return os.path.join(checkpoint_dir(workdir), str(step))

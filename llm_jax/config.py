@@ -24,6 +24,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 GRAD_ACCUM = ("scan", "multisteps")
 TOKENIZER_TYPES = ("unigram", "bpe")
 TEXT_SPLITS = ("file", "paragraph", "line")
+QUANT_TYPES = ("nf4", "int4")
 
 
 class ConfigError(errors.UserError):
@@ -241,13 +242,20 @@ def _check(c):
          f"num_beams={c.num_beams} with do_sample=True: beam search is deterministic; set "
          f"do_sample=False (or num_beams=1 to sample)")
 
-  # Quantization and LoRA: named by the reference sheet, not built yet.
+  # Quantization and LoRA (what a mode does with them: loader.py, train.py).
   need(not (c.load_in_8bit and c.load_in_4bit),
        "load_in_8bit and load_in_4bit are both True: choose one")
-  for f in ("load_in_8bit", "load_in_4bit"):
-    need(not c[f], f"{f}=True: weight quantization is not available yet; set it False")
+  need(c.quant_type in QUANT_TYPES, f"quant_type={c.quant_type!r} is not one of "
+       f"{', '.join(QUANT_TYPES)}")
+  need(c.quant_group_size >= 1, f"quant_group_size={c.quant_group_size} must be >= 1 (64 is usual)")
   need(c.lora_r >= 0, f"lora_r={c.lora_r} must be >= 0 (0 = off)")
-  need(c.lora_r == 0, f"lora_r={c.lora_r}: LoRA fine-tuning is not available yet; set lora_r=0")
+  if c.lora_r > 0:
+    need(c.lora_alpha > 0, f"lora_alpha={c.lora_alpha} must be > 0 (None = 2 * lora_r)")
+    from llm_jax import lora  # late: the rest of validation needs no jax
+    try:
+      lora.target_paths(c.lora_targets, None)
+    except ValueError as e:
+      p.append(str(e))
 
   # Parallelism.
   if c.logical_axis_rules:

@@ -194,29 +194,6 @@ def import_config(raw_cfg, hf: dict, overrides: dict | None = None):
     raise HFError(f"the imported model's config is invalid: {e}") from None
 
 
-def checkpoint_config(raw_cfg, workdir: str, overrides: dict | None = None):
-  """`raw_cfg` (the --config file) with the model fields of the checkpoint in `workdir`, finalized:
-  how eval, sample and export of an imported model (and export of any run) get its shape without
-  a matching --config. Command-line overrides still win (and a changed shape is then refused
-  when the params are read)."""
-  from llm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  saved = ckpt_lib.saved_config(workdir)
-  if saved is None:
-    raise HFError(f"no readable checkpoint in {ckpt_lib.checkpoint_dir(workdir)}: train or "
-                  f"import first")
-  c = raw_cfg.copy_and_resolve_references()
-  keep = set(overrides or {})
-  with c.unlocked():
-    for f in ARCH_FIELDS + ("vocab_multiple", "max_seq_len", "block_size", "scan_layers",
-                            "param_dtype"):
-      if f in saved and f not in keep:
-        c[f] = tuple(saved[f]) if isinstance(c[f], tuple) else saved[f]
-  try:
-    return config_lib.finalize(c)
-  except config_lib.ConfigError as e:
-    raise HFError(f"the checkpoint's config with your overrides is invalid: {e}") from None
-
-
 # ----------------------------------------------------------------------- the weight mapping
 
 
@@ -446,7 +423,7 @@ def import_to_workdir(raw_cfg, hf_path: str, workdir: str, overrides: dict | Non
   dtypes = sorted({d for _, _, d in index.values()})
   with cfg.unlocked():
     cfg.hf_path = os.path.abspath(hf_path)
-  ckpt_lib.save_inference(workdir, params, cfg.to_dict(), tok, {
+  ckpt_lib.save_params(workdir, 0, params, cfg.to_dict(), tok, {
       "imported_from": os.path.abspath(hf_path), "model_type": hf["model_type"],
       "source_dtypes": dtypes, "epoch": 0.0, "tokens_seen": 0})
   n = sum(int(np.prod(s)) for _, s, _ in index.values())
@@ -467,7 +444,8 @@ def export_family(mc: model_lib.ModelConfig) -> str:
             "d_v": mc.d_k}
   known = set(ARCH_FIELDS) | {"vocab_multiple", "dropout", "attention_dropout", "hidden_dropout",
                               "dtype", "param_dtype", "attention_impl", "remat_policy",
-                              "scan_layers"}
+                              "scan_layers", "lora_alpha", "lora_targets", "lora_dropout",
+                              "quant_group_size", "quantize_embeddings"}
   # Fields added after this mapping must keep their defaults to export (e.g. qk_norm=False).
   extra = {f.name: f.default for f in dataclasses.fields(mc) if f.name not in known}
 
@@ -492,6 +470,22 @@ def export_family(mc: model_lib.ModelConfig) -> str:
   raise HFError(f"this model maps to neither GPT-2 nor Llama, so it cannot be exported. "
                 f"Nearest: {nearest}, which needs {', '.join(options[nearest])}. {other} needs "
                 f"{', '.join(options[other])}.")
+
+
+def export_workdir(cfg, workdir: str, out_dir: str, asked=()) -> list[str]:
+  """--mode=export with hf_export_dir: the model in `workdir` (a LoRA run's adapters merged) in
+  Hugging Face format; a model neither family fits is refused before any array is read."""
+  from llm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from llm_jax import loader  # pylint: disable=g-import-not-at-top
+  source, step = loader.locate(workdir, cfg.checkpoint_step)
+  _, items = ckpt_lib.load_json(source, ("config",), step)
+  if loader.stores_quantized(items["config"]):
+    raise HFError(f"{workdir} stores quantized weights (an export made with load_in_8bit / "
+                  f"load_in_4bit): export the full-precision run it came from instead")
+  mc = model_lib.ModelConfig.from_config(loader.with_model_fields(cfg, items["config"], asked))
+  export_family(dataclasses.replace(mc, lora_r=0))
+  loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=asked, merge=True)
+  return export(loaded.model_cfg, loaded.params, loaded.tokenizer, out_dir)
 
 
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -1,7 +1,8 @@
 """The GPT model: token (+ position) embedding -> pre-norm blocks -> final norm -> float32 logits.
 
 Owns `ModelConfig` (the model's slice of the flat config, hashable so it can be a static jit
-argument), the `Transformer` module, `init_params` and the explicit KV cache (`init_cache`).
+argument), the `Transformer` module, `build` (the module with the LoRA adapters and quantized
+weights the config asks for), `init_params` and the explicit KV cache (`init_cache`).
 
 The cache is a plain pytree {"k": [L, B, S, K, H], "v": [L, B, S, K, Hv]}: easy to shard, donate
 and scan over. The caller owns the write position (`cache_index`, one slot for the whole batch)
@@ -60,6 +61,15 @@ class ModelConfig:
   attention_impl: str = "xla"
   remat_policy: str = "none"
   scan_layers: bool = False
+  # How the weights are applied (see `build`): LoRA adapters (lora.py) and quantized kernels
+  # (quantize.py; quant is "", "int8", "int4" or "nf4").
+  lora_r: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: str = "q,v"
+  lora_dropout: float = 0.0
+  quant: str = ""
+  quant_group_size: int = 64
+  quantize_embeddings: bool = False
 
   def __post_init__(self):
     if self.position_embedding == "rope" and self.d_k % 2:
@@ -69,9 +79,10 @@ class ModelConfig:
   @classmethod
   def from_config(cls, cfg, backend=None):
     """Takes the model fields of a finalized config; attention_impl depends on the backend."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl", "quant"}
     impl = config_lib.flash_attention_backend(cfg, backend or jax.default_backend())
-    return cls(**{f: cfg[f] for f in fields}, attention_impl=impl)
+    quant = "int8" if cfg.load_in_8bit else cfg.quant_type if cfg.load_in_4bit else ""
+    return cls(**{f: cfg[f] for f in fields}, attention_impl=impl, quant=quant)
 
   @property
   def has_qkv_bias(self):
@@ -204,6 +215,20 @@ class Transformer(nn.Module):
       real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
       logits_BTV = jnp.where(real_V, logits_BTV, PADDED_LOGIT)
     return (logits_BTV, cache) if decoding else logits_BTV
+
+
+def build(cfg: ModelConfig):
+  """The model `cfg` describes, for `.init` and `.apply`: the Transformer, as qwix's quantized twin
+  when cfg.quant (quantize.py) and with LoRA adapters on its projections when cfg.lora_r (lora.py).
+  """
+  model = Transformer(cfg)
+  if cfg.quant:
+    from llm_jax import quantize  # pylint: disable=g-import-not-at-top  (they wrap this module)
+    model = quantize.wrap(model, cfg)
+  if cfg.lora_r:
+    from llm_jax import lora  # pylint: disable=g-import-not-at-top
+    model = lora.wrap(model, cfg)
+  return model
 
 
 def init_cache(cfg: ModelConfig, batch, max_len, dtype=None):

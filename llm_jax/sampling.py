@@ -196,7 +196,7 @@ def _low_precision_params(params, model_cfg):
 def _forward_step(params, model_cfg, st):
   """Logits [R, V] for the token at index st["step"], from the token at step - 1."""
   step, t = st["step"], st["prompt"].shape[1]
-  model = model_lib.Transformer(model_cfg)
+  model = model_lib.build(model_cfg)
   if st["cache"] is not None:
     positions_R1 = (st["prompt_len"] + step - 1)[:, None]
     logits_R1V, cache = model.apply(
@@ -354,7 +354,7 @@ def _start(params, prompt_BT, valid_BT, rng, terminal_ids, length_penalty=None, 
   if scfg.use_cache:
     cache = model_lib.init_cache(model_cfg, b, t + n)
     positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
-    logits_BTV, cache = model_lib.Transformer(model_cfg).apply(
+    logits_BTV, cache = model_lib.build(model_cfg).apply(
         {"params": params}, prompt_BT, positions_BT=positions_BT, cache=cache, cache_index=0,
         kv_valid_BS=kv_valid_BS)
     logits_RV = rep(logits_BTV[:, -1])  # left padding: the last slot is every row's last token

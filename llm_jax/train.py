@@ -6,8 +6,14 @@ scanned inside the jitted step and their mean gradient updates the params once; 
 "multisteps" the loop calls the step once per micro-batch and optax.MultiSteps accumulates.
 Mixed precision: params stay in param_dtype, the model computes in `dtype`, logits, softmax and
 the loss are float32.
+
+Fine-tuning (init_from, see loader.py) starts from a trained model's params. With LoRA
+(lora_r > 0) the state's params are the adapters alone, so gradients, optimizer state and
+checkpoints are the adapters'; the frozen base (quantized for QLoRA) is a separate, non-donated
+argument of the jitted steps, sharded like the kernels.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,6 +29,7 @@ import numpy as np
 import optax
 
 from llm_jax import errors
+from llm_jax import lora as lora_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import model as model_lib
 from llm_jax import optimizer as optimizer_lib
@@ -83,11 +90,16 @@ def loss_fn(params, model, batch, rng, z_loss: float, deterministic: bool = Fals
 
 def make_train_step(cfg, model, tx):
   """The pure train step for `cfg.grad_accum`; see the module docstring."""
-  deterministic = cfg.dropout == cfg.attention_dropout == cfg.hidden_dropout == 0.0
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  deterministic = (cfg.dropout == cfg.attention_dropout == cfg.hidden_dropout == 0.0
+                   and (cfg.lora_r == 0 or cfg.lora_dropout == 0.0))
 
-  def micro_grads(params, batch, rng):
-    (_, ce), grads = grad_fn(params, model, batch, rng, cfg.z_loss, deterministic)
+  def loss_of_trained(params, base, *args):  # differentiated w.r.t. params only
+    return loss_fn(lora_lib.combine(base, params), *args)
+
+  grad_fn = jax.value_and_grad(loss_of_trained, has_aux=True)
+
+  def micro_grads(params, base, batch, rng):
+    (_, ce), grads = grad_fn(params, base, model, batch, rng, cfg.z_loss, deterministic)
     return ce, grads
 
   def finish(state, grads, ce, opt_step):
@@ -97,14 +109,14 @@ def make_train_step(cfg, model, tx):
     return state.replace(step=opt_step, params=params, opt_state=opt_state), out
 
   if cfg.grad_accum == "scan" or cfg.gradient_accumulation_steps == 1:
-    def train_step(state, batch):
+    def train_step(state, base, batch):
       rng = jax.random.fold_in(state.rng, state.step)
       n_micro = batch["inputs"].shape[0]
 
       def body(carry, xs):
         acc, ce_sum = carry
         micro, i = xs
-        ce, grads = micro_grads(state.params, micro, jax.random.fold_in(rng, i))
+        ce, grads = micro_grads(state.params, base, micro, jax.random.fold_in(rng, i))
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
         return (acc, ce_sum + ce), None
 
@@ -115,10 +127,10 @@ def make_train_step(cfg, model, tx):
   else:
     # optax.MultiSteps: one call per micro-batch [b, T]; step counts optimizer steps, so it
     # advances when MultiSteps applied an update.
-    def train_step(state, batch):
+    def train_step(state, base, batch):
       micro_step = state.opt_state.mini_step
       rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro_step)
-      ce, grads = micro_grads(state.params, batch, rng)
+      ce, grads = micro_grads(state.params, base, batch, rng)
       updated = micro_step == cfg.gradient_accumulation_steps - 1
       return finish(state, grads, ce, state.step + updated.astype(state.step.dtype))
 
@@ -136,24 +148,32 @@ def make_eval_step(model):
 class Trainer:
   """Everything a run needs built once: mesh, model, optimizer, jitted and sharded steps."""
 
-  def __init__(self, cfg, total_steps: int, mesh=None, backend=None):
+  def __init__(self, cfg, total_steps: int, mesh=None, backend=None, base=None):
     """`mesh` defaults to cfg's mesh over every device; `backend` ('cpu', 'gpu', 'tpu', which
     picks the attention kernel) to the platform of the mesh's devices, so a mesh of compile-only
     TPU devices (sizing.compile_report) gets the step a TPU run would, Pallas attention included.
+    `base`: the loaded model a fine-tune starts from (loader.start_finetune), if any: with LoRA
+    its params are the frozen base, else the initial params.
     """
     self.cfg = cfg
     self.total_steps = total_steps
     self.mesh = sharding_lib.make_mesh(cfg) if mesh is None else mesh
     backend = backend or self.mesh.devices.flat[0].platform
     self.model_cfg = model_lib.ModelConfig.from_config(cfg, backend=backend)
-    self.model = model_lib.Transformer(self.model_cfg)
+    self.model = model_lib.build(self.model_cfg)
     self.schedule = optimizer_lib.lr_schedule(cfg, total_steps)
     self.tx = optimizer_lib.make_optimizer(cfg, total_steps, self.schedule)
     dummy = jnp.zeros((1, cfg.block_size), jnp.int32)
     boxed = jax.eval_shape(lambda k: self.model.init(k, dummy), jax.random.key(0))["params"]
+    boxed_base, boxed = lora_lib.split(boxed) if cfg.lora_r else ({}, boxed)
     self.abstract_params = nn.meta.unbox(boxed)
     self.rules = sharding_lib.logical_rules(cfg)
     self.param_shardings = sharding_lib.param_shardings(boxed, self.mesh, self.rules)
+    base_shardings = (sharding_lib.param_shardings(boxed_base, self.mesh, self.rules)
+                      if boxed_base else {})
+    self.abstract_base = sharding_lib.with_shardings(nn.meta.unbox(boxed_base), base_shardings)
+    self.base = base.params if base is not None and cfg.lora_r else {}
+    self._initial_params = base.params if base is not None and not cfg.lora_r else None
     opt_sh = sharding_lib.opt_state_shardings(self.tx, self.abstract_params,
                                               self.param_shardings, self.mesh)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -164,39 +184,63 @@ class Trainer:
     step_batch = (sharding_lib.batch_sharding(self.mesh, 3, 1) if self._scan
                   else sharding_lib.batch_sharding(self.mesh, 2))
     self._train_step = self._in_context(jax.jit(
-        step, in_shardings=(self.state_shardings, step_batch),
+        step, in_shardings=(self.state_shardings, base_shardings, step_batch),
         out_shardings=(self.state_shardings, None), donate_argnums=0))
+    eval_step = make_eval_step(self.model)
     self._eval_step = self._in_context(jax.jit(
-        make_eval_step(self.model),
-        in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh, 2))))
-    self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings))
+        lambda params, base, batch: eval_step(lora_lib.combine(base, params), batch),
+        in_shardings=(self.param_shardings, base_shardings,
+                      sharding_lib.batch_sharding(self.mesh, 2))))
+    # A full fine-tune's initial params are donated to the state they become.
+    self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings,
+                                              donate_argnums=1), base=False)
 
   @property
   def _scan(self):
     return self.cfg.grad_accum == "scan" or self.cfg.gradient_accumulation_steps == 1
 
-  def _in_context(self, jitted):
-    # Logical constraints inside the model need the rules and the mesh while tracing.
+  def _in_context(self, jitted, base=True):
+    """`jitted` under the rules and the mesh (logical constraints need them while tracing);
+    with `base`, the frozen base is passed as its second argument (abstract when lowering)."""
+    def with_base(args, frozen):
+      return (args[0], frozen, *args[1:]) if base else args
+
     def call(*args):
       with nn.logical_axis_rules(self.rules), jax.set_mesh(self.mesh):
-        return jitted(*args)
-    call.lower = lambda *args: self._in_context(jitted.lower)(*args)
+        return jitted(*with_base(args, self.base))
+
+    def lower(*args):
+      with nn.logical_axis_rules(self.rules), jax.set_mesh(self.mesh):
+        return jitted.lower(*with_base(args, self.abstract_base))
+    call.lower = lower
     return call
 
-  def _init(self, key) -> TrainState:
-    dummy = jnp.zeros((1, self.cfg.block_size), jnp.int32)
-    params = nn.meta.unbox(self.model.init(key, dummy)["params"])
+  def _init(self, key, params=None) -> TrainState:
+    if params is None:
+      dummy = jnp.zeros((1, self.cfg.block_size), jnp.int32)
+      # A LoRA run initialises its adapters alone: the base's part of init is dead code, and
+      # needs no quantizing (adapters have the same shapes over a quantized base).
+      model = model_lib.build(dataclasses.replace(self.model_cfg, quant=""))
+      params = nn.meta.unbox(model.init(key, dummy)["params"])
+      if self.cfg.lora_r:
+        _, params = lora_lib.split(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), rng=jax.random.fold_in(key, 1))
 
   def init_state(self, seed: int) -> TrainState:
-    """Params and optimizer state created directly in their shardings (never whole on a device)."""
-    return self._init_jit(jax.random.key(seed))
+    """Params and optimizer state created directly in their shardings (never whole on a device);
+    a full fine-tune's params are the base's."""
+    params, self._initial_params = self._initial_params, None
+    return self._init_jit(jax.random.key(seed), params)
 
   def abstract_state(self) -> TrainState:
     """The state's shapes and dtypes with their shardings, nothing allocated (restore targets)."""
     return sharding_lib.with_shardings(jax.eval_shape(self._init, jax.random.key(0)),
                                        self.state_shardings)
+
+  def full_params(self, params):
+    """Everything the model applies: a LoRA run's frozen base with `params` (its adapters)."""
+    return lora_lib.combine(self.base, params)
 
   def train_step(self, state, local_batch):
     """One optimizer step on this process's share of the batch ([A, b, T] numpy arrays)."""
@@ -224,22 +268,7 @@ class Trainer:
 
   def evaluate(self, params, batches, max_batches=None, chars_per_token=None) -> dict:
     """Loss, accuracy, perplexity and bits per character over `batches` (the eval iterator)."""
-    totals = None
-    for i, local in enumerate(batches):
-      if max_batches is not None and i >= max_batches:
-        break
-      out = self._eval_step(params, sharding_lib.global_batch(local, self.mesh))
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    if totals is None:
-      raise ValueError("the validation split produced no batch: it is smaller than one row of "
-                       "block_size + 1 tokens; lower block_size or add validation text")
-    totals = jax.device_get(totals)
-    loss = float(totals["nll"] / max(totals["tokens"], 1.0))
-    result = {"loss": loss, "accuracy": float(totals["correct"] / max(totals["tokens"], 1.0)),
-              "perplexity": metrics_lib.perplexity(loss), "tokens": int(totals["tokens"])}
-    if chars_per_token:
-      result["bits_per_char"] = metrics_lib.bits_per_char(loss, chars_per_token)
-    return result
+    return evaluate(self._eval_step, params, batches, self.mesh, max_batches, chars_per_token)
 
   def lower_train_step(self):
     """The train step lowered for abstract inputs of this config (for memory analysis)."""
@@ -250,6 +279,27 @@ class Trainer:
     sh = sharding_lib.batch_sharding(self.mesh, len(shape), axis)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh) for k in ("inputs", "targets")}
     return self._train_step.lower(state, batch)
+
+
+def evaluate(eval_step, params, batches, mesh, max_batches=None, chars_per_token=None) -> dict:
+  """Loss, accuracy, perplexity and bits per character of `eval_step(params, batch)` summed over
+  `batches` (each process's share, placed on `mesh`)."""
+  totals = None
+  for i, local in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    out = eval_step(params, sharding_lib.global_batch(local, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if totals is None:
+    raise ValueError("the validation split produced no batch: it is smaller than one row of "
+                     "block_size + 1 tokens; lower block_size or add validation text")
+  totals = jax.device_get(totals)
+  loss = float(totals["nll"] / max(totals["tokens"], 1.0))
+  result = {"loss": loss, "accuracy": float(totals["correct"] / max(totals["tokens"], 1.0)),
+            "perplexity": metrics_lib.perplexity(loss), "tokens": int(totals["tokens"])}
+  if chars_per_token:
+    result["bits_per_char"] = metrics_lib.bits_per_char(loss, chars_per_token)
+  return result
 
 
 def total_steps(cfg, steps_per_epoch: int) -> int:
@@ -299,7 +349,8 @@ def sample_lines(trainer, params, tokenizer, cfg, n_tokens=64, n_rows=2) -> list
     scfg.max_new_tokens = n_tokens
     scfg.min_length = 0
     scfg.num_return_sequences = 1
-  rows = sampling.generate(params, trainer.model_cfg, [[tokenizer.eos_id]] * n_rows, scfg,
+  rows = sampling.generate(trainer.full_params(params), trainer.model_cfg,
+                           [[tokenizer.eos_id]] * n_rows, scfg,
                            jax.random.key(cfg.seed), eos_id=tokenizer.eos_id)
   return [tokenizer.decode(r) for r in rows]
 
@@ -316,7 +367,7 @@ def build_data(cfg, workdir: str, tokenizer=None):
   return data if data is not None else data_lib.build(cfg, workdir, tokenizer=tokenizer)
 
 
-def run(cfg, workdir: str) -> int:
+def run(cfg, workdir: str, overrides=None) -> int:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint. Returns an exit code.
 
   Holds the workdir's lock (workdir.lock) for the whole run: a second training run there is
@@ -327,36 +378,51 @@ def run(cfg, workdir: str) -> int:
   created = not os.path.exists(workdir)
   try:
     with workdir_lib.lock(workdir):
-      return _run_locked(cfg, workdir)
+      return _run_locked(cfg, workdir, overrides)
   except errors.UserError:
     if created and jax.process_index() == 0:  # bad input leaves no new, half-made workdir
       shutil.rmtree(workdir, ignore_errors=True)
     raise
 
 
-def _run_locked(cfg, workdir: str) -> int:
+def _run_locked(cfg, workdir: str, overrides=None) -> int:
   from tqdm import tqdm
   from llm_jax import checkpoint as ckpt_lib
+  from llm_jax import loader
 
   is_main = jax.process_index() == 0
+  loader.check_train(cfg)
+  mesh, base, base_ref = None, None, None
+  if cfg.init_from:  # fine-tuning: the model fields, tokenizer and params of a trained model
+    mesh = sharding_lib.make_mesh(cfg)
+    cfg, base, base_ref = loader.start_finetune(cfg, workdir, mesh, asked=overrides or {})
+    if is_main and base is not None and base.quantization:
+      print(f"llm_jax: frozen base {base.path}: {base.quantization}", flush=True)
   data = build_data(cfg, workdir)
   steps = total_steps(cfg, data.steps_per_epoch)
-  trainer = Trainer(cfg, steps)
+  trainer = Trainer(cfg, steps, mesh=mesh, base=base)
+  del base  # a full fine-tune's initial params are donated to its first state
   train_iter = data.train_iter()
   ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch,
-                              cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"))
+                              cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"),
+                              extra={"base": base_ref} if base_ref else None)
   writer = None
   try:
     state = ckpt.restore_or_init(trainer, train_iter)
     # Only now: a checkpoint this config cannot use is refused before anything is written.
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
     start = int(jax.device_get(state.step))
-    n_params = metrics_lib.count_params(trainer.abstract_params)
+    # FLOPs count the whole model (a LoRA run's frozen base computes too).
+    n_params = metrics_lib.count_params((trainer.abstract_base, trainer.abstract_params))
     fpt = metrics_lib.flops_per_token(cfg, n_params)
     peak = metrics_lib.device_peak_flops()
+    n_trained = metrics_lib.count_params(trainer.abstract_params, False)
     if is_main:
-      print(f"llm_jax: {metrics_lib.count_params(trainer.abstract_params, False) / 1e6:.2f}M "
-            f"params, {steps} steps of {cfg.batch_size} x {cfg.block_size} tokens "
+      what = (f"{n_trained / 1e6:.2f}M params" if not cfg.lora_r else
+              f"LoRA r={cfg.lora_r} on {cfg.lora_targets}: {n_trained / 1e6:.3f}M trained params "
+              f"over a frozen base of {trainer.model_cfg.quant or cfg.param_dtype} weights")
+      source = f" from {cfg.init_from}" if cfg.init_from else ""
+      print(f"llm_jax: {what}{source}, {steps} steps of {cfg.batch_size} x {cfg.block_size} tokens "
             f"({data.steps_per_epoch} steps/epoch), mesh {dict(trainer.mesh.shape)}, "
             f"{jax.device_count()} x {jax.devices()[0].device_kind}, workdir {workdir}"
             + (f", resumed at step {start}" if start else ""), flush=True)
@@ -364,6 +430,22 @@ def _run_locked(cfg, workdir: str) -> int:
     bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True,
                mininterval=1.0, desc="train")
     t0, steps_timed, last = time.perf_counter(), 0, {}
+
+    def print_eval(step, ev):
+      lines = _eval_samples(trainer, state.params, data.tokenizer, cfg, step)
+      if is_main:
+        bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
+                  f"{ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}"
+                  + (f", train loss {last['train/loss']:.4f}" if last else ""))
+        for line in lines:
+          bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
+
+    if cfg.init_from and start == 0:  # the base on the new data, before any update
+      ev = trainer.evaluate(state.params, data.eval_batches(), cfg.eval_batches,
+                            data.chars_per_token)
+      writer.write(0, {f"eval/{k}": v for k, v in ev.items()})
+      print_eval(0, ev)
+      t0 = time.perf_counter()
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
       state, out = trainer.train_step(state, batch)
@@ -419,13 +501,7 @@ def _run_locked(cfg, workdir: str) -> int:
       if do_save or stop:
         ckpt.save(step, state, train_iter)
       if ev is not None:
-        lines = _eval_samples(trainer, state.params, data.tokenizer, cfg, step)
-        if is_main:
-          bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
-                    f"{ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}, "
-                    f"train loss {last.get('train/loss', float('nan')):.4f}")
-          for line in lines:
-            bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
+        print_eval(step, ev)
       if do_eval or do_save or stop:
         t0 = time.perf_counter()  # evaluation and saving time is not training throughput
       bar.update(1)
@@ -472,24 +548,22 @@ def _eval_samples(trainer, params, tokenizer, cfg, step) -> list[str]:
     return []
 
 
-def load_for_inference(cfg, workdir: str):
-  """(trainer, params, step, tokenizer) from a run's checkpoint, for --mode=eval and sample."""
-  from llm_jax import checkpoint as ckpt_lib
-  from llm_jax import tokenizer as tokenizer_lib
-  trainer = Trainer(cfg, total_steps=cfg.warmup_steps + 1)  # the optimizer is unused here
-  params, step, _, tok = ckpt_lib.load_params(
-      workdir, trainer.abstract_params, trainer.param_shardings, cfg.checkpoint_step, cfg=cfg)
-  if tok is None:
-    path = cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-    tok = tokenizer_lib.load(path)
-  return trainer, params, step, tok
+def evaluate_workdir(cfg, workdir: str, overrides=None) -> int:
+  """--mode=eval: loss, accuracy, perplexity and bits/char of a saved checkpoint (quantized when
+  load_in_8bit / load_in_4bit ask; a LoRA run's with its base)."""
+  from llm_jax import loader
+  loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=overrides or {})
+  data = build_data(loaded.cfg, workdir, tokenizer=loaded.tokenizer)
+  if loaded.quantization:
+    print(f"# {loaded.quantization}", flush=True)
+  rules = sharding_lib.logical_rules(loaded.cfg)
+  step_fn = jax.jit(make_eval_step(model_lib.build(loaded.model_cfg)))
 
-
-def evaluate_workdir(cfg, workdir: str) -> int:
-  """--mode=eval: loss, accuracy, perplexity and bits/char of a saved checkpoint."""
-  trainer, params, step, tok = load_for_inference(cfg, workdir)
-  data = build_data(cfg, workdir, tokenizer=tok)
-  ev = trainer.evaluate(params, data.eval_batches(), None, data.chars_per_token)  # whole split
-  print(f"eval of checkpoint {step} in {workdir}: " + ", ".join(
+  def eval_step(params, batch):
+    with nn.logical_axis_rules(rules), jax.set_mesh(loaded.mesh):
+      return step_fn(params, batch)
+  ev = evaluate(eval_step, loaded.params, data.eval_batches(), loaded.mesh, None,
+                data.chars_per_token)  # the whole split
+  print(f"eval of checkpoint {loaded.step} in {workdir}: " + ", ".join(
       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()), flush=True)
   return errors.OK

@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 from configs import base
 from llm_jax import attention
 from llm_jax import checkpoint
+from llm_jax import config
 from llm_jax import hf
 from llm_jax import hf_tokenizer
 from llm_jax import model as model_lib
@@ -207,7 +208,7 @@ def test_cli_import_then_sample_uses_the_models_eos_and_refuses_train(tmp_path, 
   ref, _ = _reference(os.path.join(FIXTURES, "gpt2"))
   raw = base.get_config()
   raw.update(do_sample=False, max_new_tokens=len(ref["greedy_ids"]))
-  cfg = hf.checkpoint_config(raw, workdir, {"do_sample": False, "max_new_tokens": 16})
+  cfg = config.finalize(raw)
   import main  # pylint: disable=g-import-not-at-top
   assert main.sample(cfg, workdir, ["The quick brown fox"]) == 0
   tok = hf_tokenizer.from_hf_dir(os.path.join(FIXTURES, "gpt2"))

@@ -1,0 +1,195 @@
+"""LoRA: low-rank adapters on the model's projections, y = W x + (alpha / r) B A dropout(x).
+
+Owns the adapter module, the interceptor that attaches it to the model (`wrap`, used by
+model.build), the split of a param tree into the frozen base and the adapters and back
+(`split`, `combine`), and `merge`, which folds the adapters into the kernels.
+
+An `nn.intercept_methods` interceptor runs after every `nn.Einsum` named by `lora_targets`
+(q -> attn/query, k, v, o -> attn/out, wi, gate -> mlp/wi_gate, up -> mlp/wi_up, wo) and adds a
+child module `lora` with params `a` [contracted dims..., r] and `b` [r, output dims...], so the
+model code is untouched and unrolled, scanned and rematerialized layers all work. The adapters
+take the kernel's logical axes, so they shard like it. `a` has PEFT's init (kaiming uniform),
+`b` zeros: before training, a LoRA model computes exactly its base's function. Dropout on the
+adapter's input runs only when the enclosing layer is not deterministic, i.e. in training: never
+at evaluation or sampling.
+
+Why not qwix's own LoRA (qwix.LoraProvider, 0.1.8): on Flax linen's nn.Einsum it crashes at init
+(SetAttributeFrozenModuleError, from a debug setattr on the frozen module), and once patched its
+dropout stays on at evaluation and sampling. Why a child module rather than params beside the
+kernel: qwix's quantization (quantize.py, QLoRA) matches module paths and quantizes the params
+of the module it intercepts, so adapters beside a quantized kernel would be quantized too (qwix
+fails trying to tile them); under their own path they stay in full precision.
+"""
+
+import string
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+TARGETS = {"q": "attn/query", "k": "attn/key", "v": "attn/value", "o": "attn/out",
+           "wi": "mlp/wi", "gate": "mlp/wi_gate", "up": "mlp/wi_up", "wo": "mlp/wo"}
+_SWIGLU_ONLY, _NOT_SWIGLU = ("gate", "up"), ("wi",)
+ADAPTER = "lora"  # the adapters' module name: every adapter param path contains it
+
+
+def target_paths(targets: str, activation: str | None) -> frozenset:
+  """`lora_targets` ("q,v", "all", ...) -> module paths ("attn/query", ...); ValueError if bad.
+
+  activation None checks the names alone (the model's MLP may not be known yet).
+  """
+  names = [t.strip() for t in targets.split(",") if t.strip()]
+  swiglu = activation == "swiglu"
+  if names == ["all"]:
+    names = [n for n in TARGETS if n not in (_NOT_SWIGLU if swiglu else _SWIGLU_ONLY)]
+  unknown = [n for n in names if n not in TARGETS]
+  if unknown or not names:
+    raise ValueError(f"lora_targets={targets!r}: {', '.join(unknown) or 'nothing'} is not a "
+                     f"projection; name any of {','.join(TARGETS)}, or all")
+  if activation is None:
+    return frozenset()
+  absent = [n for n in names if n in (_NOT_SWIGLU if swiglu else _SWIGLU_ONLY)]
+  if absent:
+    have = "gate,up (swiglu's two input projections)" if swiglu else "wi"
+    raise ValueError(f"lora_targets={targets!r}: this model (activation={activation}) has no "
+                     f"{','.join(absent)}; its MLP input is {have}")
+  return frozenset(TARGETS[n] for n in names)
+
+
+def scale(cfg) -> float:
+  """alpha / r of a ModelConfig."""
+  return cfg.lora_alpha / cfg.lora_r
+
+
+def _parse(einsum_str: str):
+  """'btd,dnh->btnh' -> (lhs, rhs, out, contracted, kept, batch, a fresh letter for the rank)."""
+  spec = einsum_str.replace(" ", "")
+  lhs, rest = spec.split(",")
+  rhs, out = rest.split("->")
+  con = "".join(c for c in rhs if c in lhs)
+  keep = "".join(c for c in rhs if c not in lhs)
+  bat = "".join(c for c in lhs if c not in con)
+  if rhs != con + keep:  # merge relies on it: kernel == contracted axes, then output axes
+    raise ValueError(f"LoRA needs the kernel's contracted axes first, got {einsum_str!r}")
+  return lhs, rhs, out, con, keep, bat, next(c for c in string.ascii_letters if c not in spec)
+
+
+class Adapter(nn.Module):
+  """(alpha / r) * B(A(dropout(x))) for one nn.Einsum kernel of `kernel_shape` and `kernel_axes`."""
+  einsum_str: str
+  kernel_shape: tuple
+  kernel_axes: tuple
+  rank: int
+  scale: float
+  dropout: float
+  deterministic: bool
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    lhs, rhs, out, con, keep, bat, r = _parse(self.einsum_str)
+    dims, axes = dict(zip(rhs, self.kernel_shape)), dict(zip(rhs, self.kernel_axes))
+    # PEFT's kaiming_uniform(a=sqrt(5)) over the contracted (fan-in) axes.
+    a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                              in_axis=tuple(range(len(con))), out_axis=-1)
+    a = self.param("a", nn.with_logical_partitioning(a_init, tuple(axes[c] for c in con) + (None,)),
+                   tuple(dims[c] for c in con) + (self.rank,), self.param_dtype)
+    b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                     (None,) + tuple(axes[c] for c in keep)),
+                   (self.rank,) + tuple(dims[c] for c in keep), self.param_dtype)
+    x = nn.Dropout(self.dropout)(x, deterministic=self.deterministic)
+    h = jnp.einsum(f"{lhs},{con}{r}->{bat}{r}", x.astype(self.dtype), a.astype(self.dtype))
+    return jnp.einsum(f"{bat}{r},{r}{keep}->{out}", h, b.astype(self.dtype)) * self.scale
+
+
+def _interceptor(cfg):
+  paths = target_paths(cfg.lora_targets, cfg.activation)
+
+  def intercept(next_fun, args, kwargs, ctx):
+    y = next_fun(*args, **kwargs)
+    m = ctx.module
+    if (ctx.method_name != "__call__" or not isinstance(m, nn.Einsum)
+        or "/".join(m.path[-2:]) not in paths):
+      return y
+    # Logical axis names of the kernel (its init is tagged with them): traced, nothing allocated.
+    kernel_axes = jax.eval_shape(lambda k: m.kernel_init(k, m.shape, m.param_dtype),
+                                 jax.random.key(0)).names
+    dtype = m.dtype or args[0].dtype
+    adapter = Adapter(m.einsum_str, tuple(m.shape), tuple(kernel_axes), cfg.lora_r, scale(cfg),
+                      cfg.lora_dropout, getattr(m.parent, "deterministic", True), dtype,
+                      m.param_dtype, parent=m, name=ADAPTER)
+    return y + adapter(args[0]).astype(y.dtype)
+
+  return nn.intercept_methods(intercept)
+
+
+class _WithAdapters:
+  """A model whose init and apply run with the adapters attached (see the module docstring)."""
+
+  def __init__(self, model, cfg):
+    self.model, self.cfg = model, cfg
+
+  def init(self, *args, **kwargs):
+    with _interceptor(self.cfg):
+      return self.model.init(*args, **kwargs)
+
+  def apply(self, *args, **kwargs):
+    with _interceptor(self.cfg):
+      return self.model.apply(*args, **kwargs)
+
+
+def wrap(model, cfg):
+  """`model` (a Transformer, quantized or not) with adapters as `cfg` (a ModelConfig) asks."""
+  target_paths(cfg.lora_targets, cfg.activation)
+  return _WithAdapters(model, cfg)
+
+
+def is_adapter(path) -> bool:
+  """Whether a param path (a tuple of names, or a jax key path) is an adapter's."""
+  return any(getattr(k, "key", k) == ADAPTER for k in path)
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(tree) if tree else {}
+
+
+def split(params):
+  """(frozen base, adapters): two nested dicts that `combine` joins back."""
+  flat = _flat(params)
+  base = {p: v for p, v in flat.items() if not is_adapter(p)}
+  adapters = {p: v for p, v in flat.items() if is_adapter(p)}
+  return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapters)
+
+
+def combine(base, adapters):
+  """The model's whole param tree from `split`'s two parts (`base` may be empty: no LoRA)."""
+  if not base:
+    return adapters
+  return traverse_util.unflatten_dict({**_flat(base), **_flat(adapters)})
+
+
+def merge(params, cfg):
+  """Plain params in param_dtype computing what base + adapters compute: W + (alpha / r) A B.
+
+  Quantized kernels (QLoRA) are dequantized first, since the adapters were trained against the
+  quantized base; the result is full precision, without adapters.
+  """
+  from llm_jax import quantize  # pylint: disable=g-import-not-at-top
+  flat = _flat(params)
+  out = {}
+  for path, w in flat.items():
+    if is_adapter(path):
+      continue
+    w = quantize.dequantize(w)
+    a, b = flat.get(path[:-1] + (ADAPTER, "a")), flat.get(path[:-1] + (ADAPTER, "b"))
+    if path[-1] == "kernel" and a is not None:
+      def delta(a, b):  # [con..., r] x [r, keep...] -> the kernel's [con..., keep...]
+        return jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+      scanned = a.ndim + b.ndim - 2 != w.ndim  # a leading layer axis on all three
+      w = w.astype(jnp.float32) + scale(cfg) * (jax.vmap(delta) if scanned else delta)(a, b)
+    if jnp.issubdtype(w.dtype, jnp.floating):
+      w = w.astype(cfg.param_dtype)
+    out[path] = w
+  return traverse_util.unflatten_dict(out)
