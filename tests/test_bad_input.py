@@ -214,7 +214,7 @@ def _cases():
       ("eval_checkpoint_step_not_saved", lambda t, r: (
           on_run("eval", r, checkpoint_step=3), ["checkpoint_step=3", "available: [4]"])),
       ("eval_model_changed", lambda t, r: (on_run("eval", r, d_model=48),
-                                           ["d_model: 32 -> 48"])),
+                                           ["d_model: the checkpoint has 32", "asks 48"])),
       ("train_model_changed", lambda t, r: (on_run("train", r, d_model=48),
                                             ["d_model: 32 -> 48", "new --workdir"])),
       ("eval_mesh_does_not_fit", lambda t, r: (on_run("eval", r, mesh_shape="(3,1,1)"),

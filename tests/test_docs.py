@@ -15,8 +15,9 @@ from llm_jax import config
 from llm_jax import sizing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# finetune.py has no model of its own: its fields come from init_from.
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not p.endswith(("__init__.py", "base.py")))
+                 if not p.endswith(("__init__.py", "base.py", "finetune.py")))
 
 
 def _read(*parts):
