@@ -90,7 +90,7 @@ def check_steps():
     whole = {"params": _whole_leaves(state.params, axes_of),
              "opt_state": _whole_leaves(state.opt_state, axes_of)}
     grad_fn = trainer._in_context(jax.jit(lambda p, b, t=trainer: jax.value_and_grad(
-        train.loss_fn, has_aux=True)(p, t.model, b, None, t.cfg.z_loss, True)))
+        train.loss_fn, has_aux=True)(p, t.model, b, None, t.cfg.z_loss, True)), base=False)
     micro = sharding.global_batch({k: v[0] for k, v in batch.items()}, trainer.mesh)
     (_, ce), grads = grad_fn(state.params, micro)
     grads = jax.device_get(grads)

@@ -352,7 +352,7 @@ def base_run(tmp_path_factory):
   params = helpers.random_params(nn.meta.unbox(jax.eval_shape(
       lambda k: model_lib.init_params(mc, k), jax.random.key(0))), std=0.1)
   workdir = str(root / "base")
-  checkpoint.save_params(workdir, 7, params, cfg.to_dict(), tok.model_proto)
+  checkpoint.save_params(workdir, 7, params, cfg.to_dict(), tok)
   return types.SimpleNamespace(root=root, workdir=workdir, params=jax.device_get(params),
                                tokenizer=tok, config=cfg.to_dict())
 
