@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: saving, resuming, preemption, and loading params for eval/sample.
 
 A checkpoint (<workdir>/checkpoints/<step>/) holds separate items so that eval and sampling can
-read the params alone: `params`, `train` (step, optimizer state, rng), `data` (the grain iterator's
+read the params alone: `params` (the ones to evaluate: schedule-free's average), `train` (step,
+optimizer state, rng; schedule-free's trained params too), `data` (the grain iterator's
 position, per process), `config` (JSON), `tokenizer` (the sentencepiece model) and `meta` (step,
 epoch, tokens seen, wall time). Orbax writes each step to a temporary directory and renames it
 when complete, so a run killed at any moment never leaves a checkpoint that looks complete but
@@ -22,12 +23,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llm_jax import optimizer as optimizer_lib
 from llm_jax import sharding as sharding_lib
 
 # Fields that change the shapes or meaning of saved arrays: a resumed run may not change them.
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_heads", "n_layers",
                 "d_ff", "d_k", "d_v", "position_embedding", "max_position_embeddings",
-                "activation", "use_rms_norm", "use_bias", "tie_embeddings", "scan_layers")
+                "activation", "use_rms_norm", "use_bias", "tie_embeddings", "scan_layers",
+                "qk_norm")
 # Fields that decide which tokens land in which batch: when changed, the data order restarts.
 DATA_FIELDS = ("dataset", "validation", "validation_fraction", "text_key", "block_size",
                "micro_batch_size", "gradient_accumulation_steps", "pack_segments", "seed",
@@ -136,7 +139,10 @@ def _restore_targets(trainer):
   a = trainer.abstract_state()
   rng = sharding_lib.with_shardings(jax.eval_shape(jax.random.key_data, a.rng),
                                     trainer.state_shardings.rng)
-  return a.params, {"step": a.step, "opt_state": a.opt_state, "rng": rng}
+  train = {"step": a.step, "opt_state": a.opt_state, "rng": rng}
+  if optimizer_lib.averages_params(trainer.cfg):  # see Checkpointer.save
+    train["params"] = a.params
+  return a.params, train
 
 
 def _refuse_model_changes(saved_config: dict, cfg, workdir: str) -> tuple[list, list]:
@@ -217,17 +223,26 @@ class Checkpointer:
   def record_eval(self, step: int, eval_loss: float) -> None:
     self._eval_loss[step] = float(eval_loss)
 
-  def save(self, step: int, state, data_iter, force: bool = False) -> None:
-    """Starts an asynchronous save of `state` at `step` (training continues meanwhile)."""
+  def save(self, step: int, state, data_iter, force: bool = False, params=None) -> None:
+    """Starts an asynchronous save of `state` at `step` (training continues meanwhile).
+
+    `params`: what eval, sample and fine-tuning load (Trainer.eval_params(state)). When they are
+    not state.params (schedule-free's average), the trained params go in the `train` item too,
+    so that a resume continues from exactly them.
+    """
     if step in self.mngr.all_steps():
       return
+    params = state.params if params is None else params
+    train = {"step": state.step, "opt_state": state.opt_state,
+             "rng": jax.random.key_data(state.rng)}
+    if params is not state.params:
+      train["params"] = state.params
     meta = {"step": step, "epoch": step / self.steps_per_epoch,
             "tokens_seen": step * self.cfg.batch_size * self.cfg.block_size,
             "wall_time_s": time.time() - self._start_time, "saved_at": time.time()}
     items = {
-        "params": ocp.args.StandardSave(state.params),
-        "train": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
-                                        "rng": jax.random.key_data(state.rng)}),
+        "params": ocp.args.StandardSave(params),
+        "train": ocp.args.StandardSave(train),
         "data": grain.checkpoint.CheckpointSave(data_iter),
         "config": ocp.args.JsonSave(self.cfg.to_dict()),
         "meta": ocp.args.JsonSave(meta),
@@ -272,7 +287,8 @@ class Checkpointer:
     logging.info("resumed from checkpoint %d in %s", step, checkpoint_dir(self.workdir))
     # state_shardings is a TrainState: replacing every field gives the restored TrainState.
     return trainer.state_shardings.replace(
-        step=r["train"]["step"], params=r["params"], opt_state=r["train"]["opt_state"],
+        step=r["train"]["step"], params=r["train"].get("params", r["params"]),
+        opt_state=r["train"]["opt_state"],
         rng=jax.random.wrap_key_data(r["train"]["rng"]))
 
   def wait(self) -> None:

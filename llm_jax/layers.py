@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from llm_jax import attention as attn_lib
 
@@ -45,8 +46,21 @@ def norm(cfg, name):
   return nn.LayerNorm(**kw, use_bias=cfg.use_bias, bias_init=zeros(("embed",)))
 
 
+def relu2(x):
+  """Squared ReLU (So et al., Primer): relu(x) ** 2."""
+  return jnp.square(nn.relu(x))
+
+
+def head_norm(cfg, name):
+  """RMSNorm over each head's features (qk_norm): a learned scale per head dim, shared by heads."""
+  return nn.RMSNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                    param_dtype=cfg.weight_dtype, name=name,
+                    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                            ("head_dim",)))
+
+
 class Mlp(nn.Module):
-  """Position-wise FFN: relu / gelu (tanh approx., GPT-2) or SwiGLU, then hidden_dropout.
+  """Position-wise FFN: relu / gelu (tanh approx., GPT-2) / relu2 or SwiGLU, then hidden_dropout.
 
   SwiGLU uses d_ff as its hidden width (so it has 1.5x the FFN parameters of relu/gelu).
   """
@@ -66,7 +80,7 @@ class Mlp(nn.Module):
     if cfg.activation == "swiglu":
       h_BTF = nn.silu(dense(*up, "wi_gate")(x_BTD)) * dense(*up, "wi_up")(x_BTD)
     else:
-      act = {"relu": nn.relu, "gelu": nn.gelu}[cfg.activation]
+      act = {"relu": nn.relu, "gelu": nn.gelu, "relu2": relu2}[cfg.activation]
       h_BTF = act(dense(*up, "wi")(x_BTD))
     y_BTD = dense((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "wo", residual_std(cfg))(h_BTF)
     return nn.Dropout(cfg.hidden_dropout)(y_BTD, deterministic=self.deterministic)
@@ -98,6 +112,9 @@ class SelfAttention(nn.Module):
     q_BTNH = proj((d, n, hk), "btd,dnh->btnh", ("embed", "heads", "head_dim"), "query")(x_BTD)
     k_BTKH = proj((d, k, hk), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
     v_BTKH = proj((d, k, hv), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
+    if cfg.qk_norm:  # per head, over head_dim, before RoPE (as Qwen 3 and Gemma 3)
+      q_BTNH = head_norm(cfg, "query_norm")(q_BTNH)
+      k_BTKH = head_norm(cfg, "key_norm")(k_BTKH)
     if cfg.position_embedding == "rope":
       q_BTNH = attn_lib.rope(q_BTNH, ctx["positions"], cfg.rope_theta)
       k_BTKH = attn_lib.rope(k_BTKH, ctx["positions"], cfg.rope_theta)

@@ -45,6 +45,7 @@ class ModelConfig:
   layer_norm_eps: float = 1e-5
   use_bias: bool = True
   tie_embeddings: bool = True
+  qk_norm: bool = False
   dropout: float = 0.0
   attention_dropout: float = 0.0
   hidden_dropout: float = 0.0

@@ -162,6 +162,8 @@ class Trainer:
         make_eval_step(self.model),
         in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh, 2))))
     self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings))
+    self._eval_params = jax.jit(lambda s: optimizer_lib.eval_params(s.opt_state, s.params),
+                                out_shardings=self.param_shardings)
 
   @property
   def _scan(self):
@@ -189,6 +191,13 @@ class Trainer:
     """The state's shapes and dtypes with their shardings, nothing allocated (restore targets)."""
     return sharding_lib.with_shardings(jax.eval_shape(self._init, jax.random.key(0)),
                                        self.state_shardings)
+
+  def eval_params(self, state):
+    """The params evaluation, sampling and checkpoints use: `optimizer.eval_params` (schedule-
+    free's average; for the other optimizers `state.params` itself, not a copy)."""
+    if not optimizer_lib.averages_params(self.cfg):
+      return state.params
+    return self._eval_params(state)
 
   def train_step(self, state, local_batch):
     """One optimizer step on this process's share of the batch ([A, b, T] numpy arrays)."""
@@ -362,7 +371,7 @@ def run(cfg, workdir: str, overrides=None) -> int:
                 "train/perplexity": metrics_lib.perplexity(float(out["loss"])),
                 "train/bits_per_char": metrics_lib.bits_per_char(float(out["loss"]),
                                                                  data.chars_per_token),
-                "train/learning_rate": float(trainer.schedule(step - 1)),
+                "train/learning_rate": float(trainer.schedule(step)),
                 "train/grad_norm": float(out["grad_norm"]),
                 "train/param_norm": float(out["param_norm"]),
                 "train/tokens_per_s": tps, "train/step_time_s": dt / steps_timed,
@@ -376,12 +385,13 @@ def run(cfg, workdir: str, overrides=None) -> int:
                         refresh=False)
         t0, steps_timed = time.perf_counter(), 0
       if do_eval:
+        params = trainer.eval_params(state)  # schedule-free: its average, not what it trains
         # Periodic evaluations may be capped (eval_batches); the final one covers the whole split.
-        ev = trainer.evaluate(state.params, data.eval_batches(),
+        ev = trainer.evaluate(params, data.eval_batches(),
                               None if step == steps else cfg.eval_batches, data.chars_per_token)
         writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
         # Every process samples (the params are spread over all of them); process 0 prints.
-        lines = (sample_lines(trainer, state.params, data.tokenizer, cfg)
+        lines = (sample_lines(trainer, params, data.tokenizer, cfg)
                  if cfg.sample_every_eval else [])
         if is_main:
           bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
@@ -395,9 +405,10 @@ def run(cfg, workdir: str, overrides=None) -> int:
       if do_save or stop:
         # The logged loss is of the params before this step's update; the state about to be
         # saved is after it, so check that state itself: one forward pass on this step's batch.
-        running_min = _check_loss(step, trainer.loss_of(state.params, batch), running_min,
+        params = trainer.eval_params(state)
+        running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
                                   cfg.loss_explosion_factor)
-        ckpt.save(step, state, train_iter)
+        ckpt.save(step, state, train_iter, params=params)
         t0 = time.perf_counter()
       bar.update(1)
       if stop:
