@@ -479,13 +479,15 @@ def test_incompatible_config_is_refused_and_compatible_change_is_logged(corpus, 
 
 @pytest.fixture(scope="module")
 def diverged(corpus, pool, tmp_path_factory):
-  """In the background: a run saving every step whose learning rate is 0 at step 1 (a sane
-  state, saved) and absurd from step 2 on. A future of (workdir, the step it stopped at)."""
+  """In the background: a run saving every step, plain SGD with a learning rate of 10 x step:
+  its state after step 1 is sane (saved; eval loss about 6.8 from 5.6) and after step 2 absurd.
+  A future of (workdir, the step it stopped at)."""
   workdir = str(tmp_path_factory.mktemp("diverged"))
 
   def run():
-    rc, out = _run(workdir, corpus, learning_rate=1e4, warmup_steps=1, lr_decay="constant",
-                   max_grad_norm=0.0, save_steps=1, num_train_steps=30)
+    rc, out = _run(workdir, corpus, optimizer="sgd", momentum=0.0, learning_rate=1e4,
+                   warmup_steps=1000, lr_decay="constant", max_grad_norm=0.0, save_steps=1,
+                   num_train_steps=30)
     assert rc == 1, out[-3000:]
     m = re.search(r"training stopped: (?:loss is \S+|loss exploded to \S+|parameters became "
                   r"NaN/Inf) at step (\d+)", out)
