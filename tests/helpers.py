@@ -23,3 +23,12 @@ def random_params(shapes, seed=0, std=0.05):
     return jnp.asarray(sd * rng.normal(size=s.shape), s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def assert_bitwise_equal(a, b):
+  """Two trees of arrays have the same structure, dtypes and values, to the bit."""
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    assert x.dtype == y.dtype and np.array_equal(x, y)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from llm_jax import checkpoint
 from llm_jax import config
 from llm_jax import data as data_lib
@@ -191,14 +193,6 @@ def _load(workdir, cfg, step=None):
   return jax.device_get(params), got, saved_cfg
 
 
-def _assert_bitwise_equal(a, b):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    assert x.dtype == y.dtype and np.array_equal(x, y)
-
-
 def _resumed_at(output):
   m = re.search(r"resumed at step (\d+)", output)
   assert m, output[-3000:]
@@ -237,7 +231,7 @@ def _assert_same_training(workdir, reference, corpus):
     assert loss == reference["loss"][s], (s, loss, reference["loss"][s])
   params, step, _ = _load(workdir, _cfg(corpus))
   assert step == N
-  _assert_bitwise_equal(params, reference["params"])
+  helpers.assert_bitwise_equal(params, reference["params"])
 
 
 # --- resume == uninterrupted ------------------------------------------------------------------
@@ -341,7 +335,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(corpus, reference, tmp
     params, step, _ = _load(workdir, cfg)
   assert step == previous
   assert damaged in caplog.text and "damaged" in caplog.text
-  _assert_bitwise_equal(params, _load(reference["workdir"], cfg, previous)[0])
+  helpers.assert_bitwise_equal(params, _load(reference["workdir"], cfg, previous)[0])
 
   # Training resumes from the previous step, sets the damaged one aside and writes that step
   # again: the run still ends exactly where the uninterrupted one did.
@@ -352,7 +346,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(corpus, reference, tmp
   assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", str(latest)))
   params, step, _ = _load(workdir, cfg)
   assert step == N
-  _assert_bitwise_equal(params, reference["params"])
+  helpers.assert_bitwise_equal(params, reference["params"])
 
 
 # --- resharding -------------------------------------------------------------------------------
@@ -471,7 +465,7 @@ def test_incompatible_config_is_refused_and_compatible_change_is_logged(corpus, 
     ckpt.close()
   assert "learning_rate: 0.003 -> 0.001" in caplog.text
   assert int(state.step) == N
-  _assert_bitwise_equal(jax.device_get(state.params), reference["params"])
+  helpers.assert_bitwise_equal(jax.device_get(state.params), reference["params"])
 
 
 # --- divergence -------------------------------------------------------------------------------
@@ -523,7 +517,7 @@ def test_load_params_chooses_steps_and_names_what_is_missing(corpus, reference, 
   assert steps == [N - 8, N - 4, N]  # max_to_keep=3
   params_latest, step, saved_cfg = _load(reference["workdir"], cfg)
   assert step == N and saved_cfg["d_model"] == 32
-  _assert_bitwise_equal(params_latest, reference["params"])
+  helpers.assert_bitwise_equal(params_latest, reference["params"])
   params_older, step, _ = _load(reference["workdir"], cfg, N - 8)
   assert step == N - 8
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_older),

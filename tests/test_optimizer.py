@@ -5,7 +5,6 @@ batch, resumes bitwise from a checkpoint and (schedule-free) saves its averaged 
 
 import functools
 import math
-import os
 
 import grain
 import jax
@@ -411,14 +410,6 @@ def _host(state):
   return jax.tree.map(np.asarray, jax.device_get((state.params, state.opt_state)))
 
 
-def _assert_bitwise_equal(a, b):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    assert x.dtype == y.dtype and np.array_equal(x, y)
-
-
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_learns_a_fixed_batch_and_resumes_bitwise(name, tmp_path):
   """Six steps on one batch lower its loss; a run restored from its step-3 checkpoint ends in
@@ -455,13 +446,13 @@ def test_optimizer_learns_a_fixed_batch_and_resumes_bitwise(name, tmp_path):
   for _ in range(3):
     state, _ = trainer.train_step(state, batch)
   resumed = _host(state)
-  _assert_bitwise_equal(resumed, final)
+  helpers.assert_bitwise_equal(resumed, final)
 
   saved, _, _, _ = checkpoint.load_params(workdir, trainer.abstract_params,
                                           trainer.param_shardings)
   saved = jax.tree.map(np.asarray, jax.device_get(saved))
   if name != "schedule_free_adamw":
-    _assert_bitwise_equal(saved, at_3[0])
+    helpers.assert_bitwise_equal(saved, at_3[0])
     return
   params, sf = at_3[0], at_3[1][1]  # the ScheduleFreeState, after clipping in the chain
   b1 = trainer.cfg.beta1
