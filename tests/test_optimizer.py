@@ -3,6 +3,7 @@ partition, clipping, MultiSteps; and, per optimizer on a tiny model, that it lea
 batch, resumes bitwise from a checkpoint and (schedule-free) saves its averaged parameters.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -302,7 +303,7 @@ def _expected_leaves(scan):
 
 
 def _model_shapes(scan):
-  cfg = MODEL.__class__(**{**MODEL.__dict__, "scan_layers": scan})
+  cfg = dataclasses.replace(MODEL, scan_layers=scan)
   return jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
 
 
@@ -336,6 +337,29 @@ def test_decay_mask_and_muon_partition_leaf_by_leaf(scan):
       if isinstance(x, optax.ScaleByAdamState) and jax.tree.leaves(x.mu))
   assert set(_by_path(muon_state.mu)) == {p for p, (_, d) in want.items() if d}
   assert set(_by_path(adam_state.mu)) == {p for p, (_, d) in want.items() if not d}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_weight_decay_moves_exactly_the_masked_leaves(name):
+  """With zero gradients only weight decay acts: the first update is -rate * weight_decay *
+  param on the masked leaves and nothing elsewhere. The rate is the learning rate, Muon's own on
+  its matrices, and for Nesterov SGD (decay added to the gradient) 1.9 x the learning rate."""
+  lr, muon_lr, wd = 1e-2, 5e-2, 0.1
+  cfg = _cfg(optimizer=name, learning_rate=lr, muon_learning_rate=muon_lr, weight_decay=wd,
+             warmup_steps=0, lr_decay="constant", max_grad_norm=0.0, momentum=0.9,
+             nesterov=True)
+  shapes = _model_shapes(False)
+  params = helpers.random_params(shapes, seed=3)
+  tx = optimizer.make_optimizer(cfg, 10)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  updates, params = _by_path(updates), _by_path(params)
+  for path, (decayed, dims) in _expected_leaves(False).items():
+    rate = muon_lr if name == "muon" and dims else 1.9 * lr if name == "sgd" else lr
+    want = -rate * wd * np.asarray(params[path]) if decayed else 0.0
+    # atol: schedule-free recomputes its average from y and z, a rounding of ~1e-8.
+    np.testing.assert_allclose(np.asarray(updates[path]), want, rtol=1e-5, atol=1e-7,
+                               err_msg=path)
 
 
 def _newton_schulz(g, steps=5, coeffs=(3.4445, -4.7750, 2.0315)):
