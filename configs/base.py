@@ -69,7 +69,7 @@ def get_config():
   c.muon_learning_rate = 0.02  # +: muon: peak learning rate of the projection matrices (same schedule)
   c.muon_momentum = 0.95  # +: muon: momentum of the orthogonalised updates (optax's beta)
   c.muon_ns_steps = 5  # +: muon: Newton-Schulz iterations
-  c.muon_consistent_rms = placeholder(float)  # +: muon: scale updates to this RMS x sqrt(max fan), 0.2 matches AdamW (None = width scaling)
+  c.muon_consistent_rms = placeholder(float)  # +: muon: updates scaled to this RMS (0.2 = AdamW's size; None = width scaling)
   c.adafactor_decay_rate = 0.8  # +: adafactor: second-moment decay exponent
   c.adafactor_clipping_threshold = 1.0  # +: adafactor: clip each update's RMS to this (0 = off)
   c.adafactor_multiply_by_parameter_scale = True  # +: adafactor: learning rate relative to each parameter's RMS
