@@ -299,10 +299,11 @@ def import_hf(workdir) -> int:
   return errors.OK
 
 
-def export(cfg, workdir) -> int:
+def export(cfg, workdir, overrides=None) -> int:
   """--mode=export: the run (LoRA adapters merged into its base) as a plain llm_jax checkpoint in
   export_dir (quantized with load_in_8bit / load_in_4bit), and/or in Hugging Face format in
-  hf_export_dir."""
+  hf_export_dir. `overrides`: the fields given on the command line (the loader checks them against
+  the run's)."""
   from llm_jax import checkpoint
   from llm_jax import loader
   if not cfg.export_dir and not cfg.hf_export_dir:
@@ -325,11 +326,11 @@ def export(cfg, workdir) -> int:
         raise errors.UserError(f"{f}=True with hf_export_dir: the Hugging Face export writes "
                                f"full-precision weights; unset {f} (export_dir alone can store "
                                f"quantized ones)")
-    files = hf.export_workdir(cfg, workdir, hf_out, _overrides())
+    files = hf.export_workdir(cfg, workdir, hf_out, overrides or {})
     print(f"exported {workdir} to {hf_out} (Hugging Face format): {', '.join(files)}",
           flush=True)
   if out:
-    path = loader.export(cfg, workdir, _overrides())
+    path = loader.export(cfg, workdir, overrides or {})
     print(f"exported {workdir} to {path}: use --workdir={out} with --mode=sample, --mode=eval or "
           f"--config.init_from={out}", flush=True)
   return errors.OK
@@ -398,7 +399,7 @@ def _run(argv) -> int:
           f"--workdir=<new dir>")
     return train.run(cfg, workdir, overrides=_overrides())
   if mode == "export":
-    return export(cfg, workdir)
+    return export(cfg, workdir, _overrides())
   if mode == "eval":
     return train.evaluate_workdir(cfg, workdir, _overrides())
   return sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value, overrides=_overrides())

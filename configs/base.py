@@ -37,12 +37,13 @@ def get_config():
   c.rope_low_freq_factor = 1.0  # +: llama3: wavelengths above rope_original_max_len / this are divided by the factor
   c.rope_high_freq_factor = 4.0  # +: llama3: wavelengths below rope_original_max_len / this are kept
   c.rope_original_max_len = 8192  # +: llama3: the context length the model was pretrained with
-  c.activation = "gelu"  # +: FFN activation: relu (C's formula) | gelu (tanh approx., GPT-2) | gelu_exact (erf) | swiglu
+  c.activation = "gelu"  # +: FFN activation: relu (C's formula) | gelu (tanh approx., GPT-2) | gelu_exact (erf) | swiglu | relu2 (squared ReLU)
   c.use_rms_norm = False  # P: RMSNorm instead of LayerNorm
   c.layer_norm_eps = 1e-5  # P: norm epsilon
   c.use_bias = True  # +: biases in dense layers and LayerNorm
   c.qkv_bias = placeholder(bool)  # +: biases on the query/key/value projections (None = use_bias; Qwen2: True with use_bias False)
   c.tie_embeddings = True  # +: output head shares the token embedding matrix
+  c.qk_norm = False  # +: RMSNorm on each head's queries and keys (before RoPE), a learned scale per head dim
 
   # --- Regularization (P: Regularization Parameters) ---
   c.dropout = 0.0  # P: on the embeddings and on the attention block's output
@@ -62,14 +63,29 @@ def get_config():
   c.quantize_embeddings = False  # +: also quantize an untied output head (else embeddings and head stay in the compute dtype)
 
   # --- Optimizer and schedule (P: Training Parameters, C: LR) ---
-  c.learning_rate = 3e-4  # P/C: peak learning rate
+  c.optimizer = "adamw"  # +: adamw | lion | adafactor | sgd | muon | schedule_free_adamw (README: Optimizers)
+  c.learning_rate = 3e-4  # P/C: peak learning rate (muon: of its AdamW part)
   c.min_learning_rate = placeholder(float)  # +: floor the decay ends at (None = learning_rate / 10)
-  c.warmup_steps = 100  # P: linear warmup from 0, in optimizer steps
-  c.lr_decay = "cosine"  # P: cosine | linear | exponential | constant, after warmup
-  c.beta1 = 0.9  # P: Adam first-moment decay
-  c.beta2 = 0.999  # P: Adam second-moment decay
+  c.warmup_steps = 100  # P: linear warmup in optimizer steps: step s gets learning_rate * s / warmup_steps
+  c.lr_decay = "cosine"  # P: cosine | linear | exponential | constant | wsd (warmup-stable-decay), after warmup
+  c.decay_fraction = 0.2  # +: wsd: share of all steps, at the end, that decays linearly to min_learning_rate
+  c.beta1 = 0.9  # P: Adam first-moment decay (lion: b1; schedule_free_adamw: its interpolation b1)
+  c.beta2 = 0.999  # P: Adam second-moment decay (lion: b2, 0.99 usual)
   c.epsilon = 1e-8  # P: Adam epsilon
-  c.weight_decay = 0.1  # P: decoupled (AdamW) weight decay
+  c.weight_decay = 0.1  # P: decoupled weight decay, times the learning rate, of every optimizer
+  c.momentum = 0.9  # +: sgd: momentum (0 = plain SGD)
+  c.nesterov = True  # +: sgd, muon: Nesterov momentum
+  c.muon_learning_rate = 0.02  # +: muon: peak learning rate of the projection matrices (same schedule)
+  c.muon_momentum = 0.95  # +: muon: momentum of the orthogonalised updates (optax's beta)
+  c.muon_ns_steps = 5  # +: muon: Newton-Schulz iterations
+  c.muon_consistent_rms = placeholder(float)  # +: muon: updates scaled to this RMS (0.2 = AdamW's size; None = width scaling)
+  c.adafactor_decay_rate = 0.8  # +: adafactor: second-moment decay exponent
+  c.adafactor_clipping_threshold = 1.0  # +: adafactor: clip each update's RMS to this (0 = off)
+  c.adafactor_multiply_by_parameter_scale = True  # +: adafactor: learning rate relative to each parameter's RMS
+  c.adafactor_momentum = placeholder(float)  # +: adafactor: first-moment decay (None = no momentum, the memory saving)
+  c.adafactor_factored = True  # +: adafactor: factored second moments (row and column statistics)
+  c.adafactor_min_dim_size_to_factor = 128  # +: adafactor: factor only when two axes are at least this long
+  c.weight_lr_power = 2.0  # +: schedule_free_adamw: averaging weight is learning_rate ** weight_lr_power
   c.decay_embeddings = False  # +: also decay embeddings (biases and norm scales never are)
   c.max_grad_norm = 1.0  # P: global-norm clipping threshold (0 = off)
   c.z_loss = 0.0  # +: weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)

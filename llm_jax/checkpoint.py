@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: saving, resuming, preemption, and loading params for eval/sample.
 
 A checkpoint (<workdir>/checkpoints/<step>/) holds separate items so that eval and sampling can
-read the params alone: `params`, `train` (step, optimizer state, rng), `data` (the grain iterator's
+read the params alone: `params` (the ones to evaluate: schedule-free's average), `train` (step,
+optimizer state, rng; schedule-free's trained params too), `data` (the grain iterator's
 position, per process), `config` (JSON), `tokenizer` (tokenizer.py's item), `meta` (step,
 epoch, tokens seen, wall time) and, for a LoRA run, `base` (its base model's reference: loader.py).
 `save_params` writes params alone (an import or an export: no `train` or `data`). Orbax writes
@@ -29,6 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from llm_jax import errors
+from llm_jax import optimizer as optimizer_lib
 from llm_jax import sharding as sharding_lib
 from llm_jax import tokenizer as tokenizer_lib
 
@@ -36,7 +38,7 @@ from llm_jax import tokenizer as tokenizer_lib
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_heads", "n_layers",
                 "d_ff", "d_k", "d_v", "position_embedding", "max_position_embeddings",
                 "activation", "use_rms_norm", "use_bias", "qkv_bias", "tie_embeddings",
-                "scan_layers", "lora_r", "lora_targets")
+                "scan_layers", "lora_r", "lora_targets", "qk_norm")
 # Fields that decide which tokens land in which batch: when changed, the data order restarts.
 DATA_FIELDS = ("dataset", "validation", "validation_fraction", "text_key", "block_size",
                "micro_batch_size", "gradient_accumulation_steps", "pack_segments", "seed",
@@ -170,7 +172,10 @@ def _restore_targets(trainer):
   a = trainer.abstract_state()
   rng = sharding_lib.with_shardings(jax.eval_shape(jax.random.key_data, a.rng),
                                     trainer.state_shardings.rng)
-  return a.params, {"step": a.step, "opt_state": a.opt_state, "rng": rng}
+  train = {"step": a.step, "opt_state": a.opt_state, "rng": rng}
+  if optimizer_lib.averages_params(trainer.cfg):  # see Checkpointer.save
+    train["params"] = a.params
+  return a.params, train
 
 
 def _model_change_message(model: list[str], workdir: str) -> str:
@@ -200,6 +205,7 @@ class _Plan:
   why: str = ""  # damaged: what could not be read; model changed: the refusal
   changed: tuple = ()  # (field, saved, now) of the changed fields outside the model and data
   data_changed: tuple = ()
+  train_params: bool = False  # the train item holds the trained params (schedule-free saved it)
 
 
 def _first_line(e: BaseException) -> str:
@@ -278,7 +284,8 @@ def _plan(mngr, step: int, cfg, params_target, train_target) -> _Plan:
         f"wrote them, or start in a new --workdir"))
   kind = _RESTORE
   if saved_train != want_train:
-    fixed = {k: v for k, v in want_train.items() if k[0] != "opt_state"}  # step, rng
+    # step, rng (schedule-free's trained params are read when saved, whichever the optimizer now)
+    fixed = {k: v for k, v in want_train.items() if k[0] not in ("opt_state", "params")}
     if any(saved_train.get(k) != v for k, v in fixed.items()):
       return _Plan(_MODEL_CHANGED, why=(
           f"the train state saved in {step_dir} does not match this version of llm_jax "
@@ -291,7 +298,8 @@ def _plan(mngr, step: int, cfg, params_target, train_target) -> _Plan:
     data = _DATA_RESTORE
   else:
     data = _DATA_FROM_STEP  # saved by another number of processes
-  return _Plan(kind, data, changed=tuple(changed), data_changed=tuple(data_changed))
+  return _Plan(kind, data, changed=tuple(changed), data_changed=tuple(data_changed),
+               train_params=any(k[0] == "params" for k in saved_train))
 
 
 def _agreed(plan: _Plan) -> _Plan:
@@ -336,7 +344,8 @@ def _read_state(step_dir, plan: _Plan, params_target, train_target, data_iter):
       r["train"] = handler(ocp.StandardCheckpointHandler).restore(
           step_dir / "train", args=ocp.args.StandardRestore(train_target))
     else:  # the optimizer state's tree changed: read only the step and the rng
-      small = {"step": train_target["step"], "rng": train_target["rng"]}
+      small = {"step": train_target["step"], "rng": train_target["rng"],
+               **({"params": params_target} if plan.train_params else {})}
       r["train"] = handler(ocp.PyTreeCheckpointHandler).restore(
           step_dir / "train", args=ocp.args.PyTreeRestore(
               item=small, restore_args=ocp.checkpoint_utils.construct_restore_args(small),
@@ -495,17 +504,26 @@ class Checkpointer:
   def record_eval(self, step: int, eval_loss: float) -> None:
     self._eval_loss[step] = float(eval_loss)
 
-  def save(self, step: int, state, data_iter, force: bool = False) -> None:
-    """Starts an asynchronous save of `state` at `step` (training continues meanwhile)."""
+  def save(self, step: int, state, data_iter, force: bool = False, params=None) -> None:
+    """Starts an asynchronous save of `state` at `step` (training continues meanwhile).
+
+    `params`: what eval, sample and fine-tuning load (Trainer.eval_params(state)). When they are
+    not state.params (schedule-free's average), the trained params go in the `train` item too,
+    so that a resume continues from exactly them.
+    """
     if step in self.mngr.all_steps():
       return
+    params = state.params if params is None else params
+    train = {"step": state.step, "opt_state": state.opt_state,
+             "rng": jax.random.key_data(state.rng)}
+    if params is not state.params:
+      train["params"] = state.params
     meta = {"step": step, "epoch": step / self.steps_per_epoch,
             "tokens_seen": step * self.cfg.batch_size * self.cfg.block_size,
             "wall_time_s": time.time() - self._start_time, "saved_at": time.time()}
     items = {
-        "params": ocp.args.StandardSave(state.params),
-        "train": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
-                                        "rng": jax.random.key_data(state.rng)}),
+        "params": ocp.args.StandardSave(params),
+        "train": ocp.args.StandardSave(train),
         "data": grain.checkpoint.CheckpointSave(data_iter),
         "config": ocp.args.JsonSave(self.cfg.to_dict()),
         "meta": ocp.args.JsonSave(meta),
@@ -563,8 +581,9 @@ class Checkpointer:
                       os.path.join(checkpoint_dir(self.workdir), str(s)), why, step)
     _set_aside(self.mngr, self.workdir, [s for s, _ in damaged])
     _warn_changes(plan, step, trainer)
+    params = r["train"].get("params", r["params"])  # schedule-free: the trained, not the average
     if plan.kind == _FRESH_OPTIMIZER:
-      opt_state = _fresh_opt_state(trainer, r["params"], step)
+      opt_state = _fresh_opt_state(trainer, params, step)
     else:
       opt_state = r["train"]["opt_state"]
     if plan.data == _DATA_FROM_STEP:
@@ -572,7 +591,7 @@ class Checkpointer:
     logging.info("resumed from checkpoint %d in %s", step, checkpoint_dir(self.workdir))
     # state_shardings is a TrainState: replacing every field gives the restored TrainState.
     return trainer.state_shardings.replace(
-        step=r["train"]["step"], params=r["params"], opt_state=opt_state,
+        step=r["train"]["step"], params=params, opt_state=opt_state,
         rng=jax.random.wrap_key_data(r["train"]["rng"]))
 
   def wait(self) -> None:

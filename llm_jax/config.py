@@ -16,9 +16,10 @@ import ml_collections
 from llm_jax import errors
 
 DTYPES = ("float32", "float16", "bfloat16")
-LR_DECAYS = ("cosine", "linear", "exponential", "constant")
-ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swiglu")
+LR_DECAYS = ("cosine", "linear", "exponential", "constant", "wsd")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swiglu", "relu2")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+OPTIMIZERS = ("adamw", "lion", "adafactor", "sgd", "muon", "schedule_free_adamw")
 POSITION_EMBEDDINGS = ("rope", "sinusoidal", "learned")
 REMAT_POLICIES = ("none", "full", "dots")
 GRAD_ACCUM = ("scan", "multisteps")
@@ -136,6 +137,7 @@ def _check(c):
   need(c.layer_norm_eps > 0, f"layer_norm_eps={c.layer_norm_eps} must be > 0 (1e-5 or 1e-6)")
 
   for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lr_decay", LR_DECAYS),
+                     ("optimizer", OPTIMIZERS),
                      ("activation", ACTIVATIONS), ("position_embedding", POSITION_EMBEDDINGS),
                      ("rope_scaling", ROPE_SCALINGS),
                      ("remat_policy", REMAT_POLICIES), ("grad_accum", GRAD_ACCUM),
@@ -159,6 +161,30 @@ def _check(c):
   need(c.weight_decay >= 0, f"weight_decay={c.weight_decay} must be >= 0 (0.01-0.1 is usual)")
   need(c.max_grad_norm >= 0, f"max_grad_norm={c.max_grad_norm} must be >= 0 (0 = no clipping)")
   need(c.z_loss >= 0, f"z_loss={c.z_loss} must be >= 0 (1e-4 is usual, 0 = off)")
+  need(0.0 < c.decay_fraction <= 1.0,
+       f"decay_fraction={c.decay_fraction} must be in (0, 1] (lr_decay='wsd' decays over this "
+       f"share of the steps; 0.1-0.2 is usual)")
+  for f in ("momentum", "muon_momentum"):
+    need(0.0 <= c[f] < 1.0, f"{f}={c[f]} must be in [0, 1) (0.9 / 0.95 are usual)")
+  need(c.muon_learning_rate > 0,
+       f"muon_learning_rate={c.muon_learning_rate} must be > 0 (0.02 is usual)")
+  need(c.muon_ns_steps >= 1, f"muon_ns_steps={c.muon_ns_steps} must be >= 1 (5 is usual)")
+  if c.muon_consistent_rms is not None:
+    need(c.muon_consistent_rms > 0, f"muon_consistent_rms={c.muon_consistent_rms} must be > 0 "
+         f"(0.2 matches AdamW's update size), or None for width scaling")
+  need(0.0 < c.adafactor_decay_rate <= 1.0,
+       f"adafactor_decay_rate={c.adafactor_decay_rate} must be in (0, 1] (0.8 is usual)")
+  need(c.adafactor_clipping_threshold >= 0, f"adafactor_clipping_threshold="
+       f"{c.adafactor_clipping_threshold} must be >= 0 (1.0 is usual, 0 = off)")
+  if c.adafactor_momentum is not None:
+    need(0.0 <= c.adafactor_momentum < 1.0, f"adafactor_momentum={c.adafactor_momentum} must be "
+         f"in [0, 1) (0.9 is usual), or None for no momentum")
+  need(c.adafactor_min_dim_size_to_factor >= 1, f"adafactor_min_dim_size_to_factor="
+       f"{c.adafactor_min_dim_size_to_factor} must be >= 1 (128 is usual)")
+  need(c.weight_lr_power >= 0, f"weight_lr_power={c.weight_lr_power} must be >= 0 (2.0 is usual)")
+  if c.optimizer == "schedule_free_adamw":
+    need(c.beta1 > 0, f"beta1={c.beta1} with optimizer='schedule_free_adamw': its interpolation "
+         f"needs beta1 > 0 (0.9 is usual)")
 
   # Batches.
   need(c.gradient_accumulation_steps >= 1,

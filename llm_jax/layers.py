@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from llm_jax import attention as attn_lib
 
@@ -46,9 +47,22 @@ def norm(cfg, name):
   return nn.LayerNorm(**kw, use_bias=cfg.use_bias, bias_init=zeros(("embed",)))
 
 
+def relu2(x):
+  """Squared ReLU (So et al., Primer): relu(x) ** 2."""
+  return jnp.square(nn.relu(x))
+
+
+def head_norm(cfg, name):
+  """RMSNorm over each head's features (qk_norm): a learned scale per head dim, shared by heads."""
+  return nn.RMSNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                    param_dtype=cfg.weight_dtype, name=name,
+                    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                            ("head_dim",)))
+
+
 class Mlp(nn.Module):
-  """Position-wise FFN: relu / gelu (tanh approx., GPT-2) / gelu_exact (erf) or SwiGLU, then
-  hidden_dropout.
+  """Position-wise FFN: relu / gelu (tanh approx., GPT-2) / gelu_exact (erf) / relu2 or SwiGLU,
+  then hidden_dropout.
 
   SwiGLU uses d_ff as its hidden width (so it has 1.5x the FFN parameters of relu/gelu).
   """
@@ -69,7 +83,8 @@ class Mlp(nn.Module):
       h_BTF = nn.silu(dense(*up, "wi_gate")(x_BTD)) * dense(*up, "wi_up")(x_BTD)
     else:
       act = {"relu": nn.relu, "gelu": nn.gelu,  # gelu: tanh approximation (GPT-2's gelu_new)
-             "gelu_exact": functools.partial(nn.gelu, approximate=False)}[cfg.activation]
+             "gelu_exact": functools.partial(nn.gelu, approximate=False),
+             "relu2": relu2}[cfg.activation]
       h_BTF = act(dense(*up, "wi")(x_BTD))
     y_BTD = dense((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "wo", residual_std(cfg))(h_BTF)
     return nn.Dropout(cfg.hidden_dropout)(y_BTD, deterministic=self.deterministic)
@@ -105,6 +120,9 @@ class SelfAttention(nn.Module):
                   use_bias=qkv_bias)(x_BTD)
     v_BTKH = proj((d, k, hv), "btd,dkh->btkh", ("embed", "kv_heads", "head_dim"), "value",
                   use_bias=qkv_bias)(x_BTD)
+    if cfg.qk_norm:  # per head, over head_dim, before RoPE (as Qwen 3 and Gemma 3)
+      q_BTNH = head_norm(cfg, "query_norm")(q_BTNH)
+      k_BTKH = head_norm(cfg, "key_norm")(k_BTKH)
     if cfg.position_embedding == "rope":
       inv_freq_h = cfg.rope_inv_freq
       q_BTNH = attn_lib.rope(q_BTNH, ctx["positions"], cfg.rope_theta, inv_freq_h)

@@ -39,7 +39,8 @@ from llm_jax import tokenizer as tokenizer_lib
 CheckpointError = checkpoint.CheckpointError
 # Taken from the checkpoint; asking for another value is refused (the arrays would not fit).
 SHAPE_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_heads", "n_layers",
-                "d_ff", "d_k", "d_v", "max_position_embeddings", "scan_layers", "qkv_bias")
+                "d_ff", "d_k", "d_v", "max_position_embeddings", "scan_layers", "qkv_bias",
+                "qk_norm")
 # Taken from the checkpoint; asking for another value warns (the weights were trained with it).
 FUNCTION_FIELDS = ("position_embedding", "rope_theta", "rope_scaling", "rope_scaling_factor",
                    "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",

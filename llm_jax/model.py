@@ -53,6 +53,7 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  qk_norm: bool = False
   dropout: float = 0.0
   attention_dropout: float = 0.0
   hidden_dropout: float = 0.0

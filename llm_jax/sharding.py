@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from llm_jax.errors import UserError
@@ -202,12 +201,35 @@ def param_shardings(abstract_boxed_params, mesh, rules=RULES):
 
 
 def opt_state_shardings(tx, abstract_params, params_shardings, mesh):
-  """Optimizer-state shardings that follow the params (zeros don't inherit input sharding)."""
+  """Optimizer-state shardings that follow the params (zeros don't inherit input sharding).
+
+  A state leaf that mirrors a param (its key path ends with the param's: Adam's moments, Muon's
+  and SGD's momentum, schedule-free's z, MultiSteps' accumulator) takes the param's sharding.
+  Adafactor's factored moments are the param with one axis averaged away: they keep the mesh
+  axes of the others. Everything else (step counts, placeholders) is replicated. Matching paths
+  rather than optax.tree_map_params, which needs an init that accepts a placeholder for the
+  params (optax.partition's labels, as Muon uses, do not).
+  """
   replicated = NamedSharding(mesh, P())
-  return optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  flat = jax.tree_util.tree_flatten_with_path(params_shardings)[0]
+  shapes = jax.tree.leaves(abstract_params)
+  params = {jax.tree_util.keystr(path): (tuple(s.shape), tuple(sh.spec) + (None,) * (
+      len(s.shape) - len(sh.spec))) for (path, sh), s in zip(flat, shapes)}
+
+  def shard(path, leaf):
+    key = jax.tree_util.keystr(path)
+    match = max((k for k in params if key.endswith(k)), key=len, default=None)
+    if match is None:
+      return replicated
+    shape, spec = params[match]
+    if leaf.shape == shape:
+      return NamedSharding(mesh, P(*spec))
+    for i in range(len(shape)):
+      if shape[:i] + shape[i + 1:] == leaf.shape:
+        return NamedSharding(mesh, _fit(P(*(spec[:i] + spec[i + 1:])), leaf.shape, mesh))
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(shard, jax.eval_shape(tx.init, abstract_params))
 
 
 def with_shardings(shapes, shardings):

@@ -194,6 +194,8 @@ class Trainer:
     # A full fine-tune's initial params are donated to the state they become.
     self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings,
                                               donate_argnums=1), base=False)
+    self._eval_params = jax.jit(lambda s: optimizer_lib.eval_params(s.opt_state, s.params),
+                                out_shardings=self.param_shardings)
 
   @property
   def _scan(self):
@@ -241,6 +243,13 @@ class Trainer:
   def full_params(self, params):
     """Everything the model applies: a LoRA run's frozen base with `params` (its adapters)."""
     return lora_lib.combine(self.base, params)
+
+  def eval_params(self, state):
+    """The params evaluation, sampling and checkpoints use: `optimizer.eval_params` (schedule-
+    free's average; for the other optimizers `state.params` itself, not a copy)."""
+    if not optimizer_lib.averages_params(self.cfg):
+      return state.params
+    return self._eval_params(state)
 
   def train_step(self, state, local_batch):
     """One optimizer step on this process's share of the batch ([A, b, T] numpy arrays)."""
@@ -431,8 +440,8 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
                mininterval=1.0, desc="train")
     t0, steps_timed, last = time.perf_counter(), 0, {}
 
-    def print_eval(step, ev):
-      lines = _eval_samples(trainer, state.params, data.tokenizer, cfg, step)
+    def print_eval(step, ev, params):
+      lines = _eval_samples(trainer, params, data.tokenizer, cfg, step)
       if is_main:
         bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
                   f"{ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}"
@@ -441,10 +450,10 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
           bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
 
     if cfg.init_from and start == 0:  # the base on the new data, before any update
-      ev = trainer.evaluate(state.params, data.eval_batches(), cfg.eval_batches,
-                            data.chars_per_token)
+      params = trainer.eval_params(state)
+      ev = trainer.evaluate(params, data.eval_batches(), cfg.eval_batches, data.chars_per_token)
       writer.write(0, {f"eval/{k}": v for k, v in ev.items()})
-      print_eval(0, ev)
+      print_eval(0, ev, params)
       t0 = time.perf_counter()
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
@@ -465,7 +474,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
                 "train/perplexity": metrics_lib.perplexity(float(out["loss"])),
                 "train/bits_per_char": metrics_lib.bits_per_char(float(out["loss"]),
                                                                  data.chars_per_token),
-                "train/learning_rate": float(trainer.schedule(step - 1)),
+                "train/learning_rate": float(trainer.schedule(step)),
                 "train/grad_norm": float(out["grad_norm"]),
                 "train/param_norm": float(out["param_norm"]),
                 "train/tokens_per_s": tps, "train/step_time_s": dt / steps_timed,
@@ -479,10 +488,12 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
                         refresh=False)
         t0, steps_timed = time.perf_counter(), 0
       stop = ckpt.should_stop(step, cfg.log_every)
+      # What evaluation, sampling and checkpoints use: schedule-free's average, not what it trains.
+      params = trainer.eval_params(state) if do_eval or do_save or stop else None
       if do_save or stop:
         # The logged loss is of the params before this step's update; the state about to be
         # saved is after it, so check that state itself: one forward pass on this step's batch.
-        running_min = _check_loss(step, trainer.loss_of(state.params, batch), running_min,
+        running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
                                   cfg.loss_explosion_factor)
       ev = None
       if do_eval:
@@ -490,18 +501,18 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         # the step is saved even when the evaluation fails; sampling comes after the save.
         try:
           # Periodic evaluations may be capped (eval_batches); the final one is whole.
-          ev = trainer.evaluate(state.params, data.eval_batches(),
+          ev = trainer.evaluate(params, data.eval_batches(),
                                 None if step == steps else cfg.eval_batches, data.chars_per_token)
         except BaseException:
           if do_save or stop:
-            ckpt.save(step, state, train_iter)
+            ckpt.save(step, state, train_iter, params=params)
           raise
         writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
         ckpt.record_eval(step, ev["loss"])
       if do_save or stop:
-        ckpt.save(step, state, train_iter)
+        ckpt.save(step, state, train_iter, params=params)
       if ev is not None:
-        print_eval(step, ev)
+        print_eval(step, ev, params)
       if do_eval or do_save or stop:
         t0 = time.perf_counter()  # evaluation and saving time is not training throughput
       bar.update(1)

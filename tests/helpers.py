@@ -39,3 +39,12 @@ def write_corpus(root, train_files=4, lines=60, val_lines=30):
       with open(os.path.join(root, split, f"{i}.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 10))).capitalize() + "."
                           for _ in range(n_lines)) + "\n")
+
+
+def assert_bitwise_equal(a, b):
+  """Two trees of arrays have the same structure, dtypes and values, to the bit."""
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    assert x.dtype == y.dtype and np.array_equal(x, y)

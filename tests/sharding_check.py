@@ -7,7 +7,10 @@ one device, so these checks run here and print one JSON object that the tests as
   the init params from the (1, 1, 1) run's, and the leaves of params / optimizer state that some
   device holds whole (with their logical axes);
 - "ce": per mesh, the vocab-parallel cross-entropy's four sums and gradient against the plain
-  one, and whether its compiled program all-gathers anything.
+  one, and whether its compiled program all-gathers anything;
+- "optimizers": per optimizer and fsdp mesh, the optimizer-state leaves held whole and the
+  copies of a param not sharded like it, from the shardings the init and the train step write
+  the state in (nothing compiled: `check_steps(meshes, optimizer=...)` runs a real step).
 
     python tests/sharding_check.py   # prints the JSON
 """
@@ -46,6 +49,9 @@ TINY = dict(vocab_size=200, vocab_multiple=64, d_model=32, n_heads=4, n_kv_heads
             max_seq_len=16, micro_batch_size=8, z_loss=1e-3, warmup_steps=0,
             lr_decay="constant", sample_every_eval=False)
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+FSDP_MESHES = [(1, 8, 1), (1, 2, 4)]
+# Adafactor factors every kernel with two axes of >= 16 here; qk_norm adds [head_dim] scales.
+OPTIMIZER_FIELDS = dict(adafactor_min_dim_size_to_factor=16, qk_norm=True)
 CE_MESHES = [(1, 1, 8), (2, 1, 4), (2, 2, 2)]
 
 
@@ -63,32 +69,69 @@ def _logical_axes(trainer):
   return {jax.tree_util.keystr(p): tuple(s) for p, s in flat}
 
 
-def _whole_leaves(tree, axes_of):
-  """Leaves some device holds whole: (path, shape, logical axes of the param it follows)."""
+def _whole_leaves(tree, axes_of, shapes_of):
+  """Leaves some device holds whole: (path, shape, logical axes of the param it follows, and
+  whether it has that param's shape: Adafactor's factored moments drop one of its axes)."""
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if leaf.sharding.shard_shape(leaf.shape) == leaf.shape:
       key = jax.tree_util.keystr(path)
-      logical = next((v for k, v in axes_of.items() if key.endswith(k)), None)
-      out.append({"path": key, "shape": list(leaf.shape), "logical": logical})
+      param = next((k for k in axes_of if key.endswith(k)), None)
+      out.append({"path": key, "shape": list(leaf.shape),
+                  "logical": axes_of[param] if param else None,
+                  "param_shape": list(shapes_of[param]) if param else None})
   return out
 
 
-def check_steps():
+def _param_shapes(trainer):
+  flat = jax.tree_util.tree_flatten_with_path(trainer.abstract_params)[0]
+  return {jax.tree_util.keystr(p): tuple(s.shape) for p, s in flat}
+
+
+def check_optimizer_shardings():
+  """Per optimizer and fsdp mesh, the optimizer-state leaves some device holds whole, from the
+  shardings the init and the train step write the state in (nothing compiled)."""
+  out = {}
+  for name in config.OPTIMIZERS:
+    for shape in FSDP_MESHES:
+      cfg = config.load(BASE_CONFIG, **TINY, **OPTIMIZER_FIELDS, mesh_shape=shape, optimizer=name)
+      trainer = train.Trainer(cfg, total_steps=10, mesh=sharding.make_mesh(
+          cfg, jax.devices()[:int(np.prod(shape))]))
+      opt_state = trainer.abstract_state().opt_state
+      shapes_of = _param_shapes(trainer)
+      shardings_of = {jax.tree_util.keystr(p): sh for p, sh in
+                      jax.tree_util.tree_flatten_with_path(trainer.param_shardings)[0]}
+      unlike, n_factored, leaves = [], 0, jax.tree_util.tree_flatten_with_path(opt_state)[0]
+      for path, leaf in leaves:
+        key = jax.tree_util.keystr(path)
+        param = next((k for k in shapes_of if key.endswith(k)), None)
+        if param and leaf.shape == shapes_of[param]:  # a copy of the param: sharded like it
+          if not leaf.sharding.is_equivalent_to(shardings_of[param], leaf.ndim):
+            unlike.append(key)
+        elif param and 1 < leaf.ndim + 1 == len(shapes_of[param]):
+          n_factored += 1
+      out[f"{name} {'x'.join(map(str, shape))}"] = {
+          "whole": _whole_leaves(opt_state, _logical_axes(trainer), shapes_of),
+          "unlike_params": unlike, "n_leaves": len(leaves), "n_factored": n_factored}
+  return out
+
+
+def check_steps(meshes=MESHES, **overrides):
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, TINY["vocab_size"], size=(1, TINY["micro_batch_size"], 17))
   batch = {"inputs": tokens[..., :-1].astype(np.int32), "targets": tokens[..., 1:].astype(np.int32)}
   results, ref = {}, None
-  for shape in MESHES:
-    cfg = config.load(BASE_CONFIG, **TINY, mesh_shape=shape)
+  for shape in meshes:
+    cfg = config.load(BASE_CONFIG, **{**TINY, **overrides}, mesh_shape=shape)
     devices = jax.devices()[:int(np.prod(shape))]  # (1, 1, 1): one of the 8 devices
     trainer = train.Trainer(cfg, total_steps=10, mesh=sharding.make_mesh(cfg, devices))
     assert tuple(trainer.mesh.shape.values()) == shape, trainer.mesh
     state = trainer.init_state(0)
     params0 = jax.device_get(state.params)
     axes_of = _logical_axes(trainer)
-    whole = {"params": _whole_leaves(state.params, axes_of),
-             "opt_state": _whole_leaves(state.opt_state, axes_of)}
+    shapes_of = _param_shapes(trainer)
+    whole = {"params": _whole_leaves(state.params, axes_of, shapes_of),
+             "opt_state": _whole_leaves(state.opt_state, axes_of, shapes_of)}
     grad_fn = trainer._in_context(jax.jit(lambda p, b, t=trainer: jax.value_and_grad(
         train.loss_fn, has_aux=True)(p, t.model, b, None, t.cfg.z_loss, True)), base=False)
     micro = sharding.global_batch({k: v[0] for k, v in batch.items()}, trainer.mesh)
@@ -165,4 +208,6 @@ def check_ce():
 
 
 if __name__ == "__main__":
-  print(json.dumps({"devices": jax.device_count(), "steps": check_steps(), "ce": check_ce()}))
+  print(json.dumps({
+      "devices": jax.device_count(), "steps": check_steps(), "ce": check_ce(),
+      "optimizers": check_optimizer_shardings()}))

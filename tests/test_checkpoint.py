@@ -196,14 +196,6 @@ def _load(workdir, cfg, step=None):
   return jax.device_get(params), got, saved_cfg
 
 
-def _assert_bitwise_equal(a, b):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    assert x.dtype == y.dtype and np.array_equal(x, y)
-
-
 def _resumed_at(output):
   m = re.search(r"resumed at step (\d+)", output)
   assert m, output[-3000:]
@@ -242,7 +234,7 @@ def _assert_same_training(workdir, reference, corpus):
     assert loss == reference["loss"][s], (s, loss, reference["loss"][s])
   params, step, _ = _load(workdir, _cfg(corpus))
   assert step == N
-  _assert_bitwise_equal(params, reference["params"])
+  helpers.assert_bitwise_equal(params, reference["params"])
 
 
 # --- resume == uninterrupted ------------------------------------------------------------------
@@ -346,7 +338,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(corpus, reference, tmp
     params, step, _ = _load(workdir, cfg)
   assert step == previous
   assert damaged in caplog.text and "damaged" in caplog.text
-  _assert_bitwise_equal(params, _load(reference["workdir"], cfg, previous)[0])
+  helpers.assert_bitwise_equal(params, _load(reference["workdir"], cfg, previous)[0])
 
   # Training resumes from the previous step, sets the damaged one aside and writes that step
   # again: the run still ends exactly where the uninterrupted one did.
@@ -357,7 +349,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(corpus, reference, tmp
   assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", str(latest)))
   params, step, _ = _load(workdir, cfg)
   assert step == N
-  _assert_bitwise_equal(params, reference["params"])
+  helpers.assert_bitwise_equal(params, reference["params"])
 
 
 # --- resharding -------------------------------------------------------------------------------
@@ -476,7 +468,7 @@ def test_incompatible_config_is_refused_and_compatible_change_is_logged(corpus, 
     ckpt.close()
   assert "learning_rate: 0.003 -> 0.001" in caplog.text
   assert int(state.step) == N
-  _assert_bitwise_equal(jax.device_get(state.params), reference["params"])
+  helpers.assert_bitwise_equal(jax.device_get(state.params), reference["params"])
 
 
 def _saved_run(corpus, workdir, steps=(2, 4), **overrides):
@@ -543,7 +535,7 @@ def test_changed_optimizer_resumes_healthy_checkpoint_with_fresh_optimizer_state
   # What matches is restored exactly; the optimizer state is this config's, fresh, with the
   # learning-rate schedule at the restored step.
   assert int(state.step) == 4
-  _assert_bitwise_equal(jax.device_get(state.params), saved)
+  helpers.assert_bitwise_equal(jax.device_get(state.params), saved)
   np.testing.assert_array_equal(jax.random.key_data(state.rng),
                                 jax.random.key_data(jax.random.key(4)))
   assert jax.tree.structure(state) == jax.tree.structure(trainer.abstract_state())
@@ -577,7 +569,7 @@ def test_damaged_newer_and_changed_older_checkpoint(corpus, tmp_path, caplog, mo
       state = ckpt.restore_or_init(trainer, data_iter)
     # The damaged step is set aside; the healthy older one, only changed, is used and kept.
     assert int(state.step) == 2 and data_iter.get_state() == {"next_index": 2}
-    _assert_bitwise_equal(jax.device_get(state.params), older)
+    helpers.assert_bitwise_equal(jax.device_get(state.params), older)
     assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", "4"))
     assert _steps_on_disk(workdir) == [2]
     assert "NEW optimizer state" in caplog.text
@@ -598,13 +590,15 @@ def test_damaged_newer_and_changed_older_checkpoint(corpus, tmp_path, caplog, mo
 
 @pytest.fixture(scope="module")
 def diverged(corpus, pool, tmp_path_factory):
-  """In the background: a run saving every step whose learning rate is 0 at step 1 (a sane
-  state, saved) and absurd from step 2 on. A future of (workdir, the step it stopped at)."""
+  """In the background: a run saving every step, plain SGD with a learning rate of 10 x step:
+  its state after step 1 is sane (saved; eval loss about 6.8 from 5.6) and after step 2 absurd.
+  A future of (workdir, the step it stopped at)."""
   workdir = str(tmp_path_factory.mktemp("diverged"))
 
   def run():
-    rc, out = _run(workdir, corpus, learning_rate=1e4, warmup_steps=1, lr_decay="constant",
-                   max_grad_norm=0.0, save_steps=1, num_train_steps=30)
+    rc, out = _run(workdir, corpus, optimizer="sgd", momentum=0.0, learning_rate=1e4,
+                   warmup_steps=1000, lr_decay="constant", max_grad_norm=0.0, save_steps=1,
+                   num_train_steps=30)
     assert rc == 1, out[-3000:]
     m = re.search(r"training stopped: (?:loss is \S+|loss exploded to \S+|parameters became "
                   r"NaN/Inf) at step (\d+)", out)
@@ -640,7 +634,7 @@ def test_load_params_chooses_steps_and_names_what_is_missing(corpus, reference, 
   assert steps == [N - 8, N - 4, N]  # max_to_keep=3
   params_latest, step, saved_cfg = _load(reference["workdir"], cfg)
   assert step == N and saved_cfg["d_model"] == 32
-  _assert_bitwise_equal(params_latest, reference["params"])
+  helpers.assert_bitwise_equal(params_latest, reference["params"])
   params_older, step, _ = _load(reference["workdir"], cfg, N - 8)
   assert step == N - 8
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_older),

@@ -40,6 +40,19 @@ INVALID = [
     ({"num_beams": 4, "do_sample": True}, "num_beams"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"d_k": 33}, "d_k"),
+    ({"optimizer": "adam"}, "optimizer"),
+    ({"decay_fraction": 0.0}, "decay_fraction"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"muon_learning_rate": 0.0}, "muon_learning_rate"),
+    ({"muon_momentum": -0.5}, "muon_momentum"),
+    ({"muon_ns_steps": 0}, "muon_ns_steps"),
+    ({"muon_consistent_rms": -0.2}, "muon_consistent_rms"),
+    ({"adafactor_decay_rate": 1.5}, "adafactor_decay_rate"),
+    ({"adafactor_clipping_threshold": -1.0}, "adafactor_clipping_threshold"),
+    ({"adafactor_momentum": 1.0}, "adafactor_momentum"),
+    ({"adafactor_min_dim_size_to_factor": 0}, "adafactor_min_dim_size_to_factor"),
+    ({"weight_lr_power": -1.0}, "weight_lr_power"),
+    ({"beta1": 0.0, "optimizer": "schedule_free_adamw"}, "beta1"),
 ]
 
 

@@ -407,7 +407,7 @@ def test_lora_workdir_evaluates_samples_and_exports_to_the_same_model(base_run, 
   merged = str(base_run.root / "merged")
   with cfg.unlocked():
     cfg.export_dir = merged
-  assert main.export(cfg, lora_run, {}) == 0
+  assert main.export(cfg, lora_run) == 0
   assert "exported" in capsys.readouterr().out
   _, items = checkpoint.load_json(merged, ("config", "base"))
   assert items["config"]["lora_r"] == 0 and items["base"] is None  # a plain checkpoint
@@ -417,10 +417,10 @@ def test_lora_workdir_evaluates_samples_and_exports_to_the_same_model(base_run, 
 
 def test_model_shape_on_the_command_line_is_refused_with_init_from(base_run, tmp_path, capsys):
   cfg = _ft_cfg(base_run, d_model=48, rope_theta=500.0)
-  assert train.run(cfg, str(tmp_path / "ft"), overrides={"d_model": 48}) == 2
-  out = capsys.readouterr().out
-  assert "error:" in out and "d_model: the checkpoint has 32, the command line asks 48" in out
-  assert not os.path.exists(tmp_path / "ft" / "checkpoints")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="d_model: the checkpoint has 32, the command line asks 48"):
+    train.run(cfg, str(tmp_path / "ft"), overrides={"d_model": 48})
+  assert not os.path.exists(tmp_path / "ft")  # bad input leaves no half-made workdir
 
 
 def test_resuming_against_a_changed_base_is_refused(base_run, lora_run, capsys):
@@ -429,13 +429,12 @@ def test_resuming_against_a_changed_base_is_refused(base_run, lora_run, capsys):
   os.rename(ckpt, kept)
   try:  # the same step, other params: as if the base had been trained again
     other = jax.tree.map(lambda x: x * 1.01, base_run.params)
-    checkpoint.save_params(base_run.workdir, 7, other, base_run.config,
-                           base_run.tokenizer.model_proto)
+    checkpoint.save_params(base_run.workdir, 7, other, base_run.config, base_run.tokenizer)
     with pytest.raises(checkpoint.CheckpointError, match=r"changed since .*fingerprint"):
       loader.load(lora_run, _ft_cfg(base_run))
     before = sorted(os.listdir(checkpoint.checkpoint_dir(lora_run)))
-    assert train.run(_ft_cfg(base_run, num_train_steps=9), lora_run, overrides={}) == 2
-    assert f"the base model {ckpt} changed" in capsys.readouterr().out
+    with pytest.raises(checkpoint.CheckpointError, match=f"the base model {re.escape(ckpt)} changed"):
+      train.run(_ft_cfg(base_run, num_train_steps=9), lora_run, overrides={})
     assert sorted(os.listdir(checkpoint.checkpoint_dir(lora_run))) == before
   finally:
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import config, model
+from llm_jax import config, layers, model
 
 BASE = model.ModelConfig(vocab_size=97, vocab_multiple=64, d_model=32, n_heads=4, n_kv_heads=4,
                          n_layers=2, d_ff=64, d_k=8, d_v=8, max_position_embeddings=32)
@@ -251,3 +251,56 @@ def test_init_params_are_unboxed_and_gpt2_scaled():
   residual_std = 0.02 / np.sqrt(2 * cfg.n_layers)
   assert abs(float(params["blocks_0"]["mlp"]["wo"]["kernel"].std()) - residual_std) < 0.001
   assert (np.asarray(params["final_norm"]["scale"]) == 1).all()
+
+
+def _numpy_params(module, cfg, x, seed, std=0.3):
+  """A module's params drawn in numpy from its abstract shapes (norm scales around 1)."""
+  shapes = jax.eval_shape(lambda k: nn.meta.unbox(module.init(k, *x)["params"]),
+                          jax.random.key(0))
+  r = np.random.default_rng(seed)
+
+  def fill(path, s):
+    base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
+    return jnp.asarray(base + std * r.normal(size=s.shape), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_relu2_mlp_matches_numpy():
+  cfg = cfg_of(activation="relu2")
+  x = np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32)
+  mlp = layers.Mlp(cfg)
+  p = _numpy_params(mlp, cfg, (x,), seed=1)
+  got = mlp.apply({"params": p}, x)
+  h = np.asarray(x, np.float64) @ np.asarray(p["wi"]["kernel"]) + np.asarray(p["wi"]["bias"])
+  want = np.maximum(h, 0.0) ** 2 @ np.asarray(p["wo"]["kernel"]) + np.asarray(p["wo"]["bias"])
+  assert (h < 0).any() and (h > 0).any()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_qk_norm_attention_matches_numpy():
+  """q and k are RMS-normalised per head over head_dim, scaled by a [head_dim] vector shared by
+  the heads, and only then rotated (RoPE); GQA and biases included."""
+  from test_attention import reference_attention, rope_reference
+  cfg = cfg_of(qk_norm=True, n_kv_heads=2, layer_norm_eps=1e-5)
+  b, t = 2, 6
+  x = np.random.default_rng(0).normal(size=(b, t, 32)).astype(np.float32)
+  pos = np.broadcast_to(np.arange(t), (b, t))
+  ctx = {"positions": jnp.asarray(pos), "mask": None, "segment_ids": None, "cache_index": None}
+  attn = layers.SelfAttention(cfg)
+  p = _numpy_params(attn, cfg, (x, None, 0, ctx), seed=2)
+  assert p["query_norm"]["scale"].shape == p["key_norm"]["scale"].shape == (cfg.d_k,)
+  got, _ = attn.apply({"params": p}, x, None, 0, ctx)
+
+  w = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  proj = lambda name: np.einsum("btd,dnh->btnh", x, w[name]["kernel"]) + w[name]["bias"]
+  rms = lambda a, scale: a / np.sqrt(np.mean(a * a, -1, keepdims=True) + 1e-5) * scale
+  q = rope_reference(rms(proj("query"), w["query_norm"]["scale"]), pos, cfg.rope_theta)
+  k = rope_reference(rms(proj("key"), w["key_norm"]["scale"]), pos, cfg.rope_theta)
+  out = reference_attention(q, k, proj("value"), np.tril(np.ones((t, t), bool))[None, None])
+  want = np.einsum("btnh,nhd->btd", out, w["out"]["kernel"]) + w["out"]["bias"]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Without the norm the same params give another function: the check above can fail.
+  plain, _ = layers.SelfAttention(cfg_of(n_kv_heads=2)).apply(
+      {"params": {k: v for k, v in p.items() if not k.endswith("_norm")}}, x, None, 0, ctx)
+  assert np.abs(np.asarray(plain) - want).max() > 1e-2

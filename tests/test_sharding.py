@@ -3,9 +3,10 @@
 On 8 CPU devices (tests/sharding_check.py in a subprocess: the device count is fixed when jax
 starts, and this pytest process runs on one device): one train step gives the same loss,
 gradients and updated params on meshes (1,1,1), (8,1,1), (1,8,1), (2,2,2), (1,2,4); with
-fsdp > 1, no param or optimizer-state leaf is whole on any device except those the rules leave
-replicated by design; the shard_map cross-entropy over vocab-sharded logits equals the plain one
-in value and gradient, ties and padded vocab included, and never all-gathers.
+fsdp > 1, no param or optimizer-state leaf (of every optimizer) is whole on any device except
+those the rules leave replicated by design, and each optimizer's copies of a param are sharded
+as the param is; the shard_map cross-entropy over vocab-sharded logits equals the plain one in
+value and gradient, ties and padded vocab included, and never all-gathers.
 In this process: mesh shapes and their errors, the rules override, cluster detection.
 """
 
@@ -30,6 +31,7 @@ BASE_CONFIG = os.path.join(ROOT, "configs", "base.py")
 # fsdp mesh) or do not divide it (n_kv_heads=2 on tensor=4). "embed" (fsdp) is on every
 # matrix, embedding and norm/out-projection vector, so none of those may be whole.
 TENSOR_ONLY = {"heads", "kv_heads", "head_dim", "mlp"}
+D_MODEL = 32  # sharding_check.TINY's: the only axis of this length is "embed"
 
 
 def _check_on_8_devices():
@@ -64,15 +66,22 @@ def test_one_train_step_is_the_same_on_every_mesh(checked):
     assert r["update_diff"] <= 1e-5, mesh
 
 
+def _assert_may_be_whole(leaf):
+  if leaf["logical"] is None:  # not a param's mirror: step counts, Muon's 3 NS coefficients
+    assert int(np.prod(leaf["shape"])) <= 3, leaf
+  elif leaf["shape"] == leaf["param_shape"]:
+    # Biases over tensor-parallel axes only; never a matrix or anything over "embed".
+    assert set(leaf["logical"]) <= TENSOR_ONLY and len(leaf["shape"]) <= 2, leaf
+  else:  # Adafactor's factored moments or its [1] placeholders: no d_model axis (fsdp splits it)
+    assert D_MODEL not in leaf["shape"], leaf
+
+
 @pytest.mark.parametrize("mesh", ["1x8x1", "2x2x2", "1x2x4"])
 def test_fsdp_leaves_are_never_whole_on_a_device(checked, mesh):
   r = checked["steps"][mesh]
   for kind in ("params", "opt_state"):
     for leaf in r["whole"][kind]:
-      if leaf["logical"] is None:  # not a param's mirror: the optimizer's step counters
-        assert leaf["shape"] == [], (kind, leaf)
-      else:  # biases over tensor-parallel axes only; never a matrix or anything over "embed"
-        assert set(leaf["logical"]) <= TENSOR_ONLY and len(leaf["shape"]) <= 2, (kind, leaf)
+      _assert_may_be_whole(leaf)
   if mesh == "2x2x2":  # tensor=2 divides every tensor axis: every param leaf is split
     assert r["whole"]["params"] == []
   whole = sum(int(np.prod(leaf["shape"])) for leaf in r["whole"]["params"])
@@ -80,6 +89,19 @@ def test_fsdp_leaves_are_never_whole_on_a_device(checked, mesh):
   # The unsharded mesh is the control: everything is whole there.
   ref = checked["steps"]["1x1x1"]
   assert len(ref["whole"]["params"]) == ref["n_leaves"]["params"]
+
+
+@pytest.mark.parametrize("name", config.OPTIMIZERS)
+def test_every_optimizers_state_shards_like_the_params(checked, name):
+  for mesh in ("1x8x1", "1x2x4"):
+    r = checked["optimizers"][f"{name} {mesh}"]
+    for leaf in r["whole"]:
+      _assert_may_be_whole(leaf)
+    assert r["unlike_params"] == []  # every copy of a param is sharded as the param is
+    real = [leaf for leaf in r["whole"] if int(np.prod(leaf["shape"])) > 1]  # not placeholders
+    assert len(real) < r["n_leaves"] / 2, r  # the mesh does split the state
+    if name == "adafactor":  # factored moments were there to check
+      assert r["n_factored"] >= 10, r
 
 
 def test_vocab_parallel_cross_entropy_equals_the_plain_one(checked):

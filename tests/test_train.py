@@ -337,12 +337,12 @@ def test_run_writes_metrics_tensorboard_and_plot(text_dir, tmp_path):
     np.testing.assert_allclose(r["train/perplexity"], math.exp(r["train/loss"]), rtol=1e-9)
     np.testing.assert_allclose(r["train/bits_per_char"],
                                r["train/loss"] / math.log(2) / cpt, rtol=1e-9)
-    # The record at step s holds the rate of the s-th update, which optax applied at count
-    # s - 1: linear warmup from 0 over `warmup` counts, then linear decay to min_lr at `steps`.
-    count = step - 1
-    want = (lr * count / warmup if count < warmup
-            else lr + (min_lr - lr) * (count - warmup) / (steps - warmup))
+    # The record at step s holds the rate of the s-th update: lr * s / warmup during the warmup,
+    # then a linear decay that reaches min_lr at the last step.
+    want = (lr * step / warmup if step < warmup
+            else lr + (min_lr - lr) * (step - warmup) / (steps - warmup))
     np.testing.assert_allclose(r["train/learning_rate"], want, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(train_recs[steps]["train/learning_rate"], min_lr, rtol=1e-6)
   assert abs(train_recs[2]["train/loss"] - math.log(320)) < 1.0  # near uniform at the start
 
   for step, r in eval_recs.items():
