@@ -151,10 +151,8 @@ def _heads_figure(rows, cfg, n_rows):
     for r in pts:
       ax.annotate(f"h{r['head']}", (r["mean distance"], r["entropy (nats)"]), fontsize=6,
                   textcoords="offset points", xytext=(3, 2))
-  ax.set(title="How far back and how spread", xlabel="mean distance looked back (tokens)",
-         ylabel="entropy of the attention distribution (nats)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7)
+  common.style(ax, "How far back and how spread", "mean distance looked back (tokens)",
+               "entropy of the attention distribution (nats)", legend=7)
   return fig
 
 

@@ -63,6 +63,22 @@ class StudyError(Exception):
 
 # ------------------------------------------------------------------------------------ Configs
 
+# The sweeps' runs on 2 CPU cores: the --config's model (configs/default.py: 1M parameters),
+# 300 steps, a few capped evaluations and checkpoints, no sampled lines.
+SWEEP_CPU = dict(num_train_steps=300, warmup_steps=30, eval_steps=100, eval_batches=8,
+                 save_steps=100, log_every=10, sample_every_eval=False)
+# One accelerator: d_model 512, 8 layers (about 30M parameters), context 256, batch 64, bf16
+# with fused attention, 3,000 steps.
+GPU = dict(d_model=512, n_heads=8, n_layers=8, max_seq_len=256, micro_batch_size=64,
+           vocab_size=4096, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=200,
+           num_train_steps=3000, eval_steps=500, eval_batches=20, save_steps=500, log_every=50,
+           dtype="bfloat16", use_flash_attention=True)
+SWEEP_GPU = dict(GPU, sample_every_eval=False)
+# The trained-model studies (sampling, embeddings, attention) train the --config as it is on cpu
+# (configs/default.py: the model `make train` gives), unless --workdir names a trained run.
+MODEL_PRESETS = {"cpu": {}, "gpu": dict(GPU, max_new_tokens=200)}
+
+
 
 def scale() -> str:
   return _SCALE.value
@@ -229,17 +245,6 @@ def train_or_skip(cfg, workdir: str, log: Callable[[str], None] = print) -> Run:
   return Run(name, workdir, cfg, False, _wall(workdir), _records(workdir))
 
 
-# The model studies (sampling, embeddings, attention) train the default config as it is, unless
-# --workdir names a trained run; on gpu a larger model.
-MODEL_PRESETS = {
-    "cpu": {},
-    "gpu": dict(d_model=512, n_heads=8, n_layers=8, max_seq_len=256, micro_batch_size=64,
-                vocab_size=4096, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=200,
-                num_train_steps=3000, eval_steps=500, eval_batches=20, save_steps=500,
-                log_every=50, dtype="bfloat16", use_flash_attention=True, max_new_tokens=200),
-}
-
-
 @dataclasses.dataclass
 class Model:
   """A trained model to study: its config, Trainer (model, shapes), params, tokenizer and run."""
@@ -309,6 +314,18 @@ def save_figure(fig, path: str) -> str:
   return path
 
 
+def style(ax, title: str, xlabel: str, ylabel: str, *, xlog=None, ylog=None, legend=8):
+  """Titles and labels a panel (with units), a light grid, log axes (True = base 10, or the
+  base), and a legend of `legend` points (None: no legend)."""
+  for log, set_scale in ((xlog, ax.set_xscale), (ylog, ax.set_yscale)):
+    if log:
+      set_scale("log", **({} if log is True else {"base": log}))
+  ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+  ax.grid(True, which="both" if (xlog or ylog) else "major", alpha=0.3)
+  if legend:
+    ax.legend(fontsize=legend)
+
+
 # ------------------------------------------------------------------------------------- Report
 
 
@@ -374,22 +391,55 @@ class Result:
   extra: dict = dataclasses.field(default_factory=dict)  # what else a study computed (fits, ...)
 
 
-def _json_safe(v):
-  if isinstance(v, (np.integer,)):
+def jsonable(v):
+  """numpy arrays and scalars, tuples and non-string dict keys as plain JSON values."""
+  if isinstance(v, dict):
+    return {str(k): jsonable(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [jsonable(x) for x in v]
+  if isinstance(v, np.ndarray):
+    return jsonable(v.tolist())
+  if isinstance(v, np.integer):
     return int(v)
-  if isinstance(v, (np.floating, float)):
-    return float(v) if math.isfinite(v) else str(v)
+  if isinstance(v, (float, np.floating)):
+    return float(v) if math.isfinite(v) else str(float(v))
   return v
+
+
+def describe_figure(fig) -> dict:
+  """What a figure shows, read back from the Figure: its title and pixel size, and per panel the
+  title, axis labels and scales, tick labels and every series (line x/y, scatter points, image
+  array). Saved beside the PNGs as figures.json: the data behind each picture."""
+  panels, colorbars = [], 0
+  for ax in fig.axes:
+    if ax.get_label() == "<colorbar>":
+      colorbars += 1
+      continue
+    series = [{"kind": "line", "label": l.get_label(), "x": np.asarray(l.get_xdata(), float),
+               "y": np.asarray(l.get_ydata(), float)} for l in ax.get_lines()]
+    series += [{"kind": "scatter", "label": c.get_label(), "points": np.asarray(c.get_offsets())}
+               for c in ax.collections]
+    series += [{"kind": "image", "data": np.asarray(im.get_array())} for im in ax.images]
+    panels.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(),
+                   "ylabel": ax.get_ylabel(), "xscale": ax.get_xscale(),
+                   "yscale": ax.get_yscale(),
+                   "xticklabels": [t.get_text() for t in ax.get_xticklabels()],
+                   "yticklabels": [t.get_text() for t in ax.get_yticklabels()],
+                   "series": series})
+  w, h = fig.get_size_inches() * fig.dpi
+  return jsonable({"title": fig.get_suptitle(), "size_px": [round(w), round(h)],
+                   "panels": panels, "colorbars": colorbars})
 
 
 def write_report(out: str, *, title: str, intro: str, columns: Sequence[str], rows: list[dict],
                  figures: dict, captions: dict, runs: Sequence[Run] = (), command_line: str,
                  sections: Sequence[str] = (), started: float | None = None,
                  extra: dict | None = None) -> Result:
-  """Writes the PNGs, report.md and results.json into `out`; returns the study's Result.
+  """Writes the PNGs, report.md, results.json and figures.json into `out`; returns the Result.
 
   figures: {file name: Figure}; captions: {file name: what the picture shows}; sections: more
-  markdown after the table (sample texts, neighbour lists); started: time.time() at the start.
+  markdown after the table (sample texts, neighbour lists); started: time.time() at the start;
+  extra: what else the study computed, saved in results.json beside the rows.
   """
   os.makedirs(out, exist_ok=True)
   for name, fig in figures.items():
@@ -412,8 +462,10 @@ def write_report(out: str, *, title: str, intro: str, columns: Sequence[str], ro
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines).rstrip() + "\n")
   with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"command": command_line, "columns": list(columns),
-               "rows": [{k: _json_safe(v) for k, v in r.items()} for r in rows]}, f, indent=1)
+    json.dump(jsonable({"command": command_line, "columns": list(columns), "rows": rows,
+                        "extra": extra or {}}), f)
+  with open(os.path.join(out, "figures.json"), "w", encoding="utf-8") as f:
+    json.dump({name: describe_figure(fig) for name, fig in figures.items()}, f)
   print(f"wrote {path}", flush=True)
   return Result(rows, figures, list(runs), path, dict(extra or {}))
 
@@ -421,19 +473,24 @@ def write_report(out: str, *, title: str, intro: str, columns: Sequence[str], ro
 # --------------------------------------------------------------------------------- Entry point
 
 
-def run_main(main: Callable[[list[str]], None]) -> None:
-  """app.run(main) with the studies' conventions: warnings only unless --verbosity is given, and
-  a StudyError ends with `error: ...` and exit code 2."""
+def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """`main` with the studies' conventions: warnings only unless --verbosity is given, and bad
+  input (a StudyError) ends with `error: ...` on stderr and exit code 2."""
 
   def wrapped(argv):
-    if len(argv) > 1:
-      sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
     if not flags.FLAGS["verbosity"].present:
       absl_logging.set_verbosity(absl_logging.WARNING)
     try:
+      if len(argv) > 1:
+        raise StudyError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
       main(argv)
     except StudyError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(2)
 
-  app.run(wrapped)
+  return wrapped
+
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+  """The entry point of `python -m experiments.<study>`: app.run(guarded(main))."""
+  app.run(guarded(main))

@@ -20,7 +20,6 @@ import numpy as np
 
 from experiments import common
 from llm_jax import data as data_lib
-from llm_jax import sizing
 from llm_jax import train
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", None, "context: max_seq_len values (default: the "
@@ -29,22 +28,14 @@ _TOKENS_PER_STEP = flags.DEFINE_integer(
     "tokens_per_step", None, "context: tokens per optimizer step, the same for every context "
     "length (default: the config's batch_size * block_size)")
 
-_RUN = dict(warmup_steps=30, eval_steps=100, eval_batches=8, save_steps=100, log_every=10,
-            sample_every_eval=False)
-PRESETS = {
-    "cpu": {"config": dict(_RUN, num_train_steps=300), "seq_lens": (32, 64, 128, 256)},
-    "gpu": {"config": dict(_RUN, d_model=512, n_heads=8, n_layers=8, max_seq_len=256,
-                           micro_batch_size=64, vocab_size=4096, learning_rate=1e-3,
-                           min_learning_rate=1e-4, warmup_steps=200, num_train_steps=3000,
-                           eval_steps=500, eval_batches=20, save_steps=500, log_every=50,
-                           dtype="bfloat16", use_flash_attention=True),
-            "seq_lens": (128, 256, 512, 1024)},
-}
+PRESETS = {"cpu": {"config": common.SWEEP_CPU, "seq_lens": (32, 64, 128, 256)},
+           "gpu": {"config": common.SWEEP_GPU, "seq_lens": (128, 256, 512, 1024)}}
 MIB = 1024**2
 
 
-def loss_by_position(cfg, workdir: str) -> np.ndarray:
-  """[T] mean cross-entropy (nats) at each position of the context over the validation split."""
+def loss_by_position(cfg, workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  """([T] mean cross-entropy in nats, [T] tokens counted) at each position of the context, over
+  the whole validation split."""
   trainer, params, _, _ = train.load_for_inference(cfg, workdir)
   data = data_lib.build(cfg, workdir)
   nll_sum = np.zeros(cfg.block_size)
@@ -53,12 +44,12 @@ def loss_by_position(cfg, workdir: str) -> np.ndarray:
     nll_BT = common.token_nll(trainer, params, batch["inputs"], batch["targets"])
     nll_sum += (nll_BT * batch["weights"]).sum(0)
     count += batch["weights"].sum(0)
-  return nll_sum / np.maximum(count, 1)
+  return nll_sum / np.maximum(count, 1), count
 
 
-def study(base, out: str, seq_lens, tokens_per_step: int | None = None,
-          command_line: str = "") -> common.Result:
-  started = time.time()
+def configs(base, seq_lens, tokens_per_step: int | None = None) -> dict:
+  """{max_seq_len: finalized config} of the sweep, each with tokens_per_step / T rows per step
+  (default tokens_per_step: the base config's micro_batch_size * block_size)."""
   if tokens_per_step is None:
     b = common.finalize(base)
     tokens_per_step = b.micro_batch_size * b.block_size
@@ -69,12 +60,30 @@ def study(base, out: str, seq_lens, tokens_per_step: int | None = None,
                               f"max_seq_len={t}: every run must see the same tokens per step")
     cfgs[t] = common.finalize(base, max_seq_len=t, block_size=t, max_position_embeddings=None,
                               micro_batch_size=tokens_per_step // t, batch_size=None)
-  runs, rows, curves = [], [], {}
+  return cfgs
+
+
+def step_memory(cfg) -> dict:
+  """XLA's memory analysis of the run's own train step (compiled ahead of time for this config
+  and step count, so the persistent compilation cache usually has it): bytes per device."""
+  m = train.Trainer(cfg, cfg.num_train_steps).lower_train_step().compile().memory_analysis()
+  peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes)
+  return {"peak": peak, "temp": m.temp_size_in_bytes}
+
+
+def study(base, out: str, seq_lens, tokens_per_step: int | None = None,
+          command_line: str = "") -> common.Result:
+  started = time.time()
+  cfgs = configs(base, seq_lens, tokens_per_step)
+  cfg0 = next(iter(cfgs.values()))
+  tokens_per_step = cfg0.micro_batch_size * cfg0.block_size
+  runs, rows, curves, counts = [], [], {}, {}
   for t, cfg in cfgs.items():
     run = common.train_or_skip(cfg, os.path.join(out, f"seq_{t}"))
     runs.append(run)
-    curves[t] = loss_by_position(cfg, run.workdir)
-    mem = sizing.compiled_memory(cfg)
+    curves[t], counts[t] = loss_by_position(cfg, run.workdir)
+    mem = step_memory(cfg)
     ev = run.final_eval
     quarter = max(1, t // 4)
     rows.append({"max_seq_len": t, "micro_batch": cfg.micro_batch_size, "eval loss": ev["loss"],
@@ -83,47 +92,36 @@ def study(base, out: str, seq_lens, tokens_per_step: int | None = None,
                  "loss @ last 25%": float(curves[t][-quarter:].mean()),
                  "tokens/s": run.median("train/tokens_per_s"),
                  "s/step": run.median("train/step_time_s"),
-                 "step peak MiB": mem.get("peak (arguments + outputs + temporaries - aliased)",
-                                          0) / MIB,
-                 "step temp MiB": mem.get("temp_size_in_bytes", 0) / MIB, "run": run.name})
+                 "step peak MiB": mem["peak"] / MIB, "step temp MiB": mem["temp"] / MIB,
+                 "run": run.name})
 
-  cfg0 = next(iter(cfgs.values()))
   fig, (ax_pos, ax_speed, ax_mem) = common.figure(3, title=(
       f"Context length at {tokens_per_step:,} tokens per step, {cfg0.num_train_steps} steps "
       f"(d_model {cfg0.d_model}, {cfg0.n_layers} layers)"))
   for i, (t, curve) in enumerate(curves.items()):
     ax_pos.plot(np.arange(1, t + 1), curve, "-", color=f"C{i}", linewidth=1.2,
                 label=f"T={t}")
-  ax_pos.set_xscale("log", base=2)
-  ax_pos.set(title="Validation loss by position in the context",
-             xlabel="position of the predicted token (tokens of context seen)",
-             ylabel="cross-entropy (nats/token)")
-  ax_pos.grid(True, alpha=0.3)
-  ax_pos.legend(fontsize=8)
+  common.style(ax_pos, "Validation loss by position in the context",
+               "position of the predicted token (tokens of context seen)",
+               "cross-entropy (nats/token)", xlog=2)
   ts = [r["max_seq_len"] for r in rows]
   ax_speed.plot(ts, [r["tokens/s"] for r in rows], "o-", label="training throughput")
-  ax_speed.set_xscale("log", base=2)
-  ax_speed.set(title="Throughput", xlabel="context length T (tokens)",
-               ylabel="tokens per second (median step)")
+  common.style(ax_speed, "Throughput", "context length T (tokens)",
+               "tokens per second (median step)", xlog=2)
   ax_speed.set_ylim(bottom=0)
-  ax_speed.grid(True, alpha=0.3)
-  ax_speed.legend(fontsize=8)
   ax_mem.plot(ts, [r["step peak MiB"] for r in rows], "o-", label="peak (args + outputs + temps)")
   ax_mem.plot(ts, [r["step temp MiB"] for r in rows], "s--", label="temporaries (activations)")
-  ax_mem.set_xscale("log", base=2)
-  ax_mem.set(title="Memory of one train step (XLA analysis)", xlabel="context length T (tokens)",
-             ylabel="MiB per device")
+  common.style(ax_mem, "Memory of one train step (XLA analysis)", "context length T (tokens)",
+               "MiB per device", xlog=2)
   ax_mem.set_ylim(bottom=0)
-  ax_mem.grid(True, alpha=0.3)
-  ax_mem.legend(fontsize=8)
 
   intro = (f"`max_seq_len` (= `block_size`) in {{{', '.join(map(str, seq_lens))}}} with "
            f"`micro_batch_size` = {tokens_per_step:,} / T, so every run trains on the same "
            f"{tokens_per_step * cfg0.num_train_steps:,} tokens ({cfg0.num_train_steps} steps). "
            f"Loss by position: the mean cross-entropy of the token at each position of a "
            f"validation row of T tokens, from the model's own forward pass over the whole "
-           f"validation split. Memory: XLA's analysis of one compiled train step (per device; "
-           f"the machine is below).")
+           f"validation split. Memory: XLA's analysis of the compiled train step, per device: "
+           f"peak = arguments + outputs + temporaries - donated (aliased) buffers.")
   columns = ["max_seq_len", "micro_batch", "eval loss", "bits/char", "loss @ pos 0-7",
              "loss @ last 25%", "tokens/s", "s/step", "step peak MiB", "step temp MiB", "run"]
   return common.write_report(
@@ -133,7 +131,8 @@ def study(base, out: str, seq_lens, tokens_per_step: int | None = None,
                                "scale), one curve per trained context length: does a token "
                                "with more context before it get a lower loss? Middle: training "
                                "tokens per second. Right: memory of one compiled train step."},
-      runs=runs, command_line=command_line, started=started)
+      runs=runs, command_line=command_line, started=started,
+      extra={"curves": curves, "counts": counts})
 
 
 def main(argv):

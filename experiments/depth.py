@@ -21,17 +21,8 @@ from llm_jax import sizing
 _LAYERS = flags.DEFINE_list("layers", None, "depth: n_layers values (default: the --scale "
                             "preset's, 1,2,4,8 on cpu)")
 
-_RUN = dict(warmup_steps=30, eval_steps=100, eval_batches=8, save_steps=100, log_every=10,
-            sample_every_eval=False)
-PRESETS = {
-    "cpu": {"config": dict(_RUN, num_train_steps=300), "layers": (1, 2, 4, 8)},
-    "gpu": {"config": dict(_RUN, d_model=512, n_heads=8, max_seq_len=256, micro_batch_size=64,
-                           vocab_size=4096, learning_rate=1e-3, min_learning_rate=1e-4,
-                           warmup_steps=200, num_train_steps=3000, eval_steps=500,
-                           eval_batches=20, save_steps=500, log_every=50, dtype="bfloat16",
-                           use_flash_attention=True),
-            "layers": (2, 4, 8, 16)},
-}
+PRESETS = {"cpu": {"config": common.SWEEP_CPU, "layers": (1, 2, 4, 8)},
+           "gpu": {"config": common.SWEEP_GPU, "layers": (2, 4, 8, 16)}}
 
 
 def param_counts(cfg) -> tuple[int, int]:
@@ -41,9 +32,14 @@ def param_counts(cfg) -> tuple[int, int]:
   return total, total - breakdown.get("embeddings", 0)
 
 
+def configs(base, layers) -> dict:
+  """{n_layers: finalized config} of the sweep (every error before any run)."""
+  return {n: common.finalize(base, n_layers=n) for n in layers}
+
+
 def study(base, out: str, layers, command_line: str = "") -> common.Result:
   started = time.time()
-  cfgs = {n: common.finalize(base, n_layers=n) for n in layers}  # every error before any run
+  cfgs = configs(base, layers)
   runs, rows = [], []
   for n, cfg in cfgs.items():
     run = common.train_or_skip(cfg, os.path.join(out, f"layers_{n}"))
@@ -69,10 +65,8 @@ def study(base, out: str, layers, command_line: str = "") -> common.Result:
     steps, loss = run.series("eval/loss")
     ax_curve.plot(steps, loss, "o-", color=color, markersize=4,
                   label=f"L={row['n_layers']}, eval")
-  ax_curve.set(title="Loss during training", xlabel="optimizer step",
-               ylabel="cross-entropy (nats/token)")
-  ax_curve.grid(True, alpha=0.3)
-  ax_curve.legend(fontsize=7, ncol=2)
+  common.style(ax_curve, "Loss during training", "optimizer step",
+               "cross-entropy (nats/token)", legend=7)
   walls = [r["wall s"] for r in rows]
   bpc = [r["bits/char"] for r in rows]
   ax_cost.plot(walls, bpc, "o-", color="C0", label="final eval (whole validation split)")
@@ -80,10 +74,8 @@ def study(base, out: str, layers, command_line: str = "") -> common.Result:
     ax_cost.annotate(f"L={r['n_layers']}\n{r['params'] / 1e6:.2f}M params",
                      (r["wall s"], r["bits/char"]), textcoords="offset points", xytext=(5, 4),
                      fontsize=7)
-  ax_cost.set(title="Quality against training time", xlabel="training wall time (s)",
-              ylabel="validation bits per character")
-  ax_cost.grid(True, alpha=0.3)
-  ax_cost.legend(fontsize=7)
+  common.style(ax_cost, "Quality against training time", "training wall time (s)",
+               "validation bits per character", legend=7)
 
   best = min(rows, key=lambda r: r["bits/char"])
   intro = (f"`n_layers` in {{{', '.join(map(str, layers))}}}, everything else equal: "

@@ -206,11 +206,8 @@ def _pca_figure(coords, usable, pieces, frequent, explained, cfg):
   for i in frequent:
     ax.annotate(readable(pieces[i]), coords[i], fontsize=7, alpha=0.9,
                 textcoords="offset points", xytext=(2, 2))
-  ax.set(title="First two principal components",
-         xlabel=f"PC1 ({explained[0]:.1%} of the variance)",
-         ylabel=f"PC2 ({explained[1]:.1%} of the variance)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8, markerscale=2)
+  common.style(ax, "First two principal components", f"PC1 ({explained[0]:.1%} of the variance)",
+               f"PC2 ({explained[1]:.1%} of the variance)")
   return fig
 
 
@@ -232,10 +229,7 @@ def _spectra_figure(spectra, cfg):
       ax.plot(np.arange(1, len(si) + 1), si, "--", color="0.55", linewidth=1,
               label=None if init_labelled else "random init")
       init_labelled = True
-    ax.set_yscale("log")
-    ax.set(title=k, xlabel="index i (largest first)", ylabel="singular value sigma_i")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
+    common.style(ax, k, "index i (largest first)", "singular value sigma_i", ylog=True, legend=6)
   return fig
 
 

@@ -123,15 +123,18 @@ def study(base, out: str, *, grid=None, samples: int = 16, prompt: str = "",
     ids = generate(samples, do_sample=True, **knobs)
     measured, texts = score([prompt_ids] * samples, ids)
     rows.append({"decoding": "sample", **knobs, **measured})
-    all_samples.append({**knobs, "texts": texts})
+    all_samples.append({**knobs, "prompts": [prompt_ids] * samples, "ids": ids, "texts": texts})
     print(f"sampled {knobs}: distinct-2 {measured['distinct-2']:.3f}, perplexity "
           f"{measured['perplexity']:.2f}", flush=True)
-  measured, texts = score([prompt_ids], generate(1, do_sample=False))
+  ids = generate(1, do_sample=False)
+  measured, texts = score([prompt_ids], ids)
   reference = [{"decoding": "greedy", **measured}]
-  all_samples.append({"decoding": "greedy", "texts": texts})
-  measured, texts = score(*held_out(model, samples, n_new))
+  all_samples.append({"decoding": "greedy", "prompts": [prompt_ids], "ids": ids, "texts": texts})
+  prompts, ids = held_out(model, samples, n_new)
+  measured, texts = score(prompts, ids)
   reference.append({"decoding": "held-out text", **measured})
-  all_samples.append({"decoding": "held-out text", "texts": texts})
+  all_samples.append({"decoding": "held-out text", "prompts": prompts, "ids": ids,
+                      "texts": texts})
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "samples.jsonl"), "w", encoding="utf-8") as f:
     for s in all_samples:
@@ -191,16 +194,11 @@ def _figure(rows, reference, grid, cfg, samples):
   for ref, style in zip(reference, (dict(marker="X", color="k"), dict(marker="*", color="red"))):
     ax_q.plot([ref["perplexity"]], [ref["distinct-2"]], linestyle="none", markersize=11,
               label=ref["decoding"], **style)
-  ax_q.set_xscale("log")
-  ax_q.set(title="Quality against diversity",
-           xlabel="model's perplexity of its samples (log scale; lower = more likely)",
-           ylabel="distinct-2 (unique word bigrams / all)")
-  ax_q.grid(True, which="both", alpha=0.3)
-  ax_q.legend(fontsize=6)
-  ax_rep.set(title="Repetition within a sample",
-             xlabel="temperature", ylabel=f"repeated word {REP_N}-grams (share)")
-  ax_rep.grid(True, alpha=0.3)
-  ax_rep.legend(fontsize=6)
+  common.style(ax_q, "Quality against diversity",
+               "model's perplexity of its samples (log scale; lower = more likely)",
+               "distinct-2 (unique word bigrams / all)", xlog=True, legend=6)
+  common.style(ax_rep, "Repetition within a sample", "temperature",
+               f"repeated word {REP_N}-grams (share)", legend=6)
   return fig
 
 

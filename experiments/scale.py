@@ -31,15 +31,11 @@ _D_MODELS = flags.DEFINE_list("d_models", None, "scale: d_model values (default:
 _HEAD_DIM = flags.DEFINE_integer("head_dim", None, "scale: n_heads = n_layers = d_model / head_dim "
                                  "(default: the preset's, 32 on cpu, 64 on gpu)")
 
-_RUN = dict(warmup_steps=30, eval_steps=50, eval_batches=8, save_steps=100, log_every=10,
-            sample_every_eval=False)
+# The model shape comes from d_model and head_dim; each preset's other fields as the sweeps'.
 PRESETS = {
-    "cpu": {"config": dict(_RUN, num_train_steps=300), "d_models": (32, 64, 96, 128, 160),
+    "cpu": {"config": dict(common.SWEEP_CPU, eval_steps=50), "d_models": (32, 64, 96, 128, 160),
             "head_dim": 32},
-    "gpu": {"config": dict(_RUN, max_seq_len=256, micro_batch_size=64, vocab_size=4096,
-                           learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=200,
-                           num_train_steps=3000, eval_steps=250, eval_batches=20, save_steps=500,
-                           log_every=50, dtype="bfloat16", use_flash_attention=True),
+    "gpu": {"config": dict(common.SWEEP_GPU, eval_steps=250),
             "d_models": (128, 256, 384, 512, 768), "head_dim": 64},
 }
 
@@ -50,8 +46,8 @@ def fit_power_law(x, y) -> tuple[float, float]:
   return float(np.exp(intercept)), float(-slope)
 
 
-def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> common.Result:
-  started = time.time()
+def configs(base, d_models, head_dim: int) -> dict:
+  """{d_model: finalized config} of the sweep: n_heads = n_layers = d_model / head_dim."""
   cfgs = {}
   for d in d_models:
     if d % head_dim:
@@ -59,6 +55,12 @@ def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> co
     k = d // head_dim
     cfgs[d] = common.finalize(base, d_model=d, n_heads=k, n_layers=k, n_kv_heads=None, d_k=None,
                               d_v=None, d_ff=None)
+  return cfgs
+
+
+def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> common.Result:
+  started = time.time()
+  cfgs = configs(base, d_models, head_dim)
   runs, rows, curves = [], [], {}
   for d, cfg in cfgs.items():
     run = common.train_or_skip(cfg, os.path.join(out, f"d_{d}"))
@@ -97,13 +99,8 @@ def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> co
     xs = np.geomspace(n.min(), n.max(), 50)
     ax_n.plot(xs, a * xs**-alpha, "--", color="C3",
               label=f"fit L = {a:.3g} N^-{alpha:.3f}")
-  ax_n.set_xscale("log")
-  ax_n.set_yscale("log")
-  ax_n.set(title="Loss against parameters",
-           xlabel="non-embedding parameters N (log scale)",
-           ylabel="validation loss (nats/token, log scale)")
-  ax_n.grid(True, which="both", alpha=0.3)
-  ax_n.legend(fontsize=8)
+  common.style(ax_n, "Loss against parameters", "non-embedding parameters N (log scale)",
+               "validation loss (nats/token, log scale)", xlog=True, ylog=True)
   for i, (d, (flops, losses)) in enumerate(curves.items()):
     ax_c.plot(flops, losses, "-", color=f"C{i}", alpha=0.5, linewidth=1,
               label=f"d={d} during training")
@@ -112,12 +109,8 @@ def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> co
     b, beta = fits["C"]
     xs = np.geomspace(c.min(), c.max(), 50)
     ax_c.plot(xs, b * xs**-beta, "--", color="C3", label=f"fit L = {b:.3g} C^-{beta:.4f}")
-  ax_c.set_xscale("log")
-  ax_c.set_yscale("log")
-  ax_c.set(title="Loss against training compute", xlabel="training FLOPs C (log scale)",
-           ylabel="validation loss (nats/token, log scale)")
-  ax_c.grid(True, which="both", alpha=0.3)
-  ax_c.legend(fontsize=7)
+  common.style(ax_c, "Loss against training compute", "training FLOPs C (log scale)",
+               "validation loss (nats/token, log scale)", xlog=True, ylog=True, legend=7)
 
   fit_text = "Too few sizes for a fit."
   if fits:
