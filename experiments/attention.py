@@ -79,15 +79,18 @@ def study(base, out: str, *, prompt: str = PROMPT, workdir: str | None = None,
   model = common.trained_model(cfg, out, workdir)
   tok = model.tokenizer
   ids = [tok.eos_id] + tok.encode(prompt)
-  if len(ids) > cfg.max_seq_len:
+  if len(ids) > cfg.block_size:
     raise common.StudyError(f"--prompt is {len(ids)} tokens with the leading EOS, more than "
-                            f"max_seq_len={cfg.max_seq_len}: shorten it")
-  maps = attention_probs(model.trainer, model.params, [ids])[:, 0]  # [L, N, T, T]
+                            f"block_size={cfg.block_size}: shorten it")
   labels = ["<eos>"] + [embeddings.readable(tok.id_to_piece(i)) for i in ids[1:]]
-
-  batch = next(data_lib.build(cfg, model.workdir).eval_batches(1))
-  rows_BT = batch["inputs"][:EVAL_ROWS]
-  rows = head_statistics(attention_probs(model.trainer, model.params, rows_BT))
+  # One forward pass: validation rows of block_size tokens, and the prompt padded on the right
+  # to the same length (causal: the padding changes nothing the prompt's queries see).
+  rows_BT = next(data_lib.build(cfg, model.workdir).eval_batches(1))["inputs"][:EVAL_ROWS]
+  prompt_T = np.zeros(rows_BT.shape[1], np.int32)
+  prompt_T[:len(ids)] = ids
+  probs = attention_probs(model.trainer, model.params, np.concatenate([rows_BT, prompt_T[None]]))
+  maps = probs[:, -1, :, :len(ids), :len(ids)]  # [L, N, T, T] of the prompt
+  rows = head_statistics(probs[:, :-1])
 
   fig_maps = _maps_figure(maps, labels, cfg)
   fig_heads = _heads_figure(rows, cfg, len(rows_BT))

@@ -13,8 +13,9 @@ runs and an interrupted one resumes through the Trainer's normal resume. A run c
 when it left both its final checkpoint and the final evaluation in its metrics.jsonl.
 
 Everything a study shows lands in --out: report.md (what was measured, a markdown table, the
-figures, the exact command, the machine and the date), results.json (the same rows) and the PNGs,
-drawn with matplotlib's object API on the Agg canvas as llm_jax/metrics.py draws.
+figures, the exact command, the machine and the date), the PNGs (matplotlib's object API on the
+Agg canvas, as llm_jax/metrics.py draws), results.json (the rows and what else the study
+computed) and figures.json (the data of every panel and series, read back from the figures).
 """
 
 import dataclasses
@@ -37,8 +38,10 @@ import numpy as np
 import optax
 from ml_collections import config_flags
 
+from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
 from llm_jax import metrics as metrics_lib
+from llm_jax import train
 
 _OUT = flags.DEFINE_string("out", None, "Study directory: one workdir per run, report.md, "
                            "results.json and the PNGs. Rerunning the same command resumes it.")
@@ -67,7 +70,7 @@ class StudyError(Exception):
 # 300 steps, a few capped evaluations and checkpoints, no sampled lines.
 SWEEP_CPU = dict(num_train_steps=300, warmup_steps=30, eval_steps=100, eval_batches=8,
                  save_steps=100, log_every=10, sample_every_eval=False)
-# One accelerator: d_model 512, 8 layers (about 30M parameters), context 256, batch 64, bf16
+# One accelerator: d_model 512, 8 layers (27M parameters), context 256, batch 64, bf16
 # with fused attention, 3,000 steps.
 GPU = dict(d_model=512, n_heads=8, n_layers=8, max_seq_len=256, micro_batch_size=64,
            vocab_size=4096, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=200,
@@ -77,7 +80,6 @@ SWEEP_GPU = dict(GPU, sample_every_eval=False)
 # The trained-model studies (sampling, embeddings, attention) train the --config as it is on cpu
 # (configs/default.py: the model `make train` gives), unless --workdir names a trained run.
 MODEL_PRESETS = {"cpu": {}, "gpu": dict(GPU, max_new_tokens=200)}
-
 
 
 def scale() -> str:
@@ -219,18 +221,17 @@ def _wall(workdir: str) -> float:
     return 0.0
 
 
-def train_or_skip(cfg, workdir: str, log: Callable[[str], None] = print) -> Run:
+def train_or_skip(cfg, workdir: str) -> Run:
   """Trains `cfg` in `workdir` with train.run unless a finished run is there already.
 
   An unfinished workdir (an interrupted study) resumes from its latest checkpoint.
   """
-  from llm_jax import train  # late: the flags above must not wait for jax's model code
   name = os.path.basename(os.path.normpath(workdir))
   steps = cfg.num_train_steps
   if is_finished(workdir, steps):
-    log(f"{name}: finished earlier, reusing {workdir}")
+    print(f"{name}: finished earlier, reusing {workdir}", flush=True)
     return Run(name, workdir, cfg, True, _wall(workdir), _records(workdir))
-  log(f"{name}: training {steps} steps in {workdir}")
+  print(f"{name}: training {steps} steps in {workdir}", flush=True)
   t0 = time.perf_counter()
   code = train.run(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -257,15 +258,12 @@ class Model:
   run: Run | None  # None when it came from --workdir
 
 
-def trained_model(cfg, out: str, workdir: str | None = None,
-                  log: Callable[[str], None] = print) -> Model:
+def trained_model(cfg, out: str, workdir: str | None = None) -> Model:
   """The run in `workdir` (an existing checkpoint, read only), or one trained in <out>/model."""
-  from llm_jax import checkpoint as ckpt_lib
-  from llm_jax import train
   run = None
   if workdir is None:
     workdir = os.path.join(out, "model")
-    run = train_or_skip(cfg, workdir, log)
+    run = train_or_skip(cfg, workdir)
   try:
     trainer, params, step, tok = train.load_for_inference(cfg, workdir)
   except ckpt_lib.CheckpointError as e:

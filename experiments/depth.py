@@ -65,8 +65,12 @@ def study(base, out: str, layers, command_line: str = "") -> common.Result:
     steps, loss = run.series("eval/loss")
     ax_curve.plot(steps, loss, "o-", color=color, markersize=4,
                   label=f"L={row['n_layers']}, eval")
-  common.style(ax_curve, "Loss during training", "optimizer step",
-               "cross-entropy (nats/token)", legend=7)
+  # The first steps fall from log(vocab); the axis shows the range where the depths differ.
+  first_evals = [run.series("eval/loss")[1][0] for run in runs]
+  lowest = min(min(run.series(k)[1]) for run in runs for k in ("train/loss", "eval/loss"))
+  ax_curve.set_ylim(lowest - 0.05 * (max(first_evals) - lowest), 1.15 * max(first_evals))
+  common.style(ax_curve, "Loss during training (the first steps off the top)",
+               "optimizer step", "cross-entropy (nats/token)", legend=7)
   walls = [r["wall s"] for r in rows]
   bpc = [r["bits/char"] for r in rows]
   ax_cost.plot(walls, bpc, "o-", color="C0", label="final eval (whole validation split)")
@@ -74,6 +78,7 @@ def study(base, out: str, layers, command_line: str = "") -> common.Result:
     ax_cost.annotate(f"L={r['n_layers']}\n{r['params'] / 1e6:.2f}M params",
                      (r["wall s"], r["bits/char"]), textcoords="offset points", xytext=(5, 4),
                      fontsize=7)
+  ax_cost.margins(x=0.2, y=0.15)  # room for the labels
   common.style(ax_cost, "Quality against training time", "training wall time (s)",
                "validation bits per character", legend=7)
 

@@ -140,7 +140,7 @@ def study(base, out: str, *, grid=None, samples: int = 16, prompt: str = "",
     for s in all_samples:
       f.write(json.dumps(s) + "\n")
 
-  fig = _figure(rows, reference, grid, cfg, samples)
+  fig = _figure(rows, reference, cfg, samples)
   sections = ["## Samples", "",
               f"The first sample of a few settings (prompt {prompt!r}; every sample is in "
               f"samples.jsonl):", ""]
@@ -174,7 +174,7 @@ def study(base, out: str, *, grid=None, samples: int = 16, prompt: str = "",
       started=started)
 
 
-def _figure(rows, reference, grid, cfg, samples):
+def _figure(rows, reference, cfg, samples):
   fig, (ax_q, ax_rep) = common.figure(2, title=(
       f"Sampling settings, {samples} samples of {cfg.max_new_tokens} tokens each"))
   combos = sorted({(r["top_k"], r["top_p"], r["repetition_penalty"]) for r in rows})
@@ -183,17 +183,17 @@ def _figure(rows, reference, grid, cfg, samples):
     pts = sorted((r for r in rows if (r["top_k"], r["top_p"], r["repetition_penalty"])
                   == (k, p, rp)), key=lambda r: r["temperature"])
     label = f"top_k {k or 'off'}, top_p {p:g}, rep. penalty {rp:g}"
-    style = dict(color=f"C{i}", marker=markers[i % len(markers)], markersize=5, linewidth=1)
+    look = dict(color=f"C{i}", marker=markers[i % len(markers)], markersize=5, linewidth=1)
     ax_q.plot([r["perplexity"] for r in pts], [r["distinct-2"] for r in pts], label=label,
-              **style)
+              **look)
     for r in pts:
       ax_q.annotate(f"T={r['temperature']:g}", (r["perplexity"], r["distinct-2"]),
                     textcoords="offset points", xytext=(3, 3), fontsize=6, color=f"C{i}")
     ax_rep.plot([r["temperature"] for r in pts], [r["repetition rate"] for r in pts],
-                label=label, **style)
-  for ref, style in zip(reference, (dict(marker="X", color="k"), dict(marker="*", color="red"))):
+                label=label, **look)
+  for ref, look in zip(reference, (dict(marker="X", color="k"), dict(marker="*", color="red"))):
     ax_q.plot([ref["perplexity"]], [ref["distinct-2"]], linestyle="none", markersize=11,
-              label=ref["decoding"], **style)
+              label=ref["decoding"], **look)
   common.style(ax_q, "Quality against diversity",
                "model's perplexity of its samples (log scale; lower = more likely)",
                "distinct-2 (unique word bigrams / all)", xlog=True, legend=6)

@@ -49,7 +49,7 @@ STEPS = 4
 TINY = dict(vocab_size=80, vocab_multiple=16, byte_fallback=False, d_model=32, n_heads=2, n_layers=2, max_seq_len=16,
             micro_batch_size=4, warmup_steps=0, lr_decay="constant", learning_rate=3e-3,
             sample_every_eval=False, num_train_steps=STEPS, eval_steps=2, save_steps=2,
-            log_every=1, prefetch=1, max_new_tokens=24)
+            log_every=1, prefetch=1, max_new_tokens=15)
 WORDS = ("thou art the king of all that moves and breathes upon this earth where sorrow walks "
          "beside the merry fool who laughs at night and sleeps by day").split()
 PROMPT = "KING:\nthou art"
@@ -347,8 +347,9 @@ def _ngrams(words, n):
 @pytest.fixture(scope="module")
 def sampling_out(tmp_path_factory, root, model_dir):
   grid = {"temperature": [0.7, 1.3], "top_k": [5], "top_p": [0.9], "repetition_penalty": [1.3]}
+  # 4 samples of 1 + 15 tokens: scored in the [4, 16] shape context's loss by position compiled.
   return _study(tmp_path_factory, root, "sampling", lambda out: sampling.study(
-      _base(root), out, grid=grid, samples=3, workdir=model_dir))
+      _base(root), out, grid=grid, samples=4, workdir=model_dir))
 
 
 def test_sampling_grid_metrics(sampling_out, root, model_dir):
@@ -360,7 +361,7 @@ def test_sampling_grid_metrics(sampling_out, root, model_dir):
           for r in rows[:2]] == [("0.7", "5", "0.9", "1.3"), ("1.3", "5", "0.9", "1.3")]
   samples = [json.loads(l) for l in (sampling_out.out / "samples.jsonl").open()]
   for row, s in zip(sampling_out.rows, samples):
-    assert len(s["texts"]) == len(s["ids"]) == (1 if row["decoding"] == "greedy" else 3)
+    assert len(s["texts"]) == len(s["ids"]) == (1 if row["decoding"] == "greedy" else 4)
     words = [t.split() for t in s["texts"]]
     grams = [g for w in words for g in _ngrams(w, 2)]
     if grams:
@@ -372,13 +373,15 @@ def test_sampling_grid_metrics(sampling_out, root, model_dir):
   # The perplexity of the first setting's samples, from a numpy log-softmax of plain logits.
   trainer, params, _, _ = train.load_for_inference(common.finalize(_base(root)), model_dir)
   s = samples[0]
+  seqs = np.zeros((4, 16), np.int32)  # right-padded: causal, so padding changes nothing before it
+  for row, (prompt, ids) in enumerate(zip(s["prompts"], s["ids"])):
+    seqs[row, :len(prompt + ids)] = prompt + ids
+  logits = np.asarray(jax.jit(trainer.model.apply)({"params": params}, seqs), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   nll, n = 0.0, 0
-  for prompt, ids in zip(s["prompts"], s["ids"]):
-    seq = np.asarray([prompt + ids], np.int32)
-    logits = np.asarray(trainer.model.apply({"params": params}, seq[:, :-1]), np.float64)[0]
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    picked = logp[np.arange(seq.shape[1] - 1), seq[0, 1:]]
+  for row, (prompt, ids) in enumerate(zip(s["prompts"], s["ids"])):
+    picked = logp[row, np.arange(len(prompt + ids) - 1), seqs[row, 1:len(prompt + ids)]]
     nll -= picked[len(prompt) - 1:].sum()
     n += len(ids)
   assert sampling_out.rows[0]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
@@ -532,15 +535,15 @@ def _main(study, args, root, monkeypatch):
 
 def test_command_line_report_and_bad_input(root, model_dir, tmp_path, monkeypatch, capsys):
   out = tmp_path / "attention"
-  _main("attention", [f"--out={out}", f"--workdir={model_dir}", "--prompt=KING:\\nthou"], root,
-        monkeypatch)
+  _main("attention", [f"--out={out}", f"--workdir={model_dir}", "--prompt=KING:\\nthou art"],
+        root, monkeypatch)
   report = (out / "report.md").read_text()
   command = next(l for l in report.splitlines() if l.startswith("python -m experiments."))
   assert command.startswith(f"python -m experiments.attention --config={ROOT}/configs/base.py ")
-  assert command.endswith(f" --out={out} --workdir={model_dir} '--prompt=KING:\\nthou'")
+  assert command.endswith(f" --out={out} --workdir={model_dir} '--prompt=KING:\\nthou art'")
   assert "--config.n_heads=2" in command
   assert re.search(r"- machine: .+, \d+ cores .*jax .* on 1 x cpu", report)
-  assert "the prompt 'KING:\\nthou' after" in report  # --prompt's \n became a newline
+  assert "the prompt 'KING:\\nthou art' after" in report  # --prompt's \n became a newline
 
   bad = tmp_path / "bad"
   capsys.readouterr()
