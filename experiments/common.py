@@ -319,7 +319,7 @@ def style(ax, title: str, xlabel: str, ylabel: str, *, xlog=None, ylog=None, leg
     if log:
       set_scale("log", **({} if log is True else {"base": log}))
   ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-  ax.grid(True, which="both" if (xlog or ylog) else "major", alpha=0.3)
+  ax.grid(True, alpha=0.3)
   if legend:
     ax.legend(fontsize=legend)
 

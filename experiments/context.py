@@ -63,6 +63,20 @@ def configs(base, seq_lens, tokens_per_step: int | None = None) -> dict:
   return cfgs
 
 
+def octaves(curve_T, count_T) -> tuple[np.ndarray, np.ndarray]:
+  """The per-position losses averaged (token-weighted) over octaves of the tokens seen, 1, 2-3,
+  4-7, ...: a few hundred validation rows make single positions noisy. Returns (the mean tokens
+  seen in each octave, its mean loss)."""
+  seen_T = np.arange(1, len(curve_T) + 1)
+  octave_T = np.floor(np.log2(seen_T)).astype(int)
+  seen, loss = [], []
+  for o in np.unique(octave_T):
+    w = count_T * (octave_T == o)
+    seen.append((seen_T * w).sum() / w.sum())
+    loss.append((curve_T * w).sum() / w.sum())
+  return np.array(seen), np.array(loss)
+
+
 def step_memory(cfg) -> dict:
   """XLA's memory analysis of the run's own train step (compiled ahead of time for this config
   and step count, so the persistent compilation cache usually has it): bytes per device."""
@@ -98,11 +112,11 @@ def study(base, out: str, seq_lens, tokens_per_step: int | None = None,
   fig, (ax_pos, ax_speed, ax_mem) = common.figure(3, title=(
       f"Context length at {tokens_per_step:,} tokens per step, {cfg0.num_train_steps} steps "
       f"(d_model {cfg0.d_model}, {cfg0.n_layers} layers)"))
-  for i, (t, curve) in enumerate(curves.items()):
-    ax_pos.plot(np.arange(1, t + 1), curve, "-", color=f"C{i}", linewidth=1.2,
-                label=f"T={t}")
+  for i, t in enumerate(curves):
+    seen, loss = octaves(curves[t], counts[t])
+    ax_pos.plot(seen, loss, "o-", color=f"C{i}", markersize=4, label=f"T={t}")
   common.style(ax_pos, "Validation loss by position in the context",
-               "position of the predicted token (tokens of context seen)",
+               "tokens of context seen (mean of each octave 1, 2-3, 4-7, ...)",
                "cross-entropy (nats/token)", xlog=2)
   ts = [r["max_seq_len"] for r in rows]
   ax_speed.plot(ts, [r["tokens/s"] for r in rows], "o-", label="training throughput")
@@ -127,10 +141,11 @@ def study(base, out: str, seq_lens, tokens_per_step: int | None = None,
   return common.write_report(
       out, title="Context length: max_seq_len at fixed tokens per step", intro=intro,
       columns=columns, rows=rows, figures={"context.png": fig},
-      captions={"context.png": "Left: validation loss at each position of the context (log "
-                               "scale), one curve per trained context length: does a token "
-                               "with more context before it get a lower loss? Middle: training "
-                               "tokens per second. Right: memory of one compiled train step."},
+      captions={"context.png": "Left: validation loss by how many tokens of context the "
+                               "predicted token has (octaves, log scale), one curve per trained "
+                               "context length: does a token with more context before it get a "
+                               "lower loss? Middle: training tokens per second (median step). "
+                               "Right: memory of the compiled train step."},
       runs=runs, command_line=command_line, started=started,
       extra={"curves": curves, "counts": counts})
 

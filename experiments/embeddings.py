@@ -189,7 +189,7 @@ def study(base, out: str, *, probe_words=PROBE_WORDS, label_tokens: int = 40,
                                       f"labelled (_ marks a word start).",
                 "singular_values.png": "Singular values of each weight matrix, trained (solid, "
                                        "one colour per layer) against the run's random "
-                                       "initialisation (dashed grey)."},
+                                       "initialisation (dashed grey, the first layer's)."},
       runs=[model.run] if model.run else [], command_line=command_line, sections=sections,
       started=started, extra={"spectra": spectra, "coords": coords, "neighbours": neighbour_rows})
 
@@ -214,21 +214,21 @@ def _pca_figure(coords, usable, pieces, frequent, explained, cfg):
 def _spectra_figure(spectra, cfg):
   kinds = sorted(dict.fromkeys(kind(n) for n in spectra),
                  key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS))
-  fig, axes = common.figure(len(kinds), ncols=min(4, len(kinds)), panel_size=(4.0, 3.2), title=(
+  fig, axes = common.figure(len(kinds), ncols=min(4, len(kinds)), panel_size=(3.3, 2.7), title=(
       f"Singular values of the weight matrices, trained vs the run's random init "
       f"({cfg.n_layers} layers)"))
   for ax, k in zip(axes, kinds):
-    init_labelled = False
-    for name, (st, si) in spectra.items():
-      if kind(name) != k:
-        continue
+    names = [n for n in spectra if kind(n) == k]
+    for name in names:
+      st = spectra[name][0]
       layer = layer_of(name)
       ax.plot(np.arange(1, len(st) + 1), st, "-", linewidth=1.2,
               color=f"C{layer % 10}" if layer is not None else "C0",
               label=f"layer {layer}" if layer is not None else "trained")
-      ax.plot(np.arange(1, len(si) + 1), si, "--", color="0.55", linewidth=1,
-              label=None if init_labelled else "random init")
-      init_labelled = True
+    # The layers' initial spectra are draws of one distribution: the first stands for all.
+    si = spectra[names[0]][1]
+    ax.plot(np.arange(1, len(si) + 1), si, "--", color="0.4", linewidth=1.2,
+            label="random init" + (f" (layer {layer_of(names[0])})" if len(names) > 1 else ""))
     common.style(ax, k, "index i (largest first)", "singular value sigma_i", ylog=True, legend=6)
   return fig
 
