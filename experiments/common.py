@@ -315,9 +315,15 @@ def save_figure(fig, path: str) -> str:
 def style(ax, title: str, xlabel: str, ylabel: str, *, xlog=None, ylog=None, legend=8):
   """Titles and labels a panel (with units), a light grid, log axes (True = base 10, or the
   base), and a legend of `legend` points (None: no legend)."""
-  for log, set_scale in ((xlog, ax.set_xscale), (ylog, ax.set_yscale)):
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  for log, set_scale, axis, lim in ((xlog, ax.set_xscale, ax.xaxis, ax.get_xlim),
+                                    (ylog, ax.set_yscale, ax.yaxis, ax.get_ylim)):
     if log:
       set_scale("log", **({} if log is True else {"base": log}))
+      lo, hi = lim()
+      if hi < 10 * lo:  # less than a decade: 4.3, 4.4 ... rather than 4.3 x 10^0
+        axis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+        axis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
   ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
   ax.grid(True, alpha=0.3)
   if legend:

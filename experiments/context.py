@@ -65,10 +65,12 @@ def configs(base, seq_lens, tokens_per_step: int | None = None) -> dict:
 
 def octaves(curve_T, count_T) -> tuple[np.ndarray, np.ndarray]:
   """The per-position losses averaged (token-weighted) over octaves of the tokens seen, 1, 2-3,
-  4-7, ...: a few hundred validation rows make single positions noisy. Returns (the mean tokens
-  seen in each octave, its mean loss)."""
-  seen_T = np.arange(1, len(curve_T) + 1)
-  octave_T = np.floor(np.log2(seen_T)).astype(int)
+  4-7, ..., the last octave ending at T (a lone last position would be a noisy point): a few
+  hundred validation rows make single positions noisy. Returns (the mean tokens seen in each
+  octave, its mean loss)."""
+  t = len(curve_T)
+  seen_T = np.arange(1, t + 1)
+  octave_T = np.minimum(np.floor(np.log2(seen_T)), np.floor(np.log2(max(t - 1, 1)))).astype(int)
   seen, loss = [], []
   for o in np.unique(octave_T):
     w = count_T * (octave_T == o)

@@ -283,8 +283,8 @@ def test_context_loss_by_position_throughput_memory(context_out):
     curve = np.asarray(context_out.extra["curves"][str(t)])
     count = np.asarray(context_out.extra["counts"][str(t)])
     assert curve.shape == count.shape == (t,)
-    # Plotted: octaves of the tokens seen (1, 2-3, 4-7, 8-15), each its token-weighted mean.
-    edges = [(1, 2), (2, 4), (4, 8), (8, 16)]
+    # Plotted: octaves of the tokens seen (1, 2-3, 4-7, 8-16), each its token-weighted mean.
+    edges = [(1, 2), (2, 4), (4, 8), (8, 17)]
     assert np.allclose(line["y"], [np.average(curve[a - 1:b - 1], weights=count[a - 1:b - 1])
                                    for a, b in edges])
     assert np.allclose(line["x"], [np.average(np.arange(a, b), weights=count[a - 1:b - 1])
