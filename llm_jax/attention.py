@@ -122,10 +122,12 @@ def sinusoidal_table(n_pos, d_model):
   return sinusoidal_embedding(jnp.arange(n_pos)[None], d_model)[0]
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, dropout_rate=0.0, dropout_rng=None):
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, dropout_rate=0.0, dropout_rng=None,
+                  return_probs=False):
   """softmax(q k^T / sqrt(d_k) + mask) v with grouped kv heads; scores and softmax in float32.
 
-  q head n reads kv head n // (N / K). Returns [B, T, N, Hv] in q's dtype.
+  q head n reads kv head n // (N / K). Returns [B, T, N, Hv] in q's dtype, and with return_probs
+  also the probabilities [B, N, T, S] float32 (before attention dropout).
   """
   b, t, n, h = q_BTNH.shape
   kv_heads = k_BSKH.shape[2]
@@ -141,7 +143,10 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, dropout_rate=0.0, dropou
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGTS.shape)
     probs_BKGTS = jnp.where(keep, probs_BKGTS / (1.0 - dropout_rate), 0.0)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-  return out_BTKGH.reshape(b, t, n, v_BSKH.shape[-1]).astype(q_BTNH.dtype)
+  out_BTNH = out_BTKGH.reshape(b, t, n, v_BSKH.shape[-1]).astype(q_BTNH.dtype)
+  if return_probs:
+    return out_BTNH, probs_BKGTS.reshape(b, n, t, -1)
+  return out_BTNH
 
 
 def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
@@ -175,7 +180,7 @@ def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, impl="xla", is_causal=False,
-              segment_ids_BT=None, dropout_rate=0.0, dropout_rng=None):
+              segment_ids_BT=None, dropout_rate=0.0, dropout_rng=None, return_probs=False):
   """Scaled dot-product attention, 1/sqrt(d_k), on the chosen backend.
 
   q: [B, T, N, H], k: [B, S, K, H], v: [B, S, K, Hv] with N % K == 0.
@@ -185,12 +190,14 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, impl="xla", is_causal=False,
   impl: "xla" | "cudnn" (GPU, bf16/fp16) | "pallas" (TPU). Cases a fused kernel cannot do
   (attention dropout; for Pallas also an explicit mask, d_v != d_k or T not a multiple of 128)
   run on XLA, which gives the same result.
-  Returns [B, T, N, Hv] in q's dtype.
+  return_probs: also return the probabilities [B, N, T, S] float32; fused kernels never form
+  them, so this runs on XLA.
+  Returns [B, T, N, Hv] in q's dtype (and the probabilities with return_probs).
   """
   t, s = q_BTNH.shape[1], k_BSKH.shape[1]
   if (is_causal or segment_ids_BT is not None) and t != s:
     raise ValueError(f"is_causal / segment_ids need self-attention (T == S), got T={t}, S={s}")
-  if dropout_rate > 0.0:
+  if dropout_rate > 0.0 or return_probs:
     impl = "xla"
   if impl == "pallas":
     if (is_causal and mask is None and t % _PALLAS_BLOCK == 0
@@ -207,4 +214,5 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, impl="xla", is_causal=False,
     raise ValueError(f"attention impl={impl!r} is not one of xla, cudnn, pallas")
   causal = causal_mask(jnp.arange(t), s) if is_causal else None
   return xla_attention(q_BTNH, k_BSKH, v_BSKH, combine_masks(mask, seg, causal),
-                       dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                       dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                       return_probs=return_probs)

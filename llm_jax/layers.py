@@ -136,10 +136,17 @@ class SelfAttention(nn.Module):
       cache, is_causal, segment_ids = {"k": k_cache, "v": v_cache}, False, None
 
     rate = 0.0 if self.deterministic else cfg.attention_dropout
+    # The probabilities are formed and sown only when the caller makes "intermediates" mutable
+    # (experiments/attention.py); training and sampling never do, so they keep the fused kernels.
+    want_probs = self.is_mutable_collection("intermediates")
     out_BTNH = attn_lib.attention(
         q_BTNH, k_BSKH.astype(cfg.compute_dtype), v_BSKH.astype(cfg.compute_dtype), ctx["mask"],
         impl=cfg.attention_impl, is_causal=is_causal, segment_ids_BT=segment_ids,
-        dropout_rate=rate, dropout_rng=self.make_rng("dropout") if rate > 0 else None)
+        dropout_rate=rate, dropout_rng=self.make_rng("dropout") if rate > 0 else None,
+        return_probs=want_probs)
+    if want_probs:
+      out_BTNH, probs_BNTS = out_BTNH
+      self.sow("intermediates", "attention_probs", probs_BNTS)
     y_BTD = proj((n, hv, d), "btnh,nhd->btd", ("heads", "head_dim", "embed"), "out",
                  residual_std(cfg), bias_axes=("embed",))(out_BTNH)
     return y_BTD, cache

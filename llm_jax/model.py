@@ -192,7 +192,8 @@ class Transformer(nn.Module):
     block_cls = _block_class(cfg)
     carry = (x_BTD, cache, jnp.zeros((), jnp.int32))
     if cfg.scan_layers:
-      stack = nn.scan(block_cls, variable_axes={"params": 0},
+      # "intermediates" (attention probabilities, when asked for) stack per layer like params.
+      stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
                       split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       carry, _ = stack(cfg, deterministic, name="layers")(carry, ctx)

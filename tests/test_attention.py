@@ -53,6 +53,22 @@ def test_random_mask_and_segments_match_reference():
   np.testing.assert_allclose(out, reference_attention(q, k, v, full[:, None]), atol=1e-5)
 
 
+def test_returned_probabilities_are_those_behind_the_output():
+  q, k, v = qkv(kv=2)
+  out, probs = attention.attention(q, k, v, impl="pallas", is_causal=True, return_probs=True)
+  np.testing.assert_array_equal(out, attention.attention(q, k, v, impl="xla", is_causal=True))
+  # numpy: softmax(q k^T / sqrt(d_k)) over the causal keys, query head n reading kv head n // 2.
+  k_rep = np.repeat(np.asarray(k, np.float64), 2, axis=2)
+  scores = np.einsum("btnh,bsnh->bnts", q, k_rep) / math.sqrt(q.shape[-1])
+  scores = np.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)
+  want = np.exp(scores - scores.max(-1, keepdims=True))
+  want /= want.sum(-1, keepdims=True)
+  assert probs.shape == (2, 4, 6, 6) and probs.dtype == jnp.float32
+  np.testing.assert_allclose(probs, want, atol=1e-6)
+  np.testing.assert_allclose(np.einsum("bnts,bsnh->btnh", probs, np.repeat(v, 2, axis=2)), out,
+                             atol=1e-5)
+
+
 def test_gqa_equals_mha_on_repeated_heads_and_pallas_falls_back_on_cpu():
   q, k, v = qkv(kv=2)
   gqa = attention.attention(q, k, v, impl="xla", is_causal=True)

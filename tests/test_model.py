@@ -242,6 +242,24 @@ def test_remat_and_scan_give_same_loss_and_grads():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g, expect)
 
 
+def test_attention_probabilities_are_sown_only_when_asked():
+  cfg = cfg_of(n_kv_heads=2)
+  params = random_params(cfg)
+  tokens = random_tokens(0)
+  logits, state = apply(cfg, params, tokens, mutable=["intermediates"])
+  np.testing.assert_allclose(logits, apply(cfg, params, tokens), atol=1e-6)  # nothing changes
+  probs = np.stack([state["intermediates"][f"blocks_{i}"]["attn"]["attention_probs"][0]
+                    for i in range(2)])
+  assert probs.shape == (2, B, 4, T, T)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  assert np.all(np.triu(probs, 1) == 0)
+  # Under nn.scan they come stacked over layers: the same probabilities.
+  _, state = apply(cfg_of(n_kv_heads=2, scan_layers=True), to_scanned(params, 2), tokens,
+                   mutable=["intermediates"])
+  np.testing.assert_allclose(state["intermediates"]["layers"]["attn"]["attention_probs"][0],
+                             probs, atol=1e-5)
+
+
 def test_init_params_are_unboxed_and_gpt2_scaled():
   cfg = cfg_of(n_layers=1)  # one layer: this jitted init is the module's costliest compile
   params = model.init_params(cfg, jax.random.key(0))
