@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
+from llm_jax import loader
 from llm_jax import metrics as metrics_lib
 from llm_jax import train
 
@@ -265,10 +266,19 @@ def trained_model(cfg, out: str, workdir: str | None = None) -> Model:
     workdir = os.path.join(out, "model")
     run = train_or_skip(cfg, workdir)
   try:
-    trainer, params, step, tok = train.load_for_inference(cfg, workdir)
+    cfg, trainer, params, step, tok = load_checkpoint(cfg, workdir)
   except ckpt_lib.CheckpointError as e:
     raise StudyError(f"--workdir={workdir}: {e}") from None
   return Model(cfg, trainer, params, tok, step, workdir, run)
+
+
+def load_checkpoint(cfg, workdir: str):
+  """(cfg with the checkpoint's model fields, trainer, params, step, tokenizer) of a run's
+  latest checkpoint (cfg.checkpoint_step's), through the project's loader; the trainer gives the
+  model, its config and a fresh init."""
+  loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step)
+  trainer = train.Trainer(loaded.cfg, total_steps=loaded.cfg.warmup_steps + 1, mesh=loaded.mesh)
+  return loaded.cfg, trainer, loaded.params, loaded.step, loaded.tokenizer
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,7 +36,7 @@ MIB = 1024**2
 def loss_by_position(cfg, workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """([T] mean cross-entropy in nats, [T] tokens counted) at each position of the context, over
   the whole validation split."""
-  trainer, params, _, _ = train.load_for_inference(cfg, workdir)
+  _, trainer, params, _, _ = common.load_checkpoint(cfg, workdir)
   data = data_lib.build(cfg, workdir)
   nll_sum = np.zeros(cfg.block_size)
   count = np.zeros(cfg.block_size)

