@@ -44,21 +44,30 @@ from llm_jax import loader
 from llm_jax import metrics as metrics_lib
 from llm_jax import train
 
-_OUT = flags.DEFINE_string("out", None, "Study directory: one workdir per run, report.md, "
-                           "results.json and the PNGs. Rerunning the same command resumes it.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Config file the study starts from (then the --scale preset, "
-    "then --config.<field> overrides).", lock_config=True)
-_SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "gpu"],
-                           "Preset sizes: cpu = about 10 minutes on 2 CPU cores; gpu = larger "
-                           "models and longer runs for one accelerator.")
-_PROMPT = flags.DEFINE_string(
-    "prompt", None, "sampling: the prompt every sample continues (default: a fresh document); "
-    "attention: the text whose attention maps are drawn (default: a line of Romeo and Juliet). "
-    "\\n is a newline.")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "sampling, embeddings, attention: study this trained run (e.g. runs/default, "
-    "trained with the same --config) instead of training one in <out>/model.")
+_FLAGS = {}  # the flags every study shares: defined by run_main (not on import: main.py's
+# --config, --workdir and --prompt would clash with them in a process that imports both)
+
+
+def define_flags() -> None:
+  """Defines --out, --config, --scale, --prompt and --workdir (once)."""
+  if _FLAGS:
+    return
+  _FLAGS["out"] = flags.DEFINE_string(
+      "out", None, "Study directory: one workdir per run, report.md, results.json and the PNGs. "
+      "Rerunning the same command resumes it.")
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+      "config", "configs/default.py", "Config file the study starts from (then the --scale "
+      "preset, then --config.<field> overrides).", lock_config=True)
+  _FLAGS["scale"] = flags.DEFINE_enum(
+      "scale", "cpu", ["cpu", "gpu"], "Preset sizes: cpu = about 10 minutes on 2 CPU cores; "
+      "gpu = larger models and longer runs for one accelerator.")
+  _FLAGS["prompt"] = flags.DEFINE_string(
+      "prompt", None, "sampling: the prompt every sample continues (default: a fresh document); "
+      "attention: the text whose attention maps are drawn (default: a line of Romeo and Juliet). "
+      "\\n is a newline.")
+  _FLAGS["workdir"] = flags.DEFINE_string(
+      "workdir", None, "sampling, embeddings, attention: study this trained run (e.g. "
+      "runs/default, trained with the same --config) instead of training one in <out>/model.")
 
 
 class StudyError(Exception):
@@ -84,22 +93,23 @@ MODEL_PRESETS = {"cpu": {}, "gpu": dict(GPU, max_new_tokens=200)}
 
 
 def scale() -> str:
-  return _SCALE.value
+  return _FLAGS["scale"].value
 
 
 def out_dir() -> str:
-  if not _OUT.value:
+  if not _FLAGS["out"].value:
     raise StudyError("--out is required: the directory for the study's runs, report and PNGs "
                      "(e.g. --out=results/depth)")
-  return _OUT.value
+  return _FLAGS["out"].value
 
 
 def workdir_flag() -> str | None:
-  return _WORKDIR.value
+  return _FLAGS["workdir"].value
 
 
 def prompt_flag(default: str) -> str:
-  return default if _PROMPT.value is None else _PROMPT.value.replace("\\n", "\n")
+  prompt = _FLAGS["prompt"].value
+  return default if prompt is None else prompt.replace("\\n", "\n")
 
 
 def study_config(preset: dict) -> ml_collections.ConfigDict:
@@ -107,7 +117,7 @@ def study_config(preset: dict) -> ml_collections.ConfigDict:
 
   Also turns on the persistent compilation cache beside the data cache, as main.py does.
   """
-  cfg = ml_collections.ConfigDict(_CONFIG.value.to_dict())
+  cfg = ml_collections.ConfigDict(_FLAGS["config"].value.to_dict())
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   for k, v in {**preset, **overrides}.items():
     cfg[k] = v
@@ -507,4 +517,5 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 def run_main(main: Callable[[list[str]], None]) -> None:
   """The entry point of `python -m experiments.<study>`: app.run(guarded(main))."""
+  define_flags()
   app.run(guarded(main))
