@@ -5,6 +5,11 @@ import os
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tiny models compile for much longer than they run: LLVM's cheap passes (helpers.FAST_COMPILE).
+import helpers  # tests/helpers.py  pylint: disable=g-import-not-at-top,wrong-import-position
+
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                 helpers.FAST_COMPILE]))
 
 
 def pytest_configure(config):

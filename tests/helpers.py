@@ -6,6 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Tiny models compile for much longer than they run: the tests compile with LLVM's cheap passes
+# (conftest.py sets it for this process; child processes get it from child_env).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def child_env(devices: int | None = None) -> dict:
+  """os.environ for a child process: XLA_FLAGS is FAST_COMPILE (whatever this process was given),
+  with `devices` host CPU devices when asked."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = FAST_COMPILE + (
+      f" --xla_force_host_platform_device_count={devices}" if devices else "")
+  return env
+
 
 def random_params(shapes, seed=0, std=0.05):
   """Random params of the given abstract shapes, drawn in numpy (no init compile).

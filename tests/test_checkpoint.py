@@ -119,13 +119,11 @@ def _command(workdir, corpus, mode="train", slow=False, **overrides):
 
 
 def _env(corpus, devices=None, delay=None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = helpers.child_env(devices)
   env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
              JAX_COMPILATION_CACHE_DIR=corpus.jax_cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   if delay is not None:
     env["LLM_JAX_TEST_STEP_DELAY"] = str(delay)
   return env

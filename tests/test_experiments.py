@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import helpers  # tests/helpers.py
 import run_once  # tests/run_once.py
 
 from configs import base as base_config
@@ -529,9 +530,8 @@ def _main(study, args, root):
   user runs it (its own process: the studies' flags are defined by their entry point)."""
   argv = [sys.executable, "-m", f"experiments.{study}", f"--config={ROOT}/configs/base.py",
           *[f"--config.{k}={v}" for k, v in _fields(root).items()], *args]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                        check=False)
+  return subprocess.run(argv, cwd=ROOT, env=helpers.child_env(), capture_output=True, text=True,
+                        timeout=600, check=False)
 
 
 def test_command_line_report_and_bad_input(root, model_dir, tmp_path):

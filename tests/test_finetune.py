@@ -298,7 +298,7 @@ def test_qlora_loss_falls_and_only_adapters_change():
 
 
 def _check_on_8_devices():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = helpers.child_env()  # the script sets its own device count
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "finetune_mesh_check.py")],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)

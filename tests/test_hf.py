@@ -20,6 +20,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+import helpers  # tests/helpers.py
 from configs import base
 from llm_jax import attention
 from llm_jax import checkpoint
@@ -182,7 +183,7 @@ print(json.dumps({{"same": all(same), "shard": list(emb.addressable_shards[0].da
                   "full": list(emb.shape),
                   "err": float(np.abs(np.asarray(logits)[..., :320] - logits_ref).max())}}))
 """
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = helpers.child_env()
   p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300, check=False)
   assert p.returncode == 0, p.stderr[-3000:]
@@ -194,7 +195,7 @@ print(json.dumps({{"same": all(same), "shard": list(emb.addressable_shards[0].da
 def test_cli_import_then_sample_uses_the_models_eos_and_refuses_train(tmp_path, capsys):
   """main.py --mode=import writes an ordinary workdir; --mode=sample needs only --workdir."""
   workdir = str(tmp_path / "gpt2")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = helpers.child_env()
   run = lambda *args: subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
                                      capture_output=True, text=True, timeout=300, check=False)
   p = run("--mode=import", f"--config.hf_path={os.path.join(FIXTURES, 'gpt2')}",

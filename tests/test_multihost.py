@@ -33,7 +33,6 @@ TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, 
             num_train_steps=N, save_steps=3, eval_steps=0, eval_batches=2, log_every=1,
             sample_every_eval=False)
 # Compile time dominates these runs; LLVM's heavy passes buy nothing for a tiny model.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _prepare(root):
@@ -58,10 +57,8 @@ def _flags(fields, workdir, **overrides):
 
 
 def _env(devices=None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}"
-                                       if devices else ""))
+  env = helpers.child_env(devices)
+  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
   return env
 
 

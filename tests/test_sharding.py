@@ -23,6 +23,7 @@ import pytest
 from llm_jax import config
 from llm_jax import sharding
 
+import helpers  # tests/helpers.py
 import run_once  # tests/run_once.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ D_MODEL = 32  # sharding_check.TINY's: the only axis of this length is "embed"
 
 
 def _check_on_8_devices():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = helpers.child_env()  # the script sets its own device count
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharding_check.py")],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
