@@ -19,6 +19,7 @@ shardings of the current mesh, whatever mesh saved them.
 import dataclasses
 import logging
 import os
+import pathlib
 import signal
 import time
 
@@ -66,6 +67,15 @@ def _latest_item(workdir: str, name: str) -> dict | None:
 def saved_config(workdir: str) -> dict | None:
   """The flat config (a dict) saved with the latest checkpoint, or None."""
   return _latest_item(workdir, "config")
+
+
+def param_count(workdir: str, step: int) -> int:
+  """How many numbers the params item of checkpoint `step` holds (a LoRA run's: its adapters),
+  from the tree metadata alone."""
+  leaves = _saved_leaves(pathlib.Path(checkpoint_dir(workdir)) / str(step) / "params")
+  if leaves is None:
+    raise CheckpointError(f"{checkpoint_dir(workdir)}/{step}: the params' metadata cannot be read")
+  return int(sum(np.prod(shape, dtype=np.int64) for shape, _ in leaves.values()))
 
 
 def imported_from(workdir: str) -> str | None:

@@ -40,6 +40,7 @@ from experiments import common
 from experiments import context
 from experiments import depth
 from experiments import embeddings
+from experiments import finetune
 from experiments import sampling
 from experiments import scale
 from llm_jax import checkpoint
@@ -520,6 +521,40 @@ def test_attention_maps_are_the_models_own(attention_out, root, model_dir):
   assert panels[-1]["xticklabels"] == labels and panels[0]["yticklabels"] == labels
   (ax,) = _readable(attention_out, "attention_heads.png", 1)
   assert sum(len(s["x"]) for s in _series(ax)) == l * n
+
+
+@pytest.fixture(scope="module")
+def finetune_out(tmp_path_factory, root, model_dir):
+  return _study(tmp_path_factory, root, "finetune", lambda out: finetune.study(
+      _base(root), out, data=None, steps=4, eval_steps=2, workdir=model_dir,
+      command_line="finetune-test"))
+
+
+def test_finetune_scratch_full_lora(finetune_out, model_dir, root):
+  _finite_rows(finetune_out, 3, ["trained params", "eval loss", "bits/char", "wall s"])
+  rows = {r["run"]: r for r in finetune_out.rows}
+  assert list(rows) == ["scratch", "full", "lora"]
+  # Scratch has the base's architecture and trains all of it, as full fine-tuning does; LoRA
+  # trains rank-8 adapters on every projection of 2 layers (d 32, d_ff 128), counted by hand.
+  assert rows["scratch"]["trained params"] == rows["full"]["trained params"] == (
+      checkpoint.param_count(model_dir, STEPS))
+  per_layer = 4 * (32 * 8 + 8 * 32) + 2 * (32 * 8 + 8 * 128)  # q, k, v, o; wi, wo
+  assert rows["lora"]["trained params"] == 2 * per_layer
+  # Before any update LoRA's B is zero: both fine-tunes start from the base's own score.
+  assert rows["full"]["bits/char at step 0"] == pytest.approx(rows["lora"]["bits/char at step 0"],
+                                                              rel=1e-6)
+  assert rows["scratch"]["bits/char at step 0"] is None
+  # The new text is Python's documentation, held-out topics for validation.
+  assert finetune_out.extra["data"].endswith("/data/pydoc/train")
+  assert len(os.listdir(finetune_out.out / "data" / "pydoc" / "val")) == 4
+  evals, trains = _readable(finetune_out, "finetune.png", 2)
+  assert [s["label"] for s in _series(evals)] == ["scratch", "full", "lora"]
+  assert [s["x"][0] for s in _series(evals)] == [2, 0, 0]
+  assert all(len(s["x"]) == 4 for s in _series(trains))  # a train loss per step
+  # A rerun trains nothing: every run is finished.
+  again = finetune.study(_base(root), str(finetune_out.out), data=None, steps=4, eval_steps=2,
+                         workdir=model_dir)
+  assert all(r.reused for r in again.runs) and again.rows == finetune_out.rows
 
 
 # --- the command line and the presets ----------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Custom data and fine-tuning: from scratch vs full fine-tuning vs LoRA, at equal steps.
+
+    python -m experiments.finetune --out=results/finetune                  # Python's docs, on CPU
+    python -m experiments.finetune --out=results/finetune --workdir=runs/default \\
+        --data='text:/data/mine/*.txt'                                     # your text, your model
+    python -m experiments.finetune --out=results/finetune_gpu --scale=gpu
+
+The cheat sheet's "train on custom data" and "fine-tune pretrained models". Three runs on the same
+new text, each `--steps` optimizer steps of the same batches, with the base model's tokenizer
+(so losses compare token for token):
+
+- scratch: the base's architecture, randomly initialised (the --config's own learning rate);
+- full: every weight, starting from the base (init_from, lora_r=0, learning rate 3e-4);
+- lora: rank-8 adapters on every projection of the frozen base (configs/finetune.py's recipe).
+
+The base is --workdir (a trained run), or the --config trained on its own dataset in <out>/model
+(configs/default.py: the model `make train` gives, on Shakespeare). --data is the new text
+(a `text:` glob or directory); without it, the 79 topics of Python's own reference documentation
+(the standard library's pydoc_data) are written to <out>/data, 4 of them held out for validation:
+text of another kind than plays. Reports the first evaluation (the base on the new text, before
+any update), the final one, the trained parameters and the time; plots the eval curves.
+"""
+
+import os
+import time
+
+from absl import flags
+
+from configs import finetune as finetune_config
+from experiments import common
+from llm_jax import checkpoint as ckpt_lib
+
+_DATA = flags.DEFINE_string("data", None, "finetune: the new text, text:<dir or glob> (default: "
+                            "Python's reference documentation, written to <out>/data)")
+_STEPS = flags.DEFINE_integer("steps", None, "finetune: optimizer steps of each run (default: "
+                              "the --scale preset's, 200 on cpu)")
+
+PRESETS = {"cpu": {"steps": 200, "eval_steps": 25}, "gpu": {"steps": 1000, "eval_steps": 100}}
+# configs/finetune.py's LoRA recipe (its fields that differ from configs/base.py), for the
+# fine-tuning runs; the steps and evaluations are the study's.
+_SCHEDULE = ("num_train_steps", "eval_steps", "save_steps", "log_every", "eval_batches",
+             "max_new_tokens", "micro_batch_size", "batch_size")  # the batches: the --config's
+LORA = {k: v for k, v in finetune_config.get_config().items()
+        if k not in _SCHEDULE and v != finetune_config.base.get_config()[k]}
+FULL = dict(LORA, lora_r=0, learning_rate=3e-4, min_learning_rate=3e-5)
+# The scratch run takes these from the base's saved config: the same architecture.
+_MODEL_FIELDS = set(ckpt_lib.MODEL_FIELDS) | {"max_seq_len", "rope_theta", "layer_norm_eps"}
+
+
+def pydoc_corpus(out: str) -> str:
+  """Python's reference documentation (pydoc_data's topics) as <out>/data/pydoc/{train,val}/*.txt,
+  every 20th topic held out; returns the dataset spec."""
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  root = os.path.join(out, "data", "pydoc")
+  for i, (name, text) in enumerate(sorted(topics.topics.items())):
+    split = "val" if i % 20 == 10 else "train"
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    path = os.path.join(root, split, f"{name}.txt")
+    if not os.path.exists(path):
+      with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+  return f"text:{root}/train"
+
+
+def configs(base, model, data: str, validation: str, steps: int, eval_steps: int) -> dict:
+  """{mode: finalized config} of the three runs (every error before any run)."""
+  proto = getattr(model.tokenizer, "model_proto", None)
+  if proto is None:
+    raise common.StudyError(f"the base model in {model.workdir} has a Hugging Face tokenizer; "
+                            f"the scratch run needs a sentencepiece one (an llm_jax-trained base)")
+  tok_path = os.path.join(model.workdir, "tokenizer.model")
+  if not os.path.exists(tok_path):  # the base read its tokenizer from tokenizer_path
+    tok_path = model.cfg.tokenizer_path
+  shared = dict(dataset=data, validation=validation, num_train_steps=steps, eval_steps=eval_steps,
+                save_steps=steps, log_every=min(10, eval_steps), sample_every_eval=False,
+                warmup_steps=min(LORA["warmup_steps"], steps // 2))
+  # The scratch run: the base's shape (its saved config), the --config's optimizer settings.
+  saved = ckpt_lib.saved_config(model.workdir)
+  shape = {k: saved[k] for k in _MODEL_FIELDS if k in saved and k in base}
+  return {"scratch": common.finalize(base, **shape, **shared, tokenizer_path=tok_path),
+          "full": common.finalize(base, **FULL, **shared, init_from=model.workdir),
+          "lora": common.finalize(base, **LORA, **shared, init_from=model.workdir)}
+
+
+def study(base, out: str, data: str | None, steps: int, eval_steps: int,
+          workdir: str | None = None, command_line: str = "") -> common.Result:
+  started = time.time()
+  model = common.trained_model(base, out, workdir)
+  validation = base.validation
+  if not data:
+    data = pydoc_corpus(out)
+    validation = os.path.join(os.path.dirname(data[len("text:"):]), "val", "*.txt")
+  cfgs = configs(base, model, data, validation, steps, eval_steps)
+  runs, rows = [], []
+  for mode, cfg in cfgs.items():
+    run = common.train_or_skip(cfg, os.path.join(out, mode))
+    ev = run.final_eval
+    first = run.series("eval/bits_per_char")
+    runs.append(run)
+    rows.append({"run": mode, "trained params": ckpt_lib.param_count(run.workdir, steps),
+                 "learning rate": cfg.learning_rate,
+                 "bits/char at step 0": first[1][0] if first[0] and first[0][0] == 0 else None,
+                 "eval loss": ev["loss"], "bits/char": ev["bits_per_char"],
+                 "accuracy": ev["accuracy"], "wall s": run.wall_s,
+                 "s/step": run.median("train/step_time_s")})
+
+  cfg0 = cfgs["scratch"]
+  fig, (ax_eval, ax_train) = common.figure(2, title=(
+      f"{data} after {model.cfg.dataset}: {steps} steps of {cfg0.batch_size} x "
+      f"{cfg0.block_size} tokens each"))
+  for i, run in enumerate(runs):
+    ax_eval.plot(*run.series("eval/bits_per_char"), "o-", color=f"C{i}", markersize=4,
+                 label=run.name)
+    ax_train.plot(*run.series("train/loss"), "-", color=f"C{i}", linewidth=1, label=run.name)
+  common.style(ax_eval, "Validation bits per character (step 0: before any update)",
+               "optimizer step", "bits per character", legend=8)
+  common.style(ax_train, "Training loss", "optimizer step", "cross-entropy (nats/token)",
+               legend=8)
+  by = {r["run"]: r for r in rows}
+  intro = (
+      f"A base model ({model.workdir}, step {model.step}, trained on {model.cfg.dataset}) and "
+      f"new text ({data}). Three runs of {steps} steps on the same batches, with the base's "
+      f"tokenizer: from scratch (the base's architecture, random weights, learning rate "
+      f"{cfg0.learning_rate:g}), full fine-tuning (every weight, learning rate "
+      f"{FULL['learning_rate']:g}) and LoRA (rank {LORA['lora_r']} on the {LORA['lora_targets']} "
+      f"projections, learning rate {LORA['learning_rate']:g}, the base frozen). The base alone "
+      f"scores {by['full']['bits/char at step 0']:.3f} bits per character on the new text; "
+      f"after {steps} steps: scratch {by['scratch']['bits/char']:.3f}, full "
+      f"{by['full']['bits/char']:.3f}, LoRA {by['lora']['bits/char']:.3f} (training "
+      f"{by['lora']['trained params'] / by['full']['trained params']:.1%} of the parameters).")
+  columns = ["run", "trained params", "learning rate", "bits/char at step 0", "eval loss",
+             "bits/char", "accuracy", "wall s", "s/step"]
+  return common.write_report(
+      out, title="Custom data: from scratch, full fine-tuning and LoRA", intro=intro,
+      columns=columns, rows=rows, figures={"finetune.png": fig},
+      captions={"finetune.png": "Left: validation bits per character on the new text against "
+                                "step; the fine-tuning runs start at the base model's score "
+                                "(step 0), the scratch run at its first evaluation. Right: the "
+                                "training loss of each run."},
+      runs=runs, command_line=command_line, started=started,
+      extra={"base": model.workdir, "data": data})
+
+
+def main(argv):
+  del argv
+  preset = PRESETS[common.scale()]
+  base = common.study_config(common.MODEL_PRESETS[common.scale()])
+  steps = _STEPS.value or preset["steps"]
+  if steps < 2:
+    raise common.StudyError(f"--steps={steps}: give at least 2")
+  study(base, common.out_dir(), _DATA.value, steps, min(preset["eval_steps"], steps),
+        workdir=common.workdir_flag(), command_line=common.command("finetune"))
+
+
+if __name__ == "__main__":
+  common.run_main(main)
