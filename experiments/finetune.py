@@ -77,15 +77,17 @@ def configs(base, model, data: str, validation: str, steps: int, eval_steps: int
   # The scratch run: the base's shape (its saved config), the --config's optimizer settings.
   saved = ckpt_lib.saved_config(model.workdir)
   shape = {k: saved[k] for k in _MODEL_FIELDS if k in saved and k in base}
-  return {"scratch": common.finalize(base, **shape, **shared, tokenizer_path=tok_path),
-          "full": common.finalize(base, **FULL, **shared, init_from=model.workdir),
-          "lora": common.finalize(base, **LORA, **shared, init_from=model.workdir)}
+  return {"scratch": common.finalize(base, **{**shape, **shared, "tokenizer_path": tok_path}),
+          "full": common.finalize(base, **{**FULL, **shared, "init_from": model.workdir,
+                                           "tokenizer_path": None}),
+          "lora": common.finalize(base, **{**LORA, **shared, "init_from": model.workdir,
+                                           "tokenizer_path": None})}
 
 
 def study(base, out: str, data: str | None, steps: int, eval_steps: int,
           workdir: str | None = None, command_line: str = "") -> common.Result:
   started = time.time()
-  model = common.trained_model(base, out, workdir)
+  model = common.trained_model(common.finalize(base), out, workdir)
   validation = base.validation
   if not data:
     data = pydoc_corpus(out)
