@@ -36,6 +36,7 @@ from llm_jax import model as model_lib  # noqa: E402
 from llm_jax import quantize  # noqa: E402
 from llm_jax import sampling  # noqa: E402
 from llm_jax import sharding  # noqa: E402
+from llm_jax import topology  # noqa: E402
 from llm_jax import train  # noqa: E402
 
 TINY = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, vocab_size=512, max_seq_len=64,
@@ -160,4 +161,5 @@ def main():
 
 
 if __name__ == "__main__":
+  topology.choose_platform()  # before any jax backend starts
   main()

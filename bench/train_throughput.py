@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 from llm_jax import config as config_lib  # noqa: E402
 from llm_jax import metrics  # noqa: E402
+from llm_jax import topology  # noqa: E402
 from llm_jax import train  # noqa: E402
 
 TINY = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, vocab_size=512, max_seq_len=64,
@@ -100,4 +101,5 @@ def main():
 
 
 if __name__ == "__main__":
+  topology.choose_platform()  # before any jax backend starts
   main()

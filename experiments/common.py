@@ -42,6 +42,7 @@ from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
 from llm_jax import loader
 from llm_jax import metrics as metrics_lib
+from llm_jax import topology
 from llm_jax import train
 
 _FLAGS = {}  # the flags every study shares: defined by run_main (not on import: main.py's
@@ -518,4 +519,5 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 def run_main(main: Callable[[list[str]], None]) -> None:
   """The entry point of `python -m experiments.<study>`: app.run(guarded(main))."""
   define_flags()
+  topology.choose_platform()  # before any jax backend starts
   app.run(guarded(main))
