@@ -10,8 +10,9 @@ Every setting draws --samples continuations of the same prompt (a fresh document
 with llm_jax.sampling.generate, the same key for every setting. Measured per setting, on the
 decoded text's whitespace-separated words:
   distinct-n       unique n-grams / all n-grams, pooled over the setting's samples (Li et al. 2016)
-  repetition rate  share of a sample's word 4-grams that repeat an earlier one in the same
-                   sample, averaged over samples (seq-rep-4, Welleck et al. 2019)
+  repetition rate  share of a sample's word bigrams that repeat an earlier one in the same
+                   sample, averaged over samples (Welleck et al. 2019's seq-rep-n with n = 2:
+                   a few dozen words rarely repeat a 4-gram)
   mean length      new tokens per sample (EOS included when produced)
   perplexity       exp(mean -log p) of the sampled tokens under the model itself (temperature 1,
                    no filtering): lower = what the model finds likely
@@ -42,7 +43,7 @@ _SAMPLES = flags.DEFINE_integer("samples", 16, "sampling: samples drawn per sett
 
 GRID = {"temperature": (0.7, 1.0, 1.3), "top_k": (0, 40), "top_p": (1.0, 0.9),
         "repetition_penalty": (1.0, 1.3)}
-REP_N = 4  # the n of the repetition rate
+REP_N = 2  # the n of the repetition rate
 
 
 def ngrams(words, n):

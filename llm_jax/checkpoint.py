@@ -615,6 +615,18 @@ class Checkpointer:
     self._previous = {}
 
 
+def _candidate_steps(mngr, workdir: str, step: int | None) -> list[int]:
+  """The steps to try, newest first: `step` alone when given; CheckpointError when none is."""
+  steps = mngr.all_steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with "
+                          f"--mode=train --workdir={workdir}")
+  if step is not None and step not in steps:
+    raise CheckpointError(f"checkpoint_step={step} is not in {checkpoint_dir(workdir)}; "
+                          f"available: {sorted(steps)}")
+  return [step] if step is not None else steps
+
+
 def load_params(workdir: str, abstract_params, shardings, step: int | None = None):
   """(params, step, saved config dict, tokenizer or None) from a run's checkpoint.
 
@@ -623,15 +635,7 @@ def load_params(workdir: str, abstract_params, shardings, step: int | None = Non
   """
   mngr = _manager(workdir, read_only=True)
   try:
-    steps = mngr.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with "
-                            f"--mode=train --workdir={workdir}")
-    if step is not None and step not in steps:
-      raise CheckpointError(f"checkpoint_step={step} is not in {checkpoint_dir(workdir)}; "
-                            f"available: {sorted(steps)}")
-
-    candidates = [step] if step is not None else steps
+    candidates = _candidate_steps(mngr, workdir, step)
 
     def args(_):
       return ocp.args.Composite(
@@ -656,14 +660,7 @@ def load_json(workdir: str, names, step: int | None = None) -> tuple[int, dict]:
   newest readable checkpoint of `workdir`, or of `step`. Reads no array."""
   mngr = _manager(workdir, read_only=True)
   try:
-    steps = mngr.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with "
-                            f"--mode=train --workdir={workdir}")
-    if step is not None and step not in steps:
-      raise CheckpointError(f"checkpoint_step={step} is not in {checkpoint_dir(workdir)}; "
-                            f"available: {sorted(steps)}")
-    got, r = _restore_first_good(mngr, [step] if step is not None else steps,
+    got, r = _restore_first_good(mngr, _candidate_steps(mngr, workdir, step),
                                  lambda s: ocp.args.Composite(config=ocp.args.JsonRestore()))
     if r is None:
       raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}")

@@ -553,6 +553,42 @@ def test_changed_optimizer_resumes_healthy_checkpoint_with_fresh_optimizer_state
     assert "--config.gradient_accumulation_steps=1" in text
 
 
+def test_schedule_free_resumes_its_trained_params_whatever_the_optimizer_now(corpus, tmp_path,
+                                                                             caplog):
+  """Schedule-free saves its average as `params` (what eval and sample read) and the params it
+  trains beside its state: a resume continues from the trained ones, also with another optimizer
+  (whose state then starts afresh)."""
+  workdir = str(tmp_path / "run")
+  cfg = _cfg(corpus, optimizer="schedule_free_adamw", lr_decay="constant")
+  trainer = _one_device_trainer(cfg)
+  it = data_lib.build(cfg, workdir).train_iter()
+  trained = helpers.random_params(trainer.abstract_params, seed=1)
+  averaged = helpers.random_params(trainer.abstract_params, seed=2)
+  ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=69)
+  try:
+    while it.get_state()["next_index"] < 2:
+      next(it)
+    ckpt.save(2, train.TrainState(step=jnp.asarray(2, jnp.int32), params=trained,
+                                  opt_state=trainer.tx.init(trained), rng=jax.random.key(2)),
+              it, params=averaged)
+  finally:
+    ckpt.close()
+  helpers.assert_bitwise_equal(_load(workdir, cfg)[0], jax.device_get(averaged))
+  for now in (cfg, _cfg(corpus)):  # the same optimizer, then AdamW
+    t = _one_device_trainer(now)
+    ckpt = checkpoint.Checkpointer(workdir, now, steps_per_epoch=69)
+    try:
+      with caplog.at_level(logging.WARNING):
+        state = ckpt.restore_or_init(t, data_lib.build(now, workdir).train_iter())
+    finally:
+      ckpt.close()
+    assert int(state.step) == 2
+    helpers.assert_bitwise_equal(jax.device_get(state.params), jax.device_get(trained))
+  assert "NEW optimizer state" in caplog.text and "optimizer" in caplog.text.split(
+      "NEW optimizer state", 1)[1]
+  assert "damaged" not in caplog.text
+
+
 def test_damaged_newer_and_changed_older_checkpoint(corpus, tmp_path, caplog, monkeypatch):
   workdir = str(tmp_path / "run")
   saved_cfg = _saved_run(corpus, workdir)

@@ -373,7 +373,7 @@ def test_sampling_grid_metrics(sampling_out, root, model_dir):
     grams = [g for w in words for g in _ngrams(w, 2)]
     if grams:
       assert row["distinct-2"] == pytest.approx(len(set(grams)) / len(grams))
-    reps = [1 - len(set(_ngrams(w, 4))) / len(_ngrams(w, 4)) for w in words if len(w) >= 4]
+    reps = [1 - len(set(_ngrams(w, 2))) / len(_ngrams(w, 2)) for w in words if len(w) >= 2]
     if reps:
       assert row["repetition rate"] == pytest.approx(np.mean(reps))
     assert row["mean length"] == pytest.approx(np.mean([len(i) for i in s["ids"]]))
