@@ -385,8 +385,11 @@ def machine() -> str:
 
 
 def fmt(v) -> str:
-  """A table cell: 4 significant digits for floats, thousands separators for ints."""
-  if isinstance(v, bool) or v is None:
+  """A table cell: 4 significant digits for floats, thousands separators for ints, a dash for
+  None (not measured)."""
+  if v is None:
+    return "-"
+  if isinstance(v, bool):
     return str(v)
   if isinstance(v, (int, np.integer)):
     return f"{int(v):,}"

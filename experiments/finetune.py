@@ -89,8 +89,9 @@ def study(base, out: str, data: str | None, steps: int, eval_steps: int,
   started = time.time()
   model = common.trained_model(common.finalize(base), out, workdir)
   validation = base.validation
+  label = data
   if not data:
-    data = pydoc_corpus(out)
+    data, label = pydoc_corpus(out), "Python's reference documentation"
     validation = os.path.join(os.path.dirname(data[len("text:"):]), "val", "*.txt")
   cfgs = configs(base, model, data, validation, steps, eval_steps)
   runs, rows = [], []
@@ -108,8 +109,8 @@ def study(base, out: str, data: str | None, steps: int, eval_steps: int,
 
   cfg0 = cfgs["scratch"]
   fig, (ax_eval, ax_train) = common.figure(2, title=(
-      f"{data} after {model.cfg.dataset}: {steps} steps of {cfg0.batch_size} x "
-      f"{cfg0.block_size} tokens each"))
+      f"New text ({label}) after a model of {model.cfg.dataset}: {steps} steps of "
+      f"{cfg0.batch_size} x {cfg0.block_size} tokens each"))
   for i, run in enumerate(runs):
     ax_eval.plot(*run.series("eval/bits_per_char"), "o-", color=f"C{i}", markersize=4,
                  label=run.name)
@@ -121,8 +122,8 @@ def study(base, out: str, data: str | None, steps: int, eval_steps: int,
   by = {r["run"]: r for r in rows}
   intro = (
       f"A base model ({model.workdir}, step {model.step}, trained on {model.cfg.dataset}) and "
-      f"new text ({data}). Three runs of {steps} steps on the same batches, with the base's "
-      f"tokenizer: from scratch (the base's architecture, random weights, learning rate "
+      f"new text ({label}: {data}). Three runs of {steps} steps on the same batches, with the "
+      f"base's tokenizer: from scratch (the base's architecture, random weights, learning rate "
       f"{cfg0.learning_rate:g}), full fine-tuning (every weight, learning rate "
       f"{FULL['learning_rate']:g}) and LoRA (rank {LORA['lora_r']} on the {LORA['lora_targets']} "
       f"projections, learning rate {LORA['learning_rate']:g}, the base frozen). The base alone "

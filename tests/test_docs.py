@@ -65,3 +65,20 @@ def test_results_name_the_shipped_default_run_length():
   results = _read("bench", "RESULTS.md")
   assert f"(configs/default.py, {steps} steps)" in results
   assert f"trained for {steps} steps" in results
+
+
+def test_every_study_has_a_readme_section_and_its_pictures_are_committed():
+  readme = _read("README.md")
+  studies = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments",
+                                                                            "*.py"))
+                   if os.path.basename(p) not in ("__init__.py", "common.py"))
+  assert len(studies) == 7, studies
+  for study in studies:
+    assert f"`python -m experiments.{study} --out=results/{study}" in readme, (
+        f"README has no section with the command of experiments/{study}.py")
+  pictures = re.findall(r"!\[[^\]]*\]\((docs/experiments/[^)]+\.png)\)", readme)
+  assert len(pictures) >= len(studies)
+  for path in pictures:
+    full = os.path.join(ROOT, path)
+    assert os.path.exists(full), f"README shows {path}, which is not committed"
+    assert os.path.getsize(full) < 150_000, f"{path} is large for a README picture"
