@@ -77,9 +77,10 @@ def main():
   rows = []
   for name in args.configs.split(","):
     overrides = dict(TINY) if args.tiny else {}
-    overrides.update(gradient_accumulation_steps=1, batch_size=None)
-    if args.micro_batch_size:
-      overrides["micro_batch_size"] = args.micro_batch_size
+    # One micro-batch per step: the config's own micro-batch size unless --micro_batch_size.
+    micro = args.micro_batch_size or config_lib.load(
+        os.path.join(ROOT, "configs", f"{name}.py"), **overrides).micro_batch_size
+    overrides.update(gradient_accumulation_steps=1, batch_size=None, micro_batch_size=micro)
     for kv in args.set:
       k, v = kv.split("=", 1)
       try:
