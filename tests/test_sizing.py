@@ -21,6 +21,9 @@ BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "configs", "base.py")
 TINY = dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=32, micro_batch_size=8,
             warmup_steps=0, compile_topology="v5e:2x2")
+# One worker compiles the module's TPU programs once (its fixtures hold compiled executables,
+# which cannot be shared between workers): make test runs pytest with --dist loadgroup.
+pytestmark = pytest.mark.xdist_group("tpu_compile")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
 
