@@ -5,6 +5,7 @@ The compiles dominate this module's time: a 2-layer d_model 64 model, each compi
 between tests through module fixtures.
 """
 
+import functools
 import importlib.util
 import os
 import pickle
@@ -21,9 +22,6 @@ BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "configs", "base.py")
 TINY = dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=32, micro_batch_size=8,
             warmup_steps=0, compile_topology="v5e:2x2")
-# One worker compiles the module's TPU programs once (its fixtures hold compiled executables,
-# which cannot be shared between workers): make test runs pytest with --dist loadgroup.
-pytestmark = pytest.mark.xdist_group("tpu_compile")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
 
@@ -157,9 +155,14 @@ def test_collectives_counted_per_execution_with_whole_buffer_bytes():
 # ---------------------------------------------------------- compiles for TPU topologies
 
 
-@pytest.fixture(scope="module")
-def v5e_2x2():
+@functools.lru_cache(maxsize=None)
+def _v5e_2x2():
   return topology.devices(topology.parse("v5e:2x2"))
+
+
+@pytest.fixture
+def v5e_2x2():
+  return _v5e_2x2()
 
 
 def _compile(devices, **overrides):
@@ -167,16 +170,22 @@ def _compile(devices, **overrides):
   return cfg, *sizing.compile_report(cfg, devices)
 
 
-@pytest.fixture(scope="module")
-def fsdp(v5e_2x2):
+@functools.lru_cache(maxsize=None)
+def _fsdp_compiles():
   """FSDP over 4 chips with the TPU's Pallas attention (T a multiple of its 128 block).
 
   Micro-batches of 64 and 128 rows (2k and 4k tokens per chip), so that activations, not the
   compiler's fixed buffers, dominate the temporaries (at 512 tokens per chip they stay ~11 MiB
-  whatever the batch).
+  whatever the batch). Cached per process, not a module fixture: xdist may interleave other
+  modules' tests, and pytest tears a module fixture down between them.
   """
   kw = dict(mesh_shape=(1, -1, 1), max_seq_len=128, dtype="bfloat16", use_flash_attention=True)
-  return {mb: _compile(v5e_2x2, micro_batch_size=mb, **kw) for mb in (64, 128)}
+  return {mb: _compile(_v5e_2x2(), micro_batch_size=mb, **kw) for mb in (64, 128)}
+
+
+@pytest.fixture
+def fsdp():
+  return _fsdp_compiles()
 
 
 def _n_params(cfg):
