@@ -8,8 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tiny models compile for much longer than they run: LLVM's cheap passes (helpers.FAST_COMPILE).
 import helpers  # tests/helpers.py  pylint: disable=g-import-not-at-top,wrong-import-position
 
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
-                                                 helpers.FAST_COMPILE]))
+helpers.use_fast_compile()
 
 
 def pytest_configure(config):

@@ -15,13 +15,13 @@ import sys
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Compile time dominates on CPU: see sharding_check.py.
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true"]))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import helpers  # noqa: E402
+
+helpers.use_fast_compile()  # compile time dominates on CPU: see sharding_check.py
 
 import jax  # noqa: E402
 
@@ -31,7 +31,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-import helpers  # noqa: E402
 from llm_jax import config  # noqa: E402
 from llm_jax import loader  # noqa: E402
 from llm_jax import lora  # noqa: E402

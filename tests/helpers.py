@@ -11,6 +11,12 @@ import numpy as np
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
+def use_fast_compile() -> None:
+  """Adds FAST_COMPILE to this process's XLA_FLAGS (before any jax backend starts)."""
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                   FAST_COMPILE]))
+
+
 def child_env(devices: int | None = None) -> dict:
   """os.environ for a child process: XLA_FLAGS is FAST_COMPILE (whatever this process was given),
   with `devices` host CPU devices when asked."""

@@ -20,13 +20,15 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Compile time dominates on CPU; LLVM's heavy optimisation buys nothing for these tiny programs
-# (about 3x faster compiles). The comparisons are all within this one process.
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true"]))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import helpers  # noqa: E402
+
+# Compile time dominates on CPU; LLVM's heavy optimisation buys nothing for these tiny programs
+# (about 3x faster compiles). The comparisons are all within this one process.
+helpers.use_fast_compile()
 
 import jax  # noqa: E402
 
