@@ -187,6 +187,17 @@ def _one_device_trainer(cfg):
   return train.Trainer(cfg, 1, mesh=sharding.make_mesh(cfg, jax.devices()[:1]))
 
 
+def _resume(workdir, cfg, caplog, level=logging.WARNING):
+  """(trainer, state) of `cfg` resuming `workdir` through the Checkpointer (its log into caplog)."""
+  trainer = _one_device_trainer(cfg)
+  ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=69)
+  try:
+    with caplog.at_level(level):
+      return trainer, ckpt.restore_or_init(trainer, data_lib.build(cfg, workdir).train_iter())
+  finally:
+    ckpt.close()
+
+
 def _load(workdir, cfg, step=None):
   trainer = _one_device_trainer(cfg)
   params, got, saved_cfg, _ = checkpoint.load_params(
@@ -456,14 +467,7 @@ def test_incompatible_config_is_refused_and_compatible_change_is_logged(corpus, 
   assert "error: the config changes the model's shape" in out and "d_model: 32 -> 48" in out
   assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == before  # nothing touched
 
-  cfg = _cfg(corpus, learning_rate=1e-3)
-  ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=69)
-  try:
-    with caplog.at_level(logging.INFO):
-      state = ckpt.restore_or_init(_one_device_trainer(cfg),
-                                   data_lib.build(cfg, workdir).train_iter())
-  finally:
-    ckpt.close()
+  _, state = _resume(workdir, _cfg(corpus, learning_rate=1e-3), caplog, logging.INFO)
   assert "learning_rate: 0.003 -> 0.001" in caplog.text
   assert int(state.step) == N
   helpers.assert_bitwise_equal(jax.device_get(state.params), reference["params"])
@@ -517,15 +521,7 @@ def test_changed_optimizer_resumes_healthy_checkpoint_with_fresh_optimizer_state
   saved_cfg = _saved_run(corpus, workdir)
   saved = _load(workdir, saved_cfg)[0]
   before = _files(workdir)
-  cfg = _cfg(corpus, **change)
-  trainer = _one_device_trainer(cfg)
-  data_iter = data_lib.build(cfg, workdir).train_iter()
-  ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=69)
-  try:
-    with caplog.at_level(logging.WARNING):
-      state = ckpt.restore_or_init(trainer, data_iter)
-  finally:
-    ckpt.close()
+  trainer, state = _resume(workdir, _cfg(corpus, **change), caplog)
   # Never called damaged, never moved: the checkpoint files are as they were.
   assert "damaged" not in caplog.text
   assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
@@ -575,13 +571,7 @@ def test_schedule_free_resumes_its_trained_params_whatever_the_optimizer_now(cor
     ckpt.close()
   helpers.assert_bitwise_equal(_load(workdir, cfg)[0], jax.device_get(averaged))
   for now in (cfg, _cfg(corpus)):  # the same optimizer, then AdamW
-    t = _one_device_trainer(now)
-    ckpt = checkpoint.Checkpointer(workdir, now, steps_per_epoch=69)
-    try:
-      with caplog.at_level(logging.WARNING):
-        state = ckpt.restore_or_init(t, data_lib.build(now, workdir).train_iter())
-    finally:
-      ckpt.close()
+    _, state = _resume(workdir, now, caplog)
     assert int(state.step) == 2
     helpers.assert_bitwise_equal(jax.device_get(state.params), jax.device_get(trained))
   assert "NEW optimizer state" in caplog.text and "optimizer" in caplog.text.split(
