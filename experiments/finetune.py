@@ -43,8 +43,6 @@ _SCHEDULE = ("num_train_steps", "eval_steps", "save_steps", "log_every", "eval_b
 LORA = {k: v for k, v in finetune_config.get_config().items()
         if k not in _SCHEDULE and v != finetune_config.base.get_config()[k]}
 FULL = dict(LORA, lora_r=0, learning_rate=3e-4, min_learning_rate=3e-5)
-# The scratch run takes these from the base's saved config: the same architecture.
-_MODEL_FIELDS = set(ckpt_lib.MODEL_FIELDS) | {"max_seq_len", "rope_theta", "layer_norm_eps"}
 
 
 def pydoc_corpus(out: str) -> str:
@@ -74,10 +72,9 @@ def configs(base, model, data: str, validation: str, steps: int, eval_steps: int
   shared = dict(dataset=data, validation=validation, num_train_steps=steps, eval_steps=eval_steps,
                 save_steps=steps, log_every=min(10, eval_steps), sample_every_eval=False,
                 warmup_steps=min(LORA["warmup_steps"], steps // 2))
-  # The scratch run: the base's shape (its saved config), the --config's optimizer settings.
-  saved = ckpt_lib.saved_config(model.workdir)
-  shape = {k: saved[k] for k in _MODEL_FIELDS if k in saved and k in base}
-  return {"scratch": common.finalize(base, **{**shape, **shared, "tokenizer_path": tok_path}),
+  # The scratch run: model.cfg, the --config with the base's model fields (as the loader took
+  # them from its checkpoint), so the base's architecture with the --config's optimizer.
+  return {"scratch": common.finalize(model.cfg, **shared, tokenizer_path=tok_path),
           "full": common.finalize(base, **{**FULL, **shared, "init_from": model.workdir,
                                            "tokenizer_path": None}),
           "lora": common.finalize(base, **{**LORA, **shared, "init_from": model.workdir,
