@@ -17,6 +17,21 @@ def use_fast_compile() -> None:
                                                    FAST_COMPILE]))
 
 
+def run_check_script(name: str, timeout: int) -> dict:
+  """Runs tests/<name> (a script that sets its own device count) in a child process; the JSON
+  its last line prints."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = child_env()
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  p = subprocess.run([sys.executable, os.path.join(root, "tests", name)], cwd=root, env=env,
+                     capture_output=True, text=True, timeout=timeout, check=False)
+  assert p.returncode == 0, p.stderr[-4000:]
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def child_env(devices: int | None = None) -> dict:
   """os.environ for a child process: XLA_FLAGS is FAST_COMPILE (whatever this process was given),
   with `devices` host CPU devices when asked."""

@@ -30,8 +30,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import types
 
 import flax.linen as nn
@@ -298,12 +296,7 @@ def test_qlora_loss_falls_and_only_adapters_change():
 
 
 def _check_on_8_devices():
-  env = helpers.child_env()  # the script sets its own device count
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "finetune_mesh_check.py")],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-  assert p.returncode == 0, p.stderr[-4000:]
-  return json.loads(p.stdout.strip().splitlines()[-1])
+  return helpers.run_check_script("finetune_mesh_check.py", timeout=900)
 
 
 def test_qlora_step_under_a_mesh_equals_one_device(tmp_path_factory):

@@ -10,10 +10,7 @@ value and gradient, ties and padded vocab included, and never all-gathers.
 In this process: mesh shapes and their errors, the rules override, cluster detection.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -36,12 +33,7 @@ D_MODEL = 32  # sharding_check.TINY's: the only axis of this length is "embed"
 
 
 def _check_on_8_devices():
-  env = helpers.child_env()  # the script sets its own device count
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharding_check.py")],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-  assert p.returncode == 0, p.stderr[-4000:]
-  return json.loads(p.stdout.strip().splitlines()[-1])
+  return helpers.run_check_script("sharding_check.py", timeout=600)
 
 
 @pytest.fixture(scope="module")
