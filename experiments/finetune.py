@@ -10,7 +10,7 @@ new text, each `--steps` optimizer steps of the same batches, with the base mode
 (so losses compare token for token):
 
 - scratch: the base's architecture, randomly initialised (the --config's own learning rate);
-- full: every weight, starting from the base (init_from, lora_r=0, learning rate 3e-4);
+- full: every weight, starting from the base (init_from, lora_r=0, AdamW at 3e-4);
 - lora: rank-8 adapters on every projection of the frozen base (configs/finetune.py's recipe).
 
 The base is --workdir (a trained run), or the --config trained on its own dataset in <out>/model
@@ -40,8 +40,9 @@ PRESETS = {"cpu": {"steps": 200, "eval_steps": 25}, "gpu": {"steps": 1000, "eval
 # fine-tuning runs; the steps and evaluations are the study's.
 _SCHEDULE = ("num_train_steps", "eval_steps", "save_steps", "log_every", "eval_batches",
              "max_new_tokens", "micro_batch_size", "batch_size")  # the batches: the --config's
+# Its optimizer too (AdamW), whatever the --config trains with: LoRA refuses Muon.
 LORA = {k: v for k, v in finetune_config.get_config().items()
-        if k not in _SCHEDULE and v != finetune_config.base.get_config()[k]}
+        if k not in _SCHEDULE and (k == "optimizer" or v != finetune_config.base.get_config()[k])}
 FULL = dict(LORA, lora_r=0, learning_rate=3e-4, min_learning_rate=3e-5)
 
 
