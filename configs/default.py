@@ -16,10 +16,11 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  c.vocab_size = 2048
+  c.vocab_size = 4096  # 2.89 characters per token (2048: 2.64, and 0.03 bits/char worse)
   c.d_model = 128
   c.n_heads = 4
   c.n_layers = 4
+  c.d_ff = 384  # 3 x d_model: the steps it saves beat the width (4x at fewer steps: worse)
   c.max_seq_len = 128
   c.micro_batch_size = 16
   c.optimizer = "muon"
@@ -29,7 +30,7 @@ def get_config():
   c.min_learning_rate = 3e-4
   c.beta2 = 0.95
   c.warmup_steps = 30
-  c.num_train_steps = 800
+  c.num_train_steps = 760
   c.eval_steps = 300
   c.eval_batches = 8
   c.save_steps = 300

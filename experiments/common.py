@@ -77,13 +77,13 @@ class StudyError(Exception):
 
 # ------------------------------------------------------------------------------------ Configs
 
-# The sweeps' runs on 2 CPU cores: the --config's model (configs/default.py: 1M parameters),
+# The sweeps' runs on 2 CPU cores: the --config's model (configs/default.py: 1.2M parameters),
 # 300 steps, a few capped evaluations and checkpoints, no sampled lines.
 SWEEP_CPU = dict(num_train_steps=300, warmup_steps=30, eval_steps=100, eval_batches=8,
                  save_steps=100, log_every=10, sample_every_eval=False)
-# One accelerator: d_model 512, 8 layers (27M parameters), context 256, batch 64, bf16
-# with fused attention, 3,000 steps.
-GPU = dict(d_model=512, n_heads=8, n_layers=8, max_seq_len=256, micro_batch_size=64,
+# One accelerator: d_model 512 (d_ff 4x, whatever the --config sets), 8 layers (27M parameters),
+# context 256, batch 64, bf16 with fused attention, 3,000 steps.
+GPU = dict(d_model=512, n_heads=8, n_layers=8, d_ff=None, max_seq_len=256, micro_batch_size=64,
            vocab_size=4096, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=200,
            num_train_steps=3000, eval_steps=500, eval_batches=20, save_steps=500, log_every=50,
            dtype="bfloat16", use_flash_attention=True)
