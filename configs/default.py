@@ -3,12 +3,14 @@
     python main.py --config=configs/default.py --workdir=runs/default
     python main.py --config=configs/default.py --workdir=runs/default --mode=sample --prompt="ROMEO:"
 
-Expect the validation loss to fall from 7.6 nats (uniform over 2048 tokens) to about 3.77, about
-2.06 bits per character on the two held-out plays (2.27 at the first evaluation, step 300), in
-5 to 6 minutes on 2 cores, dataset and tokenizer build included (0.38 s per step). Chosen by measurement (bench/RESULTS.md): at this compute a narrow
-model taking many small steps beats a wider one taking fewer large ones, and Muon (orthogonalised
-updates for the projection matrices, AdamW for the rest) beats AdamW by 0.1 bits per character
-in the same time; 3 Newton-Schulz iterations instead of 5 buy the steps that pay for it.
+Expect the validation loss to fall from 8.3 nats (uniform over 4096 tokens) to about 4.07, about
+2.04 bits per character on the two held-out plays (2.20 at the first evaluation, step 300), in
+5 to 6 minutes on 2 cores, dataset and tokenizer build included (0.41 s per step). Chosen by
+measurement (bench/RESULTS.md): at this compute a narrow model taking many small steps beats a
+wider one taking fewer large ones; Muon (orthogonalised updates for the projection matrices,
+AdamW for the rest) beats AdamW by 0.1 bits per character in the same time, 3 Newton-Schulz
+iterations instead of 5 buying the steps that pay for it; 4096 sentencepiece pieces put more
+text in each token than 2048, and a 3x FFN buys back the larger output layer's time (0.02 more).
 """
 
 from configs import base
