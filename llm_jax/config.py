@@ -277,10 +277,6 @@ def _check(c):
   need(c.lora_r >= 0, f"lora_r={c.lora_r} must be >= 0 (0 = off)")
   if c.lora_r > 0:
     need(c.lora_alpha > 0, f"lora_alpha={c.lora_alpha} must be > 0 (None = 2 * lora_r)")
-    need(c.optimizer != "muon", f"optimizer='muon' with lora_r={c.lora_r}: LoRA trains only its "
-         f"adapters, which are not the projection kernels Muon orthogonalises, so all of them would "
-         f"train with Muon's AdamW part; use --config.optimizer=adamw (or --config.lora_r=0 for a "
-         f"full fine-tune with Muon)")
     from llm_jax import lora  # late: the rest of validation needs no jax
     try:
       lora.target_paths(c.lora_targets, None)

@@ -30,6 +30,7 @@ import numpy as np
 
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import lora
 from llm_jax import model as model_lib
 from llm_jax import quantize
@@ -270,18 +271,24 @@ def check_base(reference: dict, found: list, who: str) -> None:
 
 
 def check_train(cfg) -> None:
-  """Raises ValueError for fine-tuning fields a training run cannot honour."""
+  """Raises UserError (exit 2) for fine-tuning fields a training run cannot honour."""
+  fail = errors.UserError
   if cfg.lora_r and not cfg.init_from:
-    raise ValueError(f"lora_r={cfg.lora_r} needs init_from: LoRA adapts a trained model; set "
-                     f"--config.init_from=<its workdir>, or lora_r=0 to train from scratch")
+    raise fail(f"lora_r={cfg.lora_r} needs init_from: LoRA adapts a trained model; set "
+               f"--config.init_from=<its workdir>, or lora_r=0 to train from scratch")
+  if cfg.lora_r and cfg.optimizer == "muon":  # training only: eval / sample need no optimizer
+    raise fail(f"optimizer='muon' with lora_r={cfg.lora_r}: LoRA trains only its adapters, which "
+               f"are not the projection kernels Muon orthogonalises, so all of them would train "
+               f"with Muon's AdamW part; use --config.optimizer=adamw (or --config.lora_r=0 for "
+               f"a full fine-tune with Muon)")
   if (cfg.load_in_8bit or cfg.load_in_4bit) and not cfg.lora_r:
     field = "load_in_8bit" if cfg.load_in_8bit else "load_in_4bit"
-    raise ValueError(f"{field}=True with lora_r=0: quantized weights are not trained; set "
-                     f"lora_r > 0 to train LoRA adapters over a quantized base (QLoRA), or "
-                     f"{field}=False for full fine-tuning")
+    raise fail(f"{field}=True with lora_r=0: quantized weights are not trained; set "
+               f"lora_r > 0 to train LoRA adapters over a quantized base (QLoRA), or "
+               f"{field}=False for full fine-tuning")
   if cfg.init_from and cfg.tokenizer_path:
-    raise ValueError(f"tokenizer_path={cfg.tokenizer_path!r} with init_from: a fine-tune keeps "
-                     f"its base's tokenizer (copied into the workdir); unset tokenizer_path")
+    raise fail(f"tokenizer_path={cfg.tokenizer_path!r} with init_from: a fine-tune keeps "
+               f"its base's tokenizer (copied into the workdir); unset tokenizer_path")
 
 
 def start_finetune(cfg, workdir: str, mesh, asked=()):
@@ -311,9 +318,9 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
       raise CheckpointError(f"init_from={cfg.init_from}: {e}") from None
     saved, source = items["config"], cfg.init_from
     if stores_quantized(saved) and not cfg.lora_r:
-      raise ValueError(f"init_from={cfg.init_from} holds quantized weights, which are not "
-                       f"trained: set lora_r > 0 (LoRA over them), or start from the "
-                       f"full-precision run")
+      raise errors.UserError(f"init_from={cfg.init_from} holds quantized weights, which are "
+                             f"not trained: set lora_r > 0 (LoRA over them), or start from the "
+                             f"full-precision run")
     cfg = with_model_fields(cfg, saved, asked, quant=stores_quantized(saved))
   if source is None:
     return cfg, None, reference

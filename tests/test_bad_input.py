@@ -270,6 +270,12 @@ def _cases():
       ("tfds_dataset_unknown", lambda t, r: (
           train_new(t, r, dataset="tfds:no_such_dataset_xyz", validation=""),
           ["no_such_dataset_xyz"])),
+      # Fine-tuning fields a training run cannot honour (loader.check_train).
+      ("lora_without_init_from", lambda t, r: (train_new(t, r, lora_r=4),
+                                               ["lora_r=4", "init_from"])),
+      ("lora_with_muon", lambda t, r: (
+          train_new(t, r, lora_r=4, init_from=r["workdir"], optimizer="muon"),
+          ["optimizer='muon'", "lora_r=4", "optimizer=adamw"])),
       ("tokenizer_path_not_a_model", lambda t, r: (
           train_new(t, r, tokenizer_path=_write(f"{t}/tok.model", "not a model")),
           [f"{t}/tok.model"])),

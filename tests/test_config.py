@@ -53,7 +53,6 @@ INVALID = [
     ({"adafactor_min_dim_size_to_factor": 0}, "adafactor_min_dim_size_to_factor"),
     ({"weight_lr_power": -1.0}, "weight_lr_power"),
     ({"beta1": 0.0, "optimizer": "schedule_free_adamw"}, "beta1"),
-    ({"optimizer": "muon", "lora_r": 8}, "lora_r"),
 ]
 
 

@@ -250,7 +250,9 @@ def test_quantization_settings_are_checked_with_the_field_named():
     lora.target_paths("wi", "swiglu")
   for fields, message in (({"lora_r": 4}, "needs init_from"),
                           ({"load_in_4bit": True, "init_from": "x"}, "quantized weights are not"),
-                          ({"init_from": "x", "tokenizer_path": "t"}, "keeps its base's token")):
+                          ({"init_from": "x", "tokenizer_path": "t"}, "keeps its base's token"),
+                          ({"lora_r": 4, "init_from": "x", "optimizer": "muon"},
+                           "optimizer='muon' with lora_r=4")):
     with pytest.raises(ValueError, match=message):
       loader.check_train(config.load(BASE_CONFIG, **fields))
 
