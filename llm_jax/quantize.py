@@ -30,6 +30,8 @@ import qwix
 from flax import traverse_util
 from qwix._src.providers.ptq import WithAux  # the quantized leaf; qwix does not re-export it
 
+from llm_jax import errors
+
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
 # Module paths of the projections (blocks_<i>/... unrolled, layers/... scanned), by tiled axis.
 _INPUT_SIDE = r".*/(attn/(query|key|value)|mlp/(wi_gate|wi_up|wi))"
@@ -53,21 +55,21 @@ def _groups(cfg) -> list[tuple[str, str, int]]:
 
 
 def check(cfg) -> None:
-  """Raises ValueError naming the field when `cfg` (a ModelConfig) cannot be quantized so."""
+  """Raises UserError (exit 2), naming the field, when a ModelConfig cannot be quantized so."""
   if cfg.quant not in QTYPES:
-    raise ValueError(f"quant_type={cfg.quant!r} is not one of {', '.join(QTYPES)}")
+    raise errors.UserError(f"quant_type={cfg.quant!r} is not one of {', '.join(QTYPES)}")
   if cfg.quantize_embeddings and cfg.tie_embeddings:
-    raise ValueError("quantize_embeddings=True, but this model ties its output head to the "
-                     "embedding table, which is read by a lookup that qwix does not quantize: "
-                     "set quantize_embeddings=False")
+    raise errors.UserError("quantize_embeddings=True, but this model ties its output head to the "
+                           "embedding table, which is read by a lookup that qwix does not "
+                           "quantize: set quantize_embeddings=False")
   if cfg.quant == "int8":
     return
   g = cfg.quant_group_size
   for _, what, n in _groups(cfg):
     if n > g and n % g:
       divisors = [d for d in range(8, n) if n % d == 0 and d <= 256]
-      raise ValueError(f"quant_group_size={g} does not divide {what} = {n}: use a divisor of {n}"
-                       + (f" such as {divisors[-1]}" if divisors else ""))
+      raise errors.UserError(f"quant_group_size={g} does not divide {what} = {n}: use a divisor "
+                             f"of {n}" + (f" such as {divisors[-1]}" if divisors else ""))
 
 
 def rules(cfg) -> list:
