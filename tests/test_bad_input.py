@@ -223,13 +223,14 @@ def _cases():
                                                  ["mesh_shape"])),
       ("estimate_compile_mesh_does_not_fit", lambda t, r: (
           est("--compile", "--config.mesh_shape=(3,1,1)"), ["mesh_shape"])),
-      # Sampling input.
+      # Quantized loading settings the checkpoint's model cannot take (quantize.check).
       ("quant_group_size_does_not_divide", lambda t, r: (
           on_run("eval", r, load_in_4bit=True, quant_group_size=24),
           ["quant_group_size=24", "32"])),
       ("quantize_embeddings_of_a_tied_head", lambda t, r: (
           on_run("eval", r, load_in_8bit=True, quantize_embeddings=True),
           ["quantize_embeddings=True", "quantize_embeddings=False"])),
+      # Sampling input.
       ("prompt_file_missing", lambda t, r: (on_run("sample", r, f"--prompt_file={t}/p.txt"),
                                             [f"{t}/p.txt"])),
       ("prompt_file_is_a_directory", lambda t, r: (on_run("sample", r, f"--prompt_file={t}"),
