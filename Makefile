@@ -20,7 +20,7 @@ train: venv
 	$(PY) main.py --config=configs/default.py --workdir=$(WORKDIR) --mode=sample --prompt="ROMEO:"
 
 test: venv
-	$(PY) -m pytest -n 2 -q --durations=10 tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=10 tests
 
 clean:
 	rm -rf $(VENV)
