@@ -1,4 +1,4 @@
-"""Custom data and fine-tuning: from scratch vs full fine-tuning vs LoRA (three ways), at equal steps.
+"""Custom data and fine-tuning: from scratch, full fine-tuning, LoRA three ways, at equal steps.
 
     python -m experiments.finetune --out=results/finetune                  # Python's docs, on CPU
     python -m experiments.finetune --out=results/finetune --workdir=runs/default \\
@@ -156,6 +156,7 @@ def study(base, out: str, data: str | None, steps: int, eval_steps: int,
   common.style(ax_train, "Training loss", "optimizer step", "cross-entropy (nats/token)",
                legend=8)
   by = {r["run"]: r for r in rows}
+  targets = "every" if LORA["lora_targets"] == "all" else LORA["lora_targets"]
 
   def gain(mode):  # of the eval loss from the base's (full's step 0), as a fraction of full's
     start = by["full"]["eval loss at step 0"]
@@ -163,10 +164,11 @@ def study(base, out: str, data: str | None, steps: int, eval_steps: int,
 
   intro = (
       f"A base model ({model.workdir}, step {model.step}, trained on {model.cfg.dataset}) and "
-      f"new text ({label}: {data}). Five runs of {steps} steps on the same batches, with the "
-      f"base's tokenizer: from scratch (the base's architecture, random weights, learning rate "
+      f"new text ({label if label == data else f'{label}: {data}'}). Five runs of {steps} "
+      f"steps on the same batches, with the base's tokenizer: from scratch (the base's "
+      f"architecture, random weights, learning rate "
       f"{cfg0.learning_rate:g}), full fine-tuning (every weight, learning rate "
-      f"{FULL['learning_rate']:g}) and LoRA (rank {LORA['lora_r']} on the {LORA['lora_targets']} "
+      f"{FULL['learning_rate']:g}) and LoRA (rank {LORA['lora_r']} on the {targets} "
       f"projections, learning rate {LORA['learning_rate']:g}, the base frozen; alone, with the "
       f"whole embedding table trained beside it, and with the rows of the "
       f"{len(cfgs['lora+tokens'].lora_trainable_tokens.split(','))} most frequent tokens of the "

@@ -22,9 +22,10 @@ applies table + delta (`fold`, inside `apply`, so every caller of build(cfg) see
 adapters like the others for everything downstream: split and combine, shardings (a whole delta
 takes the table's logical axes, rows keep its embed axis), checkpoints (rows alone: n * D
 numbers), optimizer state (only the delta's), merge. Frozen rows get no gradient at all. Under
-AdamW without weight decay the update of a delta is exactly the update training those rows would
-get (Adam sees only gradients); with weight decay (decay_embeddings) it pulls the rows toward
-their starting values, as it pulls the adapters toward zero.
+AdamW without weight decay (configs/finetune.py) the update of a delta is exactly the update
+training those rows would get (Adam sees only gradients); with weight decay (the embedding's
+deltas under decay_embeddings, the head's always, as optimizer.decay_mask decides by path) it
+pulls the rows toward their starting values, as it pulls the adapters toward zero.
 
 Why not qwix's own LoRA (qwix.LoraProvider, 0.1.8): on Flax linen's nn.Einsum it crashes at init
 (SetAttributeFrozenModuleError, from a debug setattr on the frozen module), and once patched its

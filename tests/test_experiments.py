@@ -549,7 +549,8 @@ def test_finetune_scratch_full_and_three_loras(finetune_out, model_dir, root):
   assert rows["lora+tokens"]["trained params"] == 2 * per_layer + 5 * 32
   # The rows are the new text's most frequent tokens: count them independently.
   ids = [int(i) for i in finetune_out.extra["trainable_tokens"].split(",")]
-  tok = spm.SentencePieceProcessor(model_file=str(finetune_out.out / "lora+tokens" / "tokenizer.model"))
+  tok = spm.SentencePieceProcessor(
+      model_file=str(finetune_out.out / "lora+tokens" / "tokenizer.model"))
   counts = collections.Counter(
       t for f in sorted(glob.glob(str(finetune_out.out / "data" / "pydoc" / "train" / "*.txt")))
       for t in tok.encode(open(f, encoding="utf-8").read()))
