@@ -28,6 +28,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from llm_jax import errors
+from llm_jax import preemption
 
 _DEFAULT_CONFIG = "configs/default.py"
 # No default here: config_flags would load it (and apply the overrides) at import time, out of
@@ -409,19 +410,30 @@ def main(argv) -> int:
   """Runs the mode; returns its exit code (llm_jax/errors.py): every failure is one `error:`
   line, and only a bug in llm_jax prints a traceback (exit code INTERNAL)."""
   try:
-    return _run(argv)
+    code = _run(argv)
   except errors.UserError as e:
+    code = errors.BAD_INPUT
     errors.report(str(e))
-    return errors.BAD_INPUT
+  except preemption.Preempted as e:  # a signal outside the training loop (which saves itself)
+    code = errors.OK if _MODE.value == "train" else e.exit_code
+    print(f"stopped by {e.name} during --mode={_MODE.value}: "
+                  + ("nothing trained since the last checkpoint was lost; run the same command "
+                     "to continue" if _MODE.value == "train" else
+                     "nothing half-written was left; run the same command again"),
+          file=sys.stderr, flush=True)
   except Exception as e:  # pylint: disable=broad-except
     from llm_jax import train
     if train.is_oom(e):
       errors.report(f"{train.OOM_ADVICE}\n({str(e).splitlines()[0][:300]})")
-      return errors.OOM
+      code = errors.OOM
+      preemption.exiting(code)
+      return code
     traceback.print_exc()
     errors.report(f"internal error ({type(e).__name__}): a bug in llm_jax, not in your input. "
                   f"Please report it with the traceback above and the command you ran")
-    return errors.INTERNAL
+    code = errors.INTERNAL
+  preemption.exiting(code)
+  return code
 
 
 def cli(argv) -> int:
@@ -450,4 +462,5 @@ def cli(argv) -> int:
 
 
 if __name__ == "__main__":
+  preemption.install()  # SIGTERM / SIGINT from here on: llm_jax/preemption.py
   app.run(main, flags_parser=_flags_parser)

@@ -13,6 +13,7 @@ checkpoints are the adapters'; the frozen base (quantized for QLoRA) is a separa
 argument of the jitted steps, sharded like the kernels.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -33,6 +34,7 @@ from llm_jax import lora as lora_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import model as model_lib
 from llm_jax import optimizer as optimizer_lib
+from llm_jax import preemption
 from llm_jax import sharding as sharding_lib
 from llm_jax import workdir as workdir_lib
 
@@ -297,6 +299,8 @@ def evaluate(eval_step, params, batches, mesh, max_batches=None, chars_per_token
   for i, local in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
+    if jax.process_count() == 1:  # (on several processes the loop's agreed stop decides)
+      preemption.check()  # a signal during training's evaluation: stop it, the loop saves
     out = eval_step(params, sharding_lib.global_batch(local, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
@@ -416,6 +420,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
                               cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"),
                               extra={"base": base_ref} if base_ref else None)
   writer = None
+  saving = contextlib.ExitStack()
   try:
     state = ckpt.restore_or_init(trainer, train_iter)
     # Only now: a checkpoint this config cannot use is refused before anything is written.
@@ -455,6 +460,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
       writer.write(0, {f"eval/{k}": v for k, v in ev.items()})
       print_eval(0, ev, params)
       t0 = time.perf_counter()
+    saving.enter_context(preemption.deferred())  # from here a signal saves the step it reaches
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
       state, out = trainer.train_step(state, batch)
@@ -503,15 +509,18 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
           # Periodic evaluations may be capped (eval_batches); the final one is whole.
           ev = trainer.evaluate(params, data.eval_batches(),
                                 None if step == steps else cfg.eval_batches, data.chars_per_token)
+        except preemption.Preempted:  # a signal during the evaluation: save this step now
+          stop = True
         except BaseException:
           if do_save or stop:
             ckpt.save(step, state, train_iter, params=params)
           raise
-        writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-        ckpt.record_eval(step, ev["loss"])
+        if ev is not None:
+          writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
+          ckpt.record_eval(step, ev["loss"])
       if do_save or stop:
         ckpt.save(step, state, train_iter, params=params)
-      if ev is not None:
+      if ev is not None and not stop:  # no sampling after a signal: the save is what matters
         print_eval(step, ev, params)
       if do_eval or do_save or stop:
         t0 = time.perf_counter()  # evaluation and saving time is not training throughput
@@ -534,6 +543,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     raise
   finally:
     ckpt.close()
+    saving.close()  # after close(): the last save's write is waited for inside deferred()
     if writer is not None:
       writer.close()
   if is_main:

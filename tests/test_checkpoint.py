@@ -440,7 +440,7 @@ def test_keeps_best_and_latest_across_restarts(corpus, tmp_path):
       assert list(ckpt.mngr.all_steps()) == expected(), s
       assert _steps_on_disk(workdir) == expected()
 
-  def run(steps):  # one run's Checkpointer; close() also puts the signal handlers back
+  def run(steps):  # one run's Checkpointer
     ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=100)
     try:
       save_steps(ckpt, steps)
