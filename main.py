@@ -409,13 +409,15 @@ def _run(argv) -> int:
 def main(argv) -> int:
   """Runs the mode; returns its exit code (llm_jax/errors.py): every failure is one `error:`
   line, and only a bug in llm_jax prints a traceback (exit code INTERNAL)."""
+  if _MODE.value == "train":  # stopped by a signal in any phase, a rerun continues: exit 0
+    preemption.stop_exit_code(errors.OK)
   try:
     code = _run(argv)
   except errors.UserError as e:
     code = errors.BAD_INPUT
     errors.report(str(e))
   except preemption.Preempted as e:  # a signal outside the training loop (which saves itself)
-    code = errors.OK if _MODE.value == "train" else e.exit_code
+    code = e.exit_code
     print(f"stopped by {e.name} during --mode={_MODE.value}: "
                   + ("nothing trained since the last checkpoint was lost; run the same command "
                      "to continue" if _MODE.value == "train" else

@@ -522,8 +522,8 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     except preemption.Preempted as e:  # a run's training saved its step: a rerun resumes
       print(f"stopped by {e.name}: finished runs are kept and an interrupted one resumes; run "
             f"the same command to continue", file=sys.stderr, flush=True)
-      preemption.exiting(errors.OK)
-      sys.exit(errors.OK)
+      preemption.exiting(e.exit_code)
+      sys.exit(e.exit_code)
 
   return wrapped
 
@@ -532,5 +532,6 @@ def run_main(main: Callable[[list[str]], None]) -> None:
   """The entry point of `python -m experiments.<study>`: app.run(guarded(main))."""
   define_flags()
   preemption.install()  # SIGTERM / SIGINT in every phase of the study
+  preemption.stop_exit_code(errors.OK)  # finished runs are kept, an interrupted one resumes
   topology.choose_platform()  # before any jax backend starts
   app.run(guarded(main))

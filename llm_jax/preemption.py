@@ -18,8 +18,10 @@ A watcher thread, woken through `signal.set_wakeup_fd` the moment the signal arr
 process with os._exit after GRACE_S seconds if it is still running outside `deferred()` (the
 same state a kill -9 leaves, which every writer survives). A second signal ends it at once.
 
-Exit codes: a training run that saved exits 0; any other phase 128 + the signal number
-(130 for SIGINT, 143 for SIGTERM), as a shell reports a process ended by that signal.
+Exit codes: a training run (and a study of experiments/) exits 0 when a signal stops it, in any
+of its phases, since the same command continues it (`stop_exit_code`); any other mode exits
+128 + the signal number (130 for SIGINT, 143 for SIGTERM), as a shell reports a process ended by
+that signal.
 """
 
 import contextlib
@@ -35,7 +37,8 @@ GRACE_S = 5.0  # how long a phase outside deferred() may take to notice before t
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _lock = threading.RLock()  # re-entrant: the handler runs in the main thread, maybe inside it
-_state = {"signal": None, "deferred": 0, "installed": False, "exit_code": None}
+_state = {"signal": None, "deferred": 0, "installed": False, "exit_code": None,
+          "stop_code": None}
 
 
 class Preempted(BaseException):
@@ -52,7 +55,12 @@ class Preempted(BaseException):
 
   @property
   def exit_code(self) -> int:
-    return 128 + self.signum
+    return _stop_code(self.signum)
+
+
+def _stop_code(signum: int) -> int:
+  code = _state["stop_code"]
+  return 128 + signum if code is None else code
 
 
 def install() -> None:
@@ -97,6 +105,11 @@ def deferred():
       _state["deferred"] -= 1
 
 
+def stop_exit_code(code: int) -> None:
+  """The exit code of this process when a signal stops it (0 for training: a rerun continues)."""
+  _state["stop_code"] = code
+
+
 def exiting(code: int) -> None:
   """The exit code the process is about to end with: the watcher uses it if the end (the
   interpreter's shutdown) outlasts the grace period."""
@@ -131,7 +144,7 @@ def _watch(fd: int) -> None:
           continue
         if first is not None:
           _message(f"second {signal.Signals(signum).name}: stopping now")
-          os._exit(128 + first)
+          os._exit(_stop_code(first))
         first = signum
         _note(signum)
         what = ("saving a checkpoint at the current step, then exiting" if _state["deferred"]
@@ -145,7 +158,7 @@ def _watch(fd: int) -> None:
         continue
       code = _state["exit_code"]
       if code is None:
-        code = 128 + first
+        code = _stop_code(first)
         _message(f"still busy {GRACE_S:.0f} s after {signal.Signals(first).name} (in native "
                  f"code: a compile or a device computation): exiting now; nothing half-written "
                  f"is kept")

@@ -509,8 +509,8 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
           # Periodic evaluations may be capped (eval_batches); the final one is whole.
           ev = trainer.evaluate(params, data.eval_batches(),
                                 None if step == steps else cfg.eval_batches, data.chars_per_token)
-        except preemption.Preempted:  # a signal during the evaluation: save this step now
-          stop = True
+        except preemption.Preempted:  # a signal cut the evaluation short: should_stop below
+          pass
         except BaseException:
           if do_save or stop:
             ckpt.save(step, state, train_iter, params=params)
@@ -518,6 +518,10 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         if ev is not None:
           writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
           ckpt.record_eval(step, ev["loss"])
+        if not (do_save or stop) and ckpt.should_stop(step, cfg.log_every):
+          stop = True  # a signal during the evaluation: save this step, not one more
+          running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
+                                    cfg.loss_explosion_factor)
       if do_save or stop:
         ckpt.save(step, state, train_iter, params=params)
       if ev is not None and not stop:  # no sampling after a signal: the save is what matters
