@@ -312,8 +312,7 @@ def export(cfg, workdir, overrides=None) -> int:
                            "checkpoint, LoRA adapters merged) or --config.hf_export_dir=<new dir> "
                            "(Hugging Face format)")
   out = cfg.export_dir
-  if out and (os.path.abspath(out) == os.path.abspath(workdir)
-              or os.path.isdir(checkpoint.checkpoint_dir(out))):
+  if out and (os.path.abspath(out) == os.path.abspath(workdir) or checkpoint.saved_steps(out)):
     raise errors.UserError(f"export_dir={out} already holds checkpoints (or is the workdir): "
                            f"choose a new directory; nothing was written")
   hf_out = cfg.hf_export_dir

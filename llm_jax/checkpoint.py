@@ -54,6 +54,13 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps whose write completed: orbax renames a step's tmp directory once it is whole, so
+  what a killed write leaves (<step>.orbax-checkpoint-tmp-*) is not a checkpoint."""
+  d = checkpoint_dir(workdir)
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
 def _latest_item(workdir: str, name: str) -> dict | None:
   """A JSON item of the newest readable checkpoint (None when there is none, or no such item)."""
   if not os.path.isdir(checkpoint_dir(workdir)):

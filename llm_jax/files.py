@@ -103,9 +103,12 @@ def write_text(path: str, text: str, what: str = "a file") -> None:
 
 
 @contextlib.contextmanager
-def building_dir(path: str, what: str, needed: int | None = None):
+def building_dir(path: str, what: str, needed: int | None = None, keep_existing: bool = False):
   """A temporary directory beside `path`, renamed to `path` when the block completes; removed
-  (and a full disk reported as DiskFull) when it does not. Yields the temporary directory."""
+  (and a full disk reported as DiskFull) when it does not. Yields the temporary directory.
+
+  keep_existing: when `path` appeared meanwhile (another process built the same thing), the
+  temporary directory is removed and `path` kept."""
   parent = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(parent, exist_ok=True)
@@ -116,7 +119,12 @@ def building_dir(path: str, what: str, needed: int | None = None):
     raise
   try:
     yield tmp
-    os.rename(tmp, path)
+    try:
+      os.rename(tmp, path)  # onto nothing or an empty directory: atomic
+    except OSError as e:
+      if not (keep_existing and e.errno in (errno.EEXIST, errno.ENOTEMPTY)):
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
   except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
     if is_full(e):

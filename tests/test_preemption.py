@@ -1,0 +1,205 @@
+"""SIGTERM in every phase of a real main.py process (llm_jax/preemption.py).
+
+Each phase test runs main.py through `_PAUSING_MAIN`, which wraps one function of the phase so
+that the process announces it is there and sleeps: the signal lands in the middle of the phase
+whatever the machine's speed, after the phase's writing has begun where it writes. Then: the
+process ends within 10 s (a preempted VM has about 30 s), with exit 0 for training (a rerun
+continues) and 128 + 15 for the other modes, and leaves nothing half-written (the writers build
+under a temporary name renamed when complete: llm_jax/files.py). A training run stopped between
+steps or mid-evaluation saves and resumes exactly: tests/test_checkpoint.py. The watcher test
+holds the main thread in native code, as an XLA compile or a device computation does.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import helpers  # tests/helpers.py
+
+import main
+from configs import base
+from llm_jax import checkpoint
+from llm_jax import hf
+from llm_jax import preemption
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(ROOT, "configs", "base.py")
+GPT2 = os.path.join(ROOT, "tests", "fixtures", "hf", "gpt2")
+TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, n_heads=2,
+            n_layers=1, max_seq_len=16, micro_batch_size=4, num_train_steps=2, eval_steps=0,
+            sample_every_eval=False)
+BOUND_S = 10  # the issue's bound from the signal to the end of the process
+_MARK = "test: paused in the phase"
+_PAUSING_MAIN = f"""
+import importlib, os, runpy, sys, time
+module, name, when = os.environ["LLM_JAX_TEST_PAUSE"].split(":")
+mod = importlib.import_module(module)
+real = getattr(mod, name)
+def paused(*args, **kwargs):
+  if when == "before":
+    print({_MARK!r}, file=sys.stderr, flush=True)
+    time.sleep(60)
+  out = real(*args, **kwargs)
+  if when == "after":  # the phase has written this much: the rest is cut off
+    print({_MARK!r}, file=sys.stderr, flush=True)
+    time.sleep(60)
+  return out
+setattr(mod, name, paused)
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def _write_corpus(root):
+  rng = np.random.default_rng(0)
+  syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ba", "de", "fo", "gu"]
+  words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(200)]
+  for split, n_files in (("train", 3), ("val", 1)):
+    os.makedirs(os.path.join(root, split))
+    for i in range(n_files):
+      with open(os.path.join(root, split, f"{i}.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(" ".join(rng.choice(words, size=8)) + "." for _ in range(60)) + "\n")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("text"))
+  _write_corpus(root)
+  return dict(dataset=f"text:{root}/train", validation=f"{root}/val/*.txt")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """A workdir holding the tiny GPT-2 fixture, imported in-process."""
+  workdir = str(tmp_path_factory.mktemp("imported"))
+  hf.import_to_workdir(base.get_config(), GPT2, workdir)
+  return workdir
+
+
+def _stop_in_phase(tmp_path, pause: str, args: list[str]) -> tuple[int, float, str]:
+  """Runs main.py with `args`, paused at `pause` (module:function:before|after); sends SIGTERM
+  there. Returns (exit code, seconds from the signal to the end, output)."""
+  log_path = tmp_path / "run.log"
+  env = helpers.child_env()
+  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
+             LLM_JAX_TEST_PAUSE=pause)
+  with open(log_path, "w", encoding="utf-8") as log:
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSING_MAIN] + args, cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+      deadline = time.monotonic() + 300
+      while _MARK not in log_path.read_text(encoding="utf-8"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+          pytest.fail(f"the run ended (exit {proc.poll()}) before the phase:\n"
+                      + log_path.read_text(encoding="utf-8")[-3000:])
+        time.sleep(0.05)
+      sent = time.monotonic()
+      proc.send_signal(signal.SIGTERM)
+      proc.wait(timeout=60)
+      took = time.monotonic() - sent
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return proc.returncode, took, log_path.read_text(encoding="utf-8")
+
+
+def _tree(directory) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(r, f), directory)
+                for r, ds, fs in os.walk(directory) for f in fs + ds) if os.path.isdir(
+                    directory) else []
+
+
+def _train_args(text, tmp_path):
+  fields = {**TINY, **text, "data_dir": str(tmp_path / "data")}
+  return ([f"--config={BASE_CONFIG}", f"--workdir={tmp_path / 'run'}", "--mode=train"]
+          + [f"--config.{k}={v}" for k, v in fields.items()])
+
+
+@pytest.mark.parametrize("phase,pause", [
+    ("tokenizer", "llm_jax.data:tokenizer_sample:after"),  # read; SentencePiece not yet run
+    ("tokens", "llm_jax.data:_write_stream:after"),  # the train split written, not validation
+])
+def test_signal_in_a_training_build_phase_exits_zero_and_keeps_nothing_partial(
+    text, tmp_path, phase, pause):
+  rc, took, out = _stop_in_phase(tmp_path, pause, _train_args(text, tmp_path))
+  assert rc == 0 and took < BOUND_S, (rc, took, out[-3000:])
+  assert "stopped by SIGTERM during --mode=train" in out, out[-3000:]
+  data = _tree(tmp_path / "data")
+  if phase == "tokenizer":  # neither the cached tokenizer nor the workdir's
+    assert not [p for p in data if p.endswith(".model")], data
+    assert not os.path.exists(tmp_path / "run" / "tokenizer.model")
+  else:  # the tokenizer is whole; the cut-short token cache left nothing, not even a .tmp-*
+    assert [p for p in data if p.startswith("tokenizers") and p.endswith(".model")], data
+    assert not [p for p in data if p.startswith("tokens" + os.sep)], data
+  assert not checkpoint.saved_steps(str(tmp_path / "run"))
+
+
+def test_signal_during_beam_search_ends_the_process(imported, tmp_path):
+  rc, took, out = _stop_in_phase(tmp_path, "llm_jax.sampling:decode:before", [
+      f"--workdir={imported}", "--mode=sample", "--prompt=Hello", "--prompt=Hi",
+      "--config.num_beams=2", "--config.do_sample=False", "--config.max_new_tokens=4"])
+  assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
+  assert "stopped by SIGTERM during --mode=sample" in out, out[-3000:]
+
+
+def test_signal_during_import_writes_no_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  rc, took, out = _stop_in_phase(tmp_path, "llm_jax.checkpoint:save_params:before", [
+      f"--workdir={workdir}", "--mode=import", f"--config.hf_path={GPT2}"])
+  assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
+  assert not checkpoint.saved_steps(str(workdir))
+
+
+def test_signal_mid_export_leaves_no_partial_export_and_a_rerun_works(imported, tmp_path):
+  out_dir = tmp_path / "hf"
+  args = [f"--workdir={imported}", "--mode=export", f"--config.hf_export_dir={out_dir}"]
+  rc, took, out = _stop_in_phase(tmp_path, "safetensors.numpy:save_file:after", args)
+  assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
+  # The weights were written (under a temporary name), the rest not: nothing of it is left.
+  assert not out_dir.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+  assert main.cli(["main.py"] + args) == 0  # the same command again, no cleanup
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out_dir))
+
+
+def test_killed_import_leftovers_do_not_block_the_rerun(tmp_path):
+  # What a kill -9 mid-save leaves: orbax's tmp directory of step 0, never renamed.
+  workdir = str(tmp_path / "run")
+  os.makedirs(os.path.join(checkpoint.checkpoint_dir(workdir), "0.orbax-checkpoint-tmp-1"))
+  hf.import_to_workdir(base.get_config(), GPT2, workdir)
+  assert checkpoint.saved_steps(workdir) == [0]
+
+
+def test_a_main_thread_stuck_in_native_code_is_ended_after_the_grace_period(tmp_path):
+  # SIGTERM blocked in the main thread: it sits in libc's sleep() as in a long XLA call, and only
+  # the watcher thread (started before the mask) sees the signal.
+  code = textwrap.dedent("""
+      import ctypes, signal, sys
+      from llm_jax import preemption
+      preemption.install()
+      signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+      print("ready", flush=True)
+      ctypes.CDLL(None).sleep(60)
+      sys.exit(3)  # not reached
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline() == "ready\n"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  assert preemption.GRACE_S <= took < BOUND_S, took
+  assert "still busy" in err, err
