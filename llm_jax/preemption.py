@@ -149,7 +149,6 @@ def _watch(fd: int) -> None:
         _note(signum)
         what = ("saving a checkpoint at the current step, then exiting" if _state["deferred"]
                 else "stopping")
-        logging.warning("received %s: %s", signal.Signals(signum).name, what)
         _message(f"received {signal.Signals(signum).name}: {what}")
         deadline = time.monotonic() + GRACE_S
     elif deadline is not None and time.monotonic() >= deadline:

@@ -39,8 +39,11 @@ _MARK = "test: paused in the phase"
 _PAUSING_MAIN = f"""
 import importlib, os, runpy, sys, time
 module, name, when = os.environ["LLM_JAX_TEST_PAUSE"].split(":")
-mod = importlib.import_module(module)
-real = getattr(mod, name)
+owner = importlib.import_module(module)
+*path, name = name.split(".")  # a function, or a method: Class.method
+for part in path:
+  owner = getattr(owner, part)
+real = getattr(owner, name)
 def paused(*args, **kwargs):
   if when == "before":
     print({_MARK!r}, file=sys.stderr, flush=True)
@@ -50,9 +53,13 @@ def paused(*args, **kwargs):
     print({_MARK!r}, file=sys.stderr, flush=True)
     time.sleep(60)
   return out
-setattr(mod, name, paused)
-sys.argv[0] = "main.py"
-runpy.run_path("main.py", run_name="__main__")
+setattr(owner, name, paused)
+study = os.environ.get("LLM_JAX_TEST_STUDY")
+if study:  # python -m experiments.<study>
+  runpy.run_module(study, run_name="__main__", alter_sys=True)
+else:
+  sys.argv[0] = "main.py"
+  runpy.run_path("main.py", run_name="__main__")
 """
 
 
@@ -82,13 +89,15 @@ def imported(tmp_path_factory):
   return workdir
 
 
-def _stop_in_phase(tmp_path, pause: str, args: list[str]) -> tuple[int, float, str]:
-  """Runs main.py with `args`, paused at `pause` (module:function:before|after); sends SIGTERM
-  there. Returns (exit code, seconds from the signal to the end, output)."""
+def _stop_in_phase(tmp_path, pause: str, args: list[str], study: str = ""
+                   ) -> tuple[int, float, str]:
+  """Runs main.py (or `python -m <study>`) with `args`, paused at `pause`
+  (module:function:before|after); sends SIGTERM there. Returns (exit code, seconds from the
+  signal to the end, output)."""
   log_path = tmp_path / "run.log"
   env = helpers.child_env()
   env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
-             LLM_JAX_TEST_PAUSE=pause)
+             LLM_JAX_TEST_PAUSE=pause, LLM_JAX_TEST_STUDY=study)
   with open(log_path, "w", encoding="utf-8") as log:
     proc = subprocess.Popen([sys.executable, "-c", _PAUSING_MAIN] + args, cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -123,6 +132,7 @@ def _train_args(text, tmp_path):
 
 
 @pytest.mark.parametrize("phase,pause", [
+    ("dataset", "llm_jax.corpus:LlmJaxText._generate_examples:before"),  # in tfds's build
     ("tokenizer", "llm_jax.data:tokenizer_sample:after"),  # read; SentencePiece not yet run
     ("tokens", "llm_jax.data:_write_stream:after"),  # the train split written, not validation
 ])
@@ -132,13 +142,28 @@ def test_signal_in_a_training_build_phase_exits_zero_and_keeps_nothing_partial(
   assert rc == 0 and took < BOUND_S, (rc, took, out[-3000:])
   assert "stopped by SIGTERM during --mode=train" in out, out[-3000:]
   data = _tree(tmp_path / "data")
-  if phase == "tokenizer":  # neither the cached tokenizer nor the workdir's
+  if phase == "dataset":  # tfds writes under incomplete.* and renames: no prepared dataset
+    assert not [p for p in data if p.endswith("dataset_info.json") or "incomplete" in p], data
+  elif phase == "tokenizer":  # neither the cached tokenizer nor the workdir's
     assert not [p for p in data if p.endswith(".model")], data
     assert not os.path.exists(tmp_path / "run" / "tokenizer.model")
   else:  # the tokenizer is whole; the cut-short token cache left nothing, not even a .tmp-*
     assert [p for p in data if p.startswith("tokenizers") and p.endswith(".model")], data
     assert not [p for p in data if p.startswith("tokens" + os.sep)], data
   assert not checkpoint.saved_steps(str(tmp_path / "run"))
+
+
+def test_signal_in_a_study_stops_it_cleanly_and_writes_no_report(text, tmp_path):
+  out = tmp_path / "depth"
+  fields = {**TINY, **text, "data_dir": str(tmp_path / "data")}
+  rc, took, log = _stop_in_phase(
+      tmp_path, "llm_jax.data:_write_stream:after",
+      [f"--config={BASE_CONFIG}", f"--out={out}", "--layers=1"]
+      + [f"--config.{k}={v}" for k, v in fields.items()], study="experiments.depth")
+  assert rc == 0 and took < BOUND_S, (rc, took, log[-3000:])
+  assert "stopped by SIGTERM" in log, log[-3000:]
+  assert not (out / "report.md").exists()
+  assert not [p for p in _tree(tmp_path / "data") if p.startswith("tokens" + os.sep)]
 
 
 def test_signal_during_beam_search_ends_the_process(imported, tmp_path):
@@ -176,6 +201,17 @@ def test_killed_import_leftovers_do_not_block_the_rerun(tmp_path):
   assert checkpoint.saved_steps(workdir) == [0]
 
 
+def _wait_in_sleep_syscall(pid):
+  """Until the main thread of `pid` is blocked in (clock_)nanosleep (x86-64 or arm64 numbers)."""
+  deadline = time.monotonic() + 30
+  while time.monotonic() < deadline:
+    with open(f"/proc/{pid}/syscall", encoding="ascii") as f:
+      if f.read().split()[0] in ("35", "230", "101", "115"):
+        return
+    time.sleep(0.01)
+  pytest.fail("the child never reached its sleep")
+
+
 def test_a_main_thread_stuck_in_native_code_is_ended_after_the_grace_period(tmp_path):
   # SIGTERM blocked in the main thread: it sits in libc's sleep() as in a long XLA call, and only
   # the watcher thread (started before the mask) sees the signal.
@@ -192,6 +228,7 @@ def test_a_main_thread_stuck_in_native_code_is_ended_after_the_grace_period(tmp_
                           stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline() == "ready\n"
+    _wait_in_sleep_syscall(proc.pid)  # Python would still run the handler before it gets there
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
