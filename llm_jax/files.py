@@ -29,7 +29,7 @@ class DiskFull(errors.UserError):
 
 
 def _mib(n: int) -> str:
-  return f"{n / 2**20:,.1f} MiB"
+  return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 
 
 def free_bytes(path: str) -> int | None:
@@ -46,6 +46,11 @@ def free_bytes(path: str) -> int | None:
     return None
 
 
+def tree_bytes(path: str) -> int:
+  """The bytes of the files under `path`."""
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
 def disk_full(path: str, what: str, needed: int | None = None) -> DiskFull:
   """The error for a full disk while writing `what` to `path`."""
   free = free_bytes(path)
@@ -56,8 +61,15 @@ def disk_full(path: str, what: str, needed: int | None = None) -> DiskFull:
                   f"the path at a larger disk) and run the same command again")
 
 
+_FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))  # "No space left on device"
+
+
 def is_full(e: BaseException) -> bool:
-  return isinstance(e, OSError) and e.errno in _FULL
+  """ENOSPC / EDQUOT, also from writers in native code that raise their own exception type with
+  the OS's message (safetensors: "No space left on device (os error 28)"; tensorstore, orbax)."""
+  if isinstance(e, OSError) and e.errno is not None:
+    return e.errno in _FULL
+  return any(t in str(e) for t in _FULL_TEXT)
 
 
 def check_space(path: str, what: str, needed: int) -> None:
@@ -110,6 +122,8 @@ def building_dir(path: str, what: str, needed: int | None = None, keep_existing:
   keep_existing: when `path` appeared meanwhile (another process built the same thing), the
   temporary directory is removed and `path` kept."""
   parent = os.path.dirname(os.path.abspath(path))
+  if needed:
+    check_space(path, what, needed)
   try:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=TMP_PREFIX)

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 
 from llm_jax import errors
+from llm_jax import files
 from llm_jax import lora as lora_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import model as model_lib
@@ -343,6 +345,8 @@ OOM_ADVICE = (f"out of memory (XLA RESOURCE_EXHAUSTED). Try: {OOM_FIXES}. Check 
 
 
 def is_oom(e: BaseException) -> bool:
+  if files.is_full(e):  # XLA's RESOURCE_EXHAUSTED also names a full disk (tensorstore, orbax)
+    return False
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
@@ -396,6 +400,17 @@ def run(cfg, workdir: str, overrides=None) -> int:
     if created and jax.process_index() == 0:  # bad input leaves no new, half-made workdir
       shutil.rmtree(workdir, ignore_errors=True)
     raise
+  except Exception as e:  # pylint: disable=broad-except
+    if not files.is_full(e):
+      raise
+    # A checkpoint (orbax writes it under a tmp name, renamed when whole: the earlier ones are
+    # intact, the cut-short one is removed when the run restarts) or the metrics; the workdir is
+    # kept whatever made it, since it holds this run's earlier checkpoints.
+    from llm_jax import checkpoint as ckpt_lib
+    steps = ckpt_lib.saved_steps(workdir)
+    needed = files.tree_bytes(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(steps[-1]))
+                              ) if steps else None
+    raise files.disk_full(workdir, "the run's checkpoints and metrics", needed) from None
 
 
 def _run_locked(cfg, workdir: str, overrides=None) -> int:
@@ -419,7 +434,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
   ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch,
                               cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"),
                               extra={"base": base_ref} if base_ref else None)
-  writer = None
+  writer, bar = None, None
   saving = contextlib.ExitStack()
   try:
     state = ckpt.restore_or_init(trainer, train_iter)
@@ -546,14 +561,28 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
       return errors.OOM
     raise
   finally:
-    ckpt.close()
-    saving.close()  # after close(): the last save's write is waited for inside deferred()
-    if writer is not None:
-      writer.close()
+    # saving.close() after ckpt.close(): the last save's write is waited for inside deferred().
+    # The bar first: an error line after it starts a line of its own.
+    _close_all([c.close for c in (bar,) if c is not None] + [ckpt.close, saving.close]
+               + [c.close for c in (writer,) if c is not None])
   if is_main:
     png = metrics_lib.plot_losses(writer.jsonl_path, os.path.join(workdir, "loss_curves.png"))
     print(f"done: {workdir} holds checkpoints, metrics.jsonl, tensorboard/ and {png}")
   return errors.OK
+
+
+def _close_all(closers) -> None:
+  """Calls each closer; while an error is on its way out, a closer's own failure (the same full
+  disk, a failed async write) is logged instead of replacing it."""
+  failing = sys.exc_info()[1] is not None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not failing:
+        raise
+      logging.warning("while stopping on an error, closing failed too: %s: %s",
+                      type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
 
 
 def _eval_samples(trainer, params, tokenizer, cfg, step) -> list[str]:

@@ -17,7 +17,6 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 
 import helpers  # tests/helpers.py
@@ -63,21 +62,10 @@ else:
 """
 
 
-def _write_corpus(root):
-  rng = np.random.default_rng(0)
-  syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ba", "de", "fo", "gu"]
-  words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(200)]
-  for split, n_files in (("train", 3), ("val", 1)):
-    os.makedirs(os.path.join(root, split))
-    for i in range(n_files):
-      with open(os.path.join(root, split, f"{i}.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(" ".join(rng.choice(words, size=8)) + "." for _ in range(60)) + "\n")
-
-
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("text"))
-  _write_corpus(root)
+  helpers.write_corpus(root)
   return dict(dataset=f"text:{root}/train", validation=f"{root}/val/*.txt")
 
 
