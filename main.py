@@ -423,16 +423,21 @@ def main(argv) -> int:
                      "nothing half-written was left; run the same command again"),
           file=sys.stderr, flush=True)
   except Exception as e:  # pylint: disable=broad-except
+    from llm_jax import files
     from llm_jax import train
-    if train.is_oom(e):
-      errors.report(f"{train.OOM_ADVICE}\n({str(e).splitlines()[0][:300]})")
+    first = str(e).splitlines()[0] if str(e) else ""
+    if files.is_full(e):  # a writer that does not say DiskFull itself (orbax in import, export)
+      code = errors.BAD_INPUT
+      errors.report(f"no space left on the disk: {first[:400]}. Free space (or point the path "
+                    f"at a larger disk) and run the same command again")
+    elif train.is_oom(e):
       code = errors.OOM
-      preemption.exiting(code)
-      return code
-    traceback.print_exc()
-    errors.report(f"internal error ({type(e).__name__}): a bug in llm_jax, not in your input. "
-                  f"Please report it with the traceback above and the command you ran")
-    code = errors.INTERNAL
+      errors.report(f"{train.OOM_ADVICE}\n({first[:300]})")
+    else:
+      code = errors.INTERNAL
+      traceback.print_exc()
+      errors.report(f"internal error ({type(e).__name__}): a bug in llm_jax, not in your input. "
+                    f"Please report it with the traceback above and the command you ran")
   preemption.exiting(code)
   return code
 

@@ -423,10 +423,16 @@ def import_to_workdir(raw_cfg, hf_path: str, workdir: str, overrides: dict | Non
   dtypes = sorted({d for _, _, d in index.values()})
   with cfg.unlocked():
     cfg.hf_path = os.path.abspath(hf_path)
-  ckpt_lib.save_params(workdir, 0, params, cfg.to_dict(), tok, {
-      "imported_from": os.path.abspath(hf_path), "model_type": hf["model_type"],
-      "source_dtypes": dtypes, "epoch": 0.0, "tokens_seen": 0})
   n = sum(int(np.prod(s)) for _, s, _ in index.values())
+  try:
+    ckpt_lib.save_params(workdir, 0, params, cfg.to_dict(), tok, {
+        "imported_from": os.path.abspath(hf_path), "model_type": hf["model_type"],
+        "source_dtypes": dtypes, "epoch": 0.0, "tokens_seen": 0})
+  except Exception as e:  # pylint: disable=broad-except
+    if not files.is_full(e):  # orbax's write is whole or absent: a rerun needs no cleanup
+      raise
+    raise files.disk_full(workdir, "the imported checkpoint",
+                          n * jnp.dtype(cfg.param_dtype).itemsize) from None
   return {"model_type": hf["model_type"], "params": n, "dtypes": dtypes, "config": cfg,
           "tokenizer": tok, "model_config": mc}
 

@@ -4,7 +4,7 @@ On a real 5 MiB tmpfs where this process may mount one (root; skipped with the r
 cannot): a training run whose next checkpoint does not fit ends with exit 2 and one `error:`
 line naming the workdir and the space needed, its earlier checkpoints byte for byte as they were,
 and the same command resumes once space is freed; a Hugging Face export likewise, leaving no
-partial directory. The writers' own contract (whole or nothing, ENOSPC as DiskFull) by injecting
+partial directory, and an import. The writers' own contract (whole or nothing, ENOSPC as DiskFull) by injecting
 the error.
 """
 
@@ -110,6 +110,19 @@ def test_export_to_a_full_disk_leaves_nothing_and_reruns(small_disk, tmp_path, c
   os.remove(filler)
   assert _cli(capsys, args)[0] == 0
   assert "model.safetensors" in os.listdir(out)
+
+
+def test_import_to_a_full_disk_is_bad_input_and_reruns(small_disk, capsys):
+  workdir = small_disk / "imported"
+  args = [f"--workdir={workdir}", "--mode=import", f"--config.hf_path={GPT2}"]
+  filler = _fill(small_disk, 64 * 1024)  # the checkpoint is about 150 KiB
+  code, lines, err = _cli(capsys, args)
+  assert code == 2 and len(lines) == 1, err[-3000:]
+  assert "no space left" in lines[0] and str(workdir) in lines[0] and "needs about" in lines[0]
+  assert not checkpoint.saved_steps(str(workdir))
+  os.remove(filler)
+  assert _cli(capsys, args)[0] == 0  # what the cut-short write left does not block it
+  assert checkpoint.saved_steps(str(workdir)) == [0]
 
 
 def test_writers_cut_by_enospc_raise_diskfull_and_keep_what_was_there(tmp_path):

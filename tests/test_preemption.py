@@ -24,6 +24,8 @@ import helpers  # tests/helpers.py
 import main
 from configs import base
 from llm_jax import checkpoint
+from llm_jax import config
+from llm_jax import data as data_lib
 from llm_jax import hf
 from llm_jax import preemption
 
@@ -77,10 +79,10 @@ def imported(tmp_path_factory):
   return workdir
 
 
-def _stop_in_phase(tmp_path, pause: str, args: list[str], study: str = ""
-                   ) -> tuple[int, float, str]:
+def _stop_in_phase(tmp_path, pause: str, args: list[str], study: str = "",
+                   sig=signal.SIGTERM) -> tuple[int, float, str]:
   """Runs main.py (or `python -m <study>`) with `args`, paused at `pause`
-  (module:function:before|after); sends SIGTERM there. Returns (exit code, seconds from the
+  (module:function:before|after); sends `sig` there. Returns (exit code, seconds from the
   signal to the end, output)."""
   log_path = tmp_path / "run.log"
   env = helpers.child_env()
@@ -97,7 +99,7 @@ def _stop_in_phase(tmp_path, pause: str, args: list[str], study: str = ""
                       + log_path.read_text(encoding="utf-8")[-3000:])
         time.sleep(0.05)
       sent = time.monotonic()
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(sig)
       proc.wait(timeout=60)
       took = time.monotonic() - sent
     finally:
@@ -117,6 +119,25 @@ def _train_args(text, tmp_path):
   fields = {**TINY, **text, "data_dir": str(tmp_path / "data")}
   return ([f"--config={BASE_CONFIG}", f"--workdir={tmp_path / 'run'}", "--mode=train"]
           + [f"--config.{k}={v}" for k, v in fields.items()])
+
+
+def test_kill_9_mid_token_cache_leaves_nothing_that_loads_and_the_rebuild_is_whole(text, tmp_path):
+  rc, _, out = _stop_in_phase(tmp_path, "llm_jax.data:_write_stream:after",
+                              _train_args(text, tmp_path), sig=signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out[-3000:]
+  tokens = tmp_path / "data" / "tokens"
+  assert [p.startswith(".tmp-") for p in os.listdir(tokens)] == [True]  # the cut-short build
+  cfg = config.load(BASE_CONFIG, **{**TINY, **text, "data_dir": str(tmp_path / "data")})
+  got = data_lib.build(cfg, str(tmp_path / "run"))  # the next run, with no cleanup
+  fresh = data_lib.build(config.load(BASE_CONFIG, **{**TINY, **text,
+                                                     "data_dir": str(tmp_path / "fresh")}),
+                         str(tmp_path / "fresh_run"))
+  built = [p for p in os.listdir(tokens) if not p.startswith(".tmp-")]
+  assert len(built) == 1
+  for split in ("train.bin", "validation.bin"):  # the same bytes as a build never interrupted
+    want = next((tmp_path / "fresh" / "tokens").iterdir()) / split
+    assert (tokens / built[0] / split).read_bytes() == want.read_bytes()
+  assert got.steps_per_epoch == fresh.steps_per_epoch
 
 
 @pytest.mark.parametrize("phase,pause", [
@@ -170,13 +191,18 @@ def test_signal_during_import_writes_no_checkpoint(tmp_path):
   assert not checkpoint.saved_steps(str(workdir))
 
 
-def test_signal_mid_export_leaves_no_partial_export_and_a_rerun_works(imported, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_signal_mid_export_leaves_no_partial_export_and_a_rerun_works(imported, tmp_path, sig):
   out_dir = tmp_path / "hf"
   args = [f"--workdir={imported}", "--mode=export", f"--config.hf_export_dir={out_dir}"]
-  rc, took, out = _stop_in_phase(tmp_path, "safetensors.numpy:save_file:after", args)
-  assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
-  # The weights were written (under a temporary name), the rest not: nothing of it is left.
-  assert not out_dir.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+  rc, took, out = _stop_in_phase(tmp_path, "safetensors.numpy:save_file:after", args, sig=sig)
+  assert rc == (128 + sig if sig == signal.SIGTERM else -sig), (rc, out[-3000:])
+  assert took < BOUND_S, took
+  # The weights were written (under a temporary name), the rest not: no export_dir. SIGTERM
+  # removes the temporary directory; after kill -9 it stays, under a name nothing reads.
+  assert not out_dir.exists()
+  leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+  assert len(leftovers) == (sig == signal.SIGKILL), leftovers
   assert main.cli(["main.py"] + args) == 0  # the same command again, no cleanup
   assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out_dir))
 
