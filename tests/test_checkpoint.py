@@ -366,6 +366,32 @@ def test_sigterm_during_an_evaluation_saves_that_step_within_seconds_and_resumes
   assert [s for s, _ in _train_records(workdir, "eval/loss")] == [16]
 
 
+def test_readers_beside_a_saving_run_load_only_complete_checkpoints(corpus, reference, tmp_path):
+  # What --mode=eval, sample and export do first (loader.load), in a loop against a live run
+  # saving every 4 steps: each load succeeds, and the params of every step it got equal, to the
+  # bit, that step's checkpoint in the uninterrupted reference run (the same steps).
+  from llm_jax import loader
+  workdir = str(tmp_path / "run")
+  cfg = _cfg(corpus)
+  proc, log = _start_slow(workdir, corpus, tmp_path / "live.log", delay=0.4)
+  seen = {}
+  try:
+    while proc.poll() is None:
+      if not _steps_on_disk(workdir):
+        time.sleep(0.05)
+        continue
+      loaded = loader.load(workdir, cfg)
+      seen.setdefault(loaded.step, jax.device_get(loaded.params))
+  finally:
+    _end(proc, log)
+  assert proc.returncode == 0, _read(tmp_path / "live.log")[-3000:]
+  kept = set(_steps_on_disk(reference["workdir"]))
+  assert len(seen) >= 2 and set(seen) & kept, (sorted(seen), sorted(kept))
+  for step, params in seen.items():
+    if step in kept:
+      helpers.assert_bitwise_equal(params, _load(reference["workdir"], cfg, step)[0])
+
+
 # --- damaged checkpoints ----------------------------------------------------------------------
 
 
