@@ -28,6 +28,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from llm_jax import errors
+from llm_jax import preemption
 
 _DEFAULT_CONFIG = "configs/default.py"
 # No default here: config_flags would load it (and apply the overrides) at import time, out of
@@ -311,8 +312,7 @@ def export(cfg, workdir, overrides=None) -> int:
                            "checkpoint, LoRA adapters merged) or --config.hf_export_dir=<new dir> "
                            "(Hugging Face format)")
   out = cfg.export_dir
-  if out and (os.path.abspath(out) == os.path.abspath(workdir)
-              or os.path.isdir(checkpoint.checkpoint_dir(out))):
+  if out and (os.path.abspath(out) == os.path.abspath(workdir) or checkpoint.saved_steps(out)):
     raise errors.UserError(f"export_dir={out} already holds checkpoints (or is the workdir): "
                            f"choose a new directory; nothing was written")
   hf_out = cfg.hf_export_dir
@@ -408,20 +408,38 @@ def _run(argv) -> int:
 def main(argv) -> int:
   """Runs the mode; returns its exit code (llm_jax/errors.py): every failure is one `error:`
   line, and only a bug in llm_jax prints a traceback (exit code INTERNAL)."""
+  if _MODE.value == "train":  # stopped by a signal in any phase, a rerun continues: exit 0
+    preemption.stop_exit_code(errors.OK)
   try:
-    return _run(argv)
+    code = _run(argv)
   except errors.UserError as e:
+    code = errors.BAD_INPUT
     errors.report(str(e))
-    return errors.BAD_INPUT
+  except preemption.Preempted as e:  # a signal outside the training loop (which saves itself)
+    code = e.exit_code
+    print(f"stopped by {e.name} during --mode={_MODE.value}: "
+                  + ("nothing trained since the last checkpoint was lost; run the same command "
+                     "to continue" if _MODE.value == "train" else
+                     "nothing half-written was left; run the same command again"),
+          file=sys.stderr, flush=True)
   except Exception as e:  # pylint: disable=broad-except
+    from llm_jax import files
     from llm_jax import train
-    if train.is_oom(e):
-      errors.report(f"{train.OOM_ADVICE}\n({str(e).splitlines()[0][:300]})")
-      return errors.OOM
-    traceback.print_exc()
-    errors.report(f"internal error ({type(e).__name__}): a bug in llm_jax, not in your input. "
-                  f"Please report it with the traceback above and the command you ran")
-    return errors.INTERNAL
+    first = str(e).splitlines()[0] if str(e) else ""
+    if files.is_full(e):  # a writer that does not say DiskFull itself (orbax in import, export)
+      code = errors.BAD_INPUT
+      errors.report(f"no space left on the disk: {first[:400]}. Free space (or point the path "
+                    f"at a larger disk) and run the same command again")
+    elif train.is_oom(e):
+      code = errors.OOM
+      errors.report(f"{train.OOM_ADVICE}\n({first[:300]})")
+    else:
+      code = errors.INTERNAL
+      traceback.print_exc()
+      errors.report(f"internal error ({type(e).__name__}): a bug in llm_jax, not in your input. "
+                    f"Please report it with the traceback above and the command you ran")
+  preemption.exiting(code)
+  return code
 
 
 def cli(argv) -> int:
@@ -450,4 +468,5 @@ def cli(argv) -> int:
 
 
 if __name__ == "__main__":
+  preemption.install()  # SIGTERM / SIGINT from here on: llm_jax/preemption.py
   app.run(main, flags_parser=_flags_parser)

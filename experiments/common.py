@@ -40,8 +40,11 @@ from ml_collections import config_flags
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
+from llm_jax import errors
+from llm_jax import files
 from llm_jax import loader
 from llm_jax import metrics as metrics_lib
+from llm_jax import preemption
 from llm_jax import topology
 from llm_jax import train
 
@@ -247,8 +250,9 @@ def train_or_skip(cfg, workdir: str) -> Run:
   t0 = time.perf_counter()
   code = train.run(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, _WALL_FILE), "w", encoding="utf-8") as f:
-    json.dump({"seconds": _wall(workdir) + time.perf_counter() - t0}, f)
+  files.write_text(os.path.join(workdir, _WALL_FILE),
+                   json.dumps({"seconds": _wall(workdir) + time.perf_counter() - t0}))
+  preemption.check()  # the run stopped on a signal (its step is saved): so does the study
   if code != 0:
     raise StudyError(f"the run in {workdir} failed (exit code {code}; its message is above). "
                      f"Fix the config and rerun the same command: finished runs are kept")
@@ -512,9 +516,14 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       if len(argv) > 1:
         raise StudyError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
       main(argv)
-    except StudyError as e:
+    except (StudyError, errors.UserError) as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      sys.exit(errors.BAD_INPUT)
+    except preemption.Preempted as e:  # a run's training saved its step: a rerun resumes
+      print(f"stopped by {e.name}: finished runs are kept and an interrupted one resumes; run "
+            f"the same command to continue", file=sys.stderr, flush=True)
+      preemption.exiting(e.exit_code)
+      sys.exit(e.exit_code)
 
   return wrapped
 
@@ -522,5 +531,7 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 def run_main(main: Callable[[list[str]], None]) -> None:
   """The entry point of `python -m experiments.<study>`: app.run(guarded(main))."""
   define_flags()
+  preemption.install()  # SIGTERM / SIGINT in every phase of the study
+  preemption.stop_exit_code(errors.OK)  # finished runs are kept, an interrupted one resumes
   topology.choose_platform()  # before any jax backend starts
   app.run(guarded(main))

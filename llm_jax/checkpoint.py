@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import pathlib
-import signal
 import time
 
 import grain
@@ -32,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from llm_jax import errors
 from llm_jax import optimizer as optimizer_lib
+from llm_jax import preemption
 from llm_jax import sharding as sharding_lib
 from llm_jax import tokenizer as tokenizer_lib
 
@@ -53,6 +53,13 @@ class CheckpointError(errors.UserError):
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps whose write completed: orbax renames a step's tmp directory once it is whole, so
+  what a killed write leaves (<step>.orbax-checkpoint-tmp-*) is not a checkpoint."""
+  d = checkpoint_dir(workdir)
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 def _latest_item(workdir: str, name: str) -> dict | None:
@@ -449,8 +456,8 @@ def _warn_changes(plan: _Plan, step: int, trainer) -> None:
 class Checkpointer:
   """Saves a run's checkpoints on schedule and restores the latest one when a run starts.
 
-  SIGTERM and SIGINT (TPU VM preemption, Ctrl-C) set `stop_requested`; the loop then saves the
-  current step, waits for the write and exits cleanly.
+  SIGTERM and SIGINT (TPU VM preemption, Ctrl-C: llm_jax/preemption.py) set `stop_requested`;
+  the loop then saves the current step, waits for the write and exits cleanly.
   """
 
   def __init__(self, workdir: str, cfg, steps_per_epoch: int, tokenizer=None, extra=None):
@@ -461,24 +468,14 @@ class Checkpointer:
     self._tokenizer = tokenizer
     self._extra = dict(extra or {})
     self.mngr = _manager(workdir, cfg.max_to_keep)
-    self.stop_requested = False
+    self._stop_agreed = False  # another process received the signal (should_stop)
     self._eval_loss = {}
     self._start_time = time.time()
     self._restore_data = True
-    self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._on_signal)
-      except ValueError:  # not the main thread (e.g. under a test runner's worker thread)
-        pass
 
-  def _on_signal(self, signum, _frame):
-    if self.stop_requested:  # a second Ctrl-C: stop now
-      signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-      raise KeyboardInterrupt
-    logging.warning("received %s: saving a checkpoint at the current step, then exiting",
-                    signal.Signals(signum).name)
-    self.stop_requested = True
+  @property
+  def stop_requested(self) -> bool:
+    return self._stop_agreed or preemption.requested()
 
   def _tokenizer_item(self) -> dict | None:
     tok = self._tokenizer
@@ -502,8 +499,8 @@ class Checkpointer:
       return False
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray(self.stop_requested, np.int32))
-    self.stop_requested = bool(np.any(flags))
-    return self.stop_requested
+    self._stop_agreed = bool(np.any(flags))
+    return self._stop_agreed
 
   def should_save(self, step: int) -> bool:
     cfg = self.cfg
@@ -611,9 +608,6 @@ class Checkpointer:
   def close(self) -> None:
     self.mngr.wait_until_finished()
     self.mngr.close()
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
 
 
 def _candidate_steps(mngr, workdir: str, step: int | None) -> list[int]:

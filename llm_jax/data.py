@@ -22,15 +22,14 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 
 import grain
 import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax import corpus as corpus_lib
+from llm_jax import files
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.corpus import DataError  # noqa: F401  (re-exported: data.DataError)
 
@@ -151,7 +150,7 @@ def _write_stream(source: corpus_lib.TextSource, tok, path: str, dtype) -> tuple
       ends = np.cumsum(lengths)  # EOS stays at each document's last slot
       for x, end in zip(ids, ends):
         flat[end - 1 - len(x):end - 1] = x
-      flat.tofile(f)
+      f.write(flat.data)  # not tofile: a full disk raises OSError(ENOSPC) from a file write
       n_tokens += flat.size
       n_docs += len(texts)
       n_chars += sum(map(len, texts))
@@ -164,20 +163,17 @@ def tokenize_corpus(corpus, tok, root: str) -> tuple[dict, str]:
                        + hashlib.sha256(tok.fingerprint).digest()).hexdigest()[:16]
   out = os.path.join(root, "tokens", key)
   if not os.path.exists(os.path.join(out, "meta.json")):
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".tmp-")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name, "corpus": corpus.name}
-    for split in ("train", "validation"):
-      n_tokens, n_docs, n_chars = _write_stream(getattr(corpus, split), tok,
-                                                os.path.join(tmp, f"{split}.bin"), dtype)
-      meta[split] = {"tokens": n_tokens, "documents": n_docs, "chars": n_chars}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-      json.dump(meta, f)
-    try:
-      os.rename(tmp, out)
-    except OSError:  # another process finished the same cache first
-      shutil.rmtree(tmp, ignore_errors=True)
+    # Built whole or not at all (llm_jax/files.py): a signal, a kill or a full disk leaves no
+    # cache a later run would trust; another process finishing the same cache first wins.
+    with files.building_dir(out, "the token cache", keep_existing=True) as tmp:
+      for split in ("train", "validation"):
+        n_tokens, n_docs, n_chars = _write_stream(getattr(corpus, split), tok,
+                                                  os.path.join(tmp, f"{split}.bin"), dtype)
+        meta[split] = {"tokens": n_tokens, "documents": n_docs, "chars": n_chars}
+      with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
   with open(os.path.join(out, "meta.json")) as f:
     return json.load(f), out
 

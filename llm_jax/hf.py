@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from llm_jax import config as config_lib
 from llm_jax import errors
+from llm_jax import files
 from llm_jax import hf_tokenizer
 from llm_jax import model as model_lib
 from llm_jax import sharding as sharding_lib
@@ -415,18 +416,23 @@ def import_to_workdir(raw_cfg, hf_path: str, workdir: str, overrides: dict | Non
   if tok.vocab_size > cfg.vocab_size:
     raise HFError(f"the tokenizer in {hf_path} has {tok.vocab_size} tokens but config.json's "
                   f"vocab_size is {cfg.vocab_size}: the files come from different models")
-  if os.path.isdir(ckpt_lib.checkpoint_dir(workdir)) and os.listdir(
-      ckpt_lib.checkpoint_dir(workdir)):
+  if ckpt_lib.saved_steps(workdir):  # (a killed import's leftovers are no checkpoint)
     raise HFError(f"--workdir={workdir} already holds checkpoints: import into a new workdir")
   index = tensor_index(hf_path)
   params, mc = load_params(hf_path, cfg, index=index)
   dtypes = sorted({d for _, _, d in index.values()})
   with cfg.unlocked():
     cfg.hf_path = os.path.abspath(hf_path)
-  ckpt_lib.save_params(workdir, 0, params, cfg.to_dict(), tok, {
-      "imported_from": os.path.abspath(hf_path), "model_type": hf["model_type"],
-      "source_dtypes": dtypes, "epoch": 0.0, "tokens_seen": 0})
   n = sum(int(np.prod(s)) for _, s, _ in index.values())
+  try:
+    ckpt_lib.save_params(workdir, 0, params, cfg.to_dict(), tok, {
+        "imported_from": os.path.abspath(hf_path), "model_type": hf["model_type"],
+        "source_dtypes": dtypes, "epoch": 0.0, "tokens_seen": 0})
+  except Exception as e:  # pylint: disable=broad-except
+    if not files.is_full(e):  # orbax's write is whole or absent: a rerun needs no cleanup
+      raise
+    raise files.disk_full(workdir, "the imported checkpoint",
+                          n * jnp.dtype(cfg.param_dtype).itemsize) from None
   return {"model_type": hf["model_type"], "params": n, "dtypes": dtypes, "config": cfg,
           "tokenizer": tok, "model_config": mc}
 
@@ -544,14 +550,12 @@ def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
   and written in files of at most `max_shard_bytes` (with model.safetensors.index.json when there
   are several), in param_dtype. Only process 0 writes. Returns the files written.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   family = export_family(mc)
   if tok.vocab_size > mc.vocab_size:
     raise HFError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                   f"{mc.vocab_size}")
   rules = _rules(mc, "llama" if family == "qwen2" else family,
                  "transformer." if family == "gpt2" else "model.")
-  flat = traverse_util.flatten_dict(params)
   itemsize = np.dtype(jnp.dtype(mc.param_dtype)).itemsize
   shards, size = [[]], 0
   for r in rules:
@@ -563,9 +567,23 @@ def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
     size += nbytes
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-  writer = jax.process_index() == 0
-  if writer:
-    os.makedirs(out_dir, exist_ok=True)
+  if jax.process_index() != 0:  # only process 0 writes; the others join the gathers
+    _write_export(mc, params, tok, None, family, rules, shards, names, itemsize)
+    return names
+  # Built in a temporary directory renamed when complete (llm_jax/files.py): a signal, a kill or
+  # a full disk leaves no half-written export in out_dir, and a rerun needs no cleanup.
+  with files.building_dir(out_dir, "the Hugging Face export",
+                          needed=sum(int(np.prod(r.hf_shape)) * itemsize for r in rules)) as tmp:
+    written = _write_export(mc, params, tok, tmp, family, rules, shards, names, itemsize)
+  logging.info("exported %s model to %s: %s", family, out_dir, ", ".join(written))
+  return written
+
+
+def _write_export(mc, params, tok, out_dir, family, rules, shards, names, itemsize) -> list[str]:
+  """export's writing into `out_dir` (None: gather only, on a process that does not write)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  writer = out_dir is not None
+  flat = traverse_util.flatten_dict(params)
   scanned = "layers" in params
   weight_map = {}
   for name, shard in zip(names, shards):
@@ -581,20 +599,19 @@ def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
       save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
   if not writer:
     return names
-  files = list(names)
+  written = list(names)
   if len(names) > 1:
     total = sum(int(np.prod(r.hf_shape)) * itemsize for r in rules)
     _write_json(out_dir, "model.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
-    files.append("model.safetensors.index.json")
+    written.append("model.safetensors.index.json")
   _write_json(out_dir, "config.json", hf_config(mc, family, tok))
   gen_eos = tok.eos_ids if len(tok.eos_ids) > 1 else tok.eos_id
   _write_json(out_dir, "generation_config.json",
               {"bos_token_id": tok.bos_id, "eos_token_id": gen_eos, "pad_token_id": tok.pad_id})
-  files += ["config.json", "generation_config.json"]
-  files += hf_tokenizer.write_hf_files(tok, out_dir, mc.max_position_embeddings)
-  logging.info("exported %s model to %s: %s", family, out_dir, ", ".join(files))
-  return files
+  written += ["config.json", "generation_config.json"]
+  written += hf_tokenizer.write_hf_files(tok, out_dir, mc.max_position_embeddings)
+  return written
 
 
 def _write_json(out_dir, name, obj):

@@ -365,8 +365,8 @@ def export(cfg, workdir: str, asked=()) -> str:
   loaded = load(workdir, cfg, step=cfg.checkpoint_step, asked=asked, merge=True)
   out = dict(loaded.cfg.to_dict(), init_from=None, export_dir=None, tokenizer_path=None,
              checkpoint_step=None)
-  path = checkpoint.save_params(cfg.export_dir, loaded.step,
-                                quantize.for_storage(loaded.params), out, loaded.tokenizer,
-                                meta={"exported_from": loaded.path})
+  # The tokenizer first: the checkpoint, written whole by orbax, is what makes the export one
+  # (a run stopped before it leaves a directory that a rerun exports into).
   _save_tokenizer(loaded.tokenizer, cfg.export_dir)
-  return path
+  return checkpoint.save_params(cfg.export_dir, loaded.step, quantize.for_storage(loaded.params),
+                                out, loaded.tokenizer, meta={"exported_from": loaded.path})

@@ -13,11 +13,13 @@ checkpoints are the adapters'; the frozen base (quantized for QLoRA) is a separa
 argument of the jitted steps, sharded like the kernels.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -29,10 +31,12 @@ import numpy as np
 import optax
 
 from llm_jax import errors
+from llm_jax import files
 from llm_jax import lora as lora_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import model as model_lib
 from llm_jax import optimizer as optimizer_lib
+from llm_jax import preemption
 from llm_jax import sharding as sharding_lib
 from llm_jax import workdir as workdir_lib
 
@@ -297,6 +301,8 @@ def evaluate(eval_step, params, batches, mesh, max_batches=None, chars_per_token
   for i, local in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
+    if jax.process_count() == 1:  # (on several processes the loop's agreed stop decides)
+      preemption.check()  # a signal during training's evaluation: stop it, the loop saves
     out = eval_step(params, sharding_lib.global_batch(local, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
@@ -339,6 +345,8 @@ OOM_ADVICE = (f"out of memory (XLA RESOURCE_EXHAUSTED). Try: {OOM_FIXES}. Check 
 
 
 def is_oom(e: BaseException) -> bool:
+  if files.is_full(e):  # XLA's RESOURCE_EXHAUSTED also names a full disk (tensorstore, orbax)
+    return False
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
@@ -392,6 +400,17 @@ def run(cfg, workdir: str, overrides=None) -> int:
     if created and jax.process_index() == 0:  # bad input leaves no new, half-made workdir
       shutil.rmtree(workdir, ignore_errors=True)
     raise
+  except Exception as e:  # pylint: disable=broad-except
+    if not files.is_full(e):
+      raise
+    # A checkpoint (orbax writes it under a tmp name, renamed when whole: the earlier ones are
+    # intact, the cut-short one is removed when the run restarts) or the metrics; the workdir is
+    # kept whatever made it, since it holds this run's earlier checkpoints.
+    from llm_jax import checkpoint as ckpt_lib
+    steps = ckpt_lib.saved_steps(workdir)
+    needed = files.tree_bytes(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(steps[-1]))
+                              ) if steps else None
+    raise files.disk_full(workdir, "the run's checkpoints and metrics", needed) from None
 
 
 def _run_locked(cfg, workdir: str, overrides=None) -> int:
@@ -415,7 +434,8 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
   ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch,
                               cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"),
                               extra={"base": base_ref} if base_ref else None)
-  writer = None
+  writer, bar = None, None
+  saving = contextlib.ExitStack()
   try:
     state = ckpt.restore_or_init(trainer, train_iter)
     # Only now: a checkpoint this config cannot use is refused before anything is written.
@@ -458,6 +478,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
       writer.write(0, {f"eval/{k}": v for k, v in ev.items()})
       print_eval(0, ev, params)
       t0 = time.perf_counter()
+    saving.enter_context(preemption.deferred())  # from here a signal saves the step it reaches
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
       state, out = trainer.train_step(state, batch)
@@ -506,15 +527,22 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
           # Periodic evaluations may be capped (eval_batches); the final one is whole.
           ev = trainer.evaluate(params, data.eval_batches(),
                                 None if step == steps else cfg.eval_batches, data.chars_per_token)
+        except preemption.Preempted:  # a signal cut the evaluation short: should_stop below
+          pass
         except BaseException:
           if do_save or stop:
             ckpt.save(step, state, train_iter, params=params)
           raise
-        writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-        ckpt.record_eval(step, ev["loss"])
+        if ev is not None:
+          writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
+          ckpt.record_eval(step, ev["loss"])
+        if not (do_save or stop) and ckpt.should_stop(step, cfg.log_every):
+          stop = True  # a signal during the evaluation: save this step, not one more
+          running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
+                                    cfg.loss_explosion_factor)
       if do_save or stop:
         ckpt.save(step, state, train_iter, params=params)
-      if ev is not None:
+      if ev is not None and not stop:  # no sampling after a signal: the save is what matters
         print_eval(step, ev, params)
       if do_eval or do_save or stop:
         t0 = time.perf_counter()  # evaluation and saving time is not training throughput
@@ -536,13 +564,28 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
       return errors.OOM
     raise
   finally:
-    ckpt.close()
-    if writer is not None:
-      writer.close()
+    # saving.close() after ckpt.close(): the last save's write is waited for inside deferred().
+    # The bar first: an error line after it starts a line of its own.
+    _close_all([c.close for c in (bar,) if c is not None] + [ckpt.close, saving.close]
+               + [c.close for c in (writer,) if c is not None])
   if is_main:
     png = metrics_lib.plot_losses(writer.jsonl_path, os.path.join(workdir, "loss_curves.png"))
     print(f"done: {workdir} holds checkpoints, metrics.jsonl, tensorboard/ and {png}")
   return errors.OK
+
+
+def _close_all(closers) -> None:
+  """Calls each closer; while an error is on its way out, a closer's own failure (the same full
+  disk, a failed async write) is logged instead of replacing it."""
+  failing = sys.exc_info()[1] is not None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not failing:
+        raise
+      logging.warning("while stopping on an error, closing failed too: %s: %s",
+                      type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
 
 
 def _eval_samples(trainer, params, tokenizer, cfg, step) -> list[str]:

@@ -58,6 +58,15 @@ def _slow_train_step(self, state, batch):
   time.sleep(_delay)
   return _train_step(self, state, batch)
 train.Trainer.train_step = _slow_train_step
+_eval_delay = float(os.environ.get("LLM_JAX_TEST_EVAL_DELAY", 0))
+_evaluate = train.evaluate
+def _slow_evaluate(eval_step, *args, **kwargs):
+  def slow_step(params, batch):
+    print("test: evaluating a batch", file=sys.stderr, flush=True)
+    time.sleep(_eval_delay)
+    return eval_step(params, batch)
+  return _evaluate(slow_step, *args, **kwargs)
+train.evaluate = _slow_evaluate
 sys.argv[0] = "main.py"
 runpy.run_path("main.py", run_name="__main__")
 """
@@ -118,7 +127,7 @@ def _command(workdir, corpus, mode="train", slow=False, **overrides):
   return head + [f"--config={BASE_CONFIG}", f"--workdir={workdir}", f"--mode={mode}"] + flags
 
 
-def _env(corpus, devices=None, delay=None):
+def _env(corpus, devices=None, delay=None, eval_delay=None):
   env = helpers.child_env(devices)
   env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
              JAX_COMPILATION_CACHE_DIR=corpus.jax_cache,
@@ -126,6 +135,8 @@ def _env(corpus, devices=None, delay=None):
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   if delay is not None:
     env["LLM_JAX_TEST_STEP_DELAY"] = str(delay)
+  if eval_delay is not None:
+    env["LLM_JAX_TEST_EVAL_DELAY"] = str(eval_delay)
   return env
 
 
@@ -137,10 +148,11 @@ def _run(workdir, corpus, mode="train", devices=None, **overrides):
   return p.returncode, p.stdout + p.stderr
 
 
-def _start_slow(workdir, corpus, log_path, delay=0.15, **overrides):
+def _start_slow(workdir, corpus, log_path, delay=0.15, eval_delay=None, **overrides):
   log = open(log_path, "w", encoding="utf-8")  # a file, not a pipe: nothing blocks on a full pipe
   return subprocess.Popen(_command(workdir, corpus, slow=True, **overrides), cwd=ROOT,
-                          env=_env(corpus, delay=delay), stdout=log, stderr=subprocess.STDOUT), log
+                          env=_env(corpus, delay=delay, eval_delay=eval_delay), stdout=log,
+                          stderr=subprocess.STDOUT), log
 
 
 def _end(proc, log):
@@ -324,6 +336,62 @@ def test_sigterm_saves_current_step_exits_zero_and_resumes(corpus, reference, tm
   _assert_same_training(workdir, reference, corpus)
 
 
+def test_sigterm_during_an_evaluation_saves_that_step_within_seconds_and_resumes(
+    corpus, reference, tmp_path):
+  # The evaluation at step 8 takes a second per batch: the signal lands in the middle of it.
+  workdir = str(tmp_path / "run")
+  log_path = tmp_path / "terminated.log"
+  fields = dict(save_steps=1000, eval_steps=8)
+  proc, log = _start_slow(workdir, corpus, log_path, delay=0.05, eval_delay=1.0, **fields)
+  try:
+    _wait_for(lambda: "test: evaluating a batch" in _read(log_path), proc, log_path)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    took = time.monotonic() - sent
+  finally:
+    _end(proc, log)
+  out = _read(log_path)
+  assert proc.returncode == 0, out[-3000:]
+  assert took < 10, took  # the issue's bound: a preempted VM has about 30 s
+  assert "stopped by a signal at step 8" in out, out[-3000:]
+  assert _steps_on_disk(workdir) == [8]
+  assert max(s for s, _ in _train_records(workdir)) == 8  # not a step more
+  assert not [s for s, _ in _train_records(workdir, "eval/loss")]  # the cut-short one not logged
+
+  rc, out = _run(workdir, corpus, **fields)
+  assert rc == 0, out[-3000:]
+  assert _resumed_at(out) == 8
+  _assert_same_training(workdir, reference, corpus)
+  assert [s for s, _ in _train_records(workdir, "eval/loss")] == [16]
+
+
+def test_readers_beside_a_saving_run_load_only_complete_checkpoints(corpus, reference, tmp_path):
+  # What --mode=eval, sample and export do first (loader.load), in a loop against a live run
+  # saving every 4 steps: each load succeeds, and the params of every step it got equal, to the
+  # bit, that step's checkpoint in the uninterrupted reference run (the same steps).
+  from llm_jax import loader
+  workdir = str(tmp_path / "run")
+  cfg = _cfg(corpus)
+  proc, log = _start_slow(workdir, corpus, tmp_path / "live.log", delay=0.4)
+  seen = {}
+  try:
+    while proc.poll() is None:
+      if not _steps_on_disk(workdir):
+        time.sleep(0.05)
+        continue
+      loaded = loader.load(workdir, cfg)
+      seen.setdefault(loaded.step, jax.device_get(loaded.params))
+  finally:
+    _end(proc, log)
+  assert proc.returncode == 0, _read(tmp_path / "live.log")[-3000:]
+  kept = set(_steps_on_disk(reference["workdir"]))
+  assert len(seen) >= 2 and set(seen) & kept, (sorted(seen), sorted(kept))
+  for step, params in seen.items():
+    if step in kept:
+      helpers.assert_bitwise_equal(params, _load(reference["workdir"], cfg, step)[0])
+
+
 # --- damaged checkpoints ----------------------------------------------------------------------
 
 
@@ -440,7 +508,7 @@ def test_keeps_best_and_latest_across_restarts(corpus, tmp_path):
       assert list(ckpt.mngr.all_steps()) == expected(), s
       assert _steps_on_disk(workdir) == expected()
 
-  def run(steps):  # one run's Checkpointer; close() also puts the signal handlers back
+  def run(steps):  # one run's Checkpointer
     ckpt = checkpoint.Checkpointer(workdir, cfg, steps_per_epoch=100)
     try:
       save_steps(ckpt, steps)

@@ -1,0 +1,256 @@
+"""SIGTERM in every phase of a real main.py process (llm_jax/preemption.py).
+
+Each phase test runs main.py through `_PAUSING_MAIN`, which wraps one function of the phase so
+that the process announces it is there and sleeps: the signal lands in the middle of the phase
+whatever the machine's speed, after the phase's writing has begun where it writes. Then: the
+process ends within 10 s (a preempted VM has about 30 s), with exit 0 for training (a rerun
+continues) and 128 + 15 for the other modes, and leaves nothing half-written (the writers build
+under a temporary name renamed when complete: llm_jax/files.py). A training run stopped between
+steps or mid-evaluation saves and resumes exactly: tests/test_checkpoint.py. The watcher test
+holds the main thread in native code, as an XLA compile or a device computation does.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import helpers  # tests/helpers.py
+
+import main
+from configs import base
+from llm_jax import checkpoint
+from llm_jax import config
+from llm_jax import data as data_lib
+from llm_jax import hf
+from llm_jax import preemption
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(ROOT, "configs", "base.py")
+GPT2 = os.path.join(ROOT, "tests", "fixtures", "hf", "gpt2")
+TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, n_heads=2,
+            n_layers=1, max_seq_len=16, micro_batch_size=4, num_train_steps=2, eval_steps=0,
+            sample_every_eval=False)
+BOUND_S = 10  # the issue's bound from the signal to the end of the process
+_MARK = "test: paused in the phase"
+_PAUSING_MAIN = f"""
+import importlib, os, runpy, sys, time
+module, name, when = os.environ["LLM_JAX_TEST_PAUSE"].split(":")
+owner = importlib.import_module(module)
+*path, name = name.split(".")  # a function, or a method: Class.method
+for part in path:
+  owner = getattr(owner, part)
+real = getattr(owner, name)
+def paused(*args, **kwargs):
+  if when == "before":
+    print({_MARK!r}, file=sys.stderr, flush=True)
+    time.sleep(60)
+  out = real(*args, **kwargs)
+  if when == "after":  # the phase has written this much: the rest is cut off
+    print({_MARK!r}, file=sys.stderr, flush=True)
+    time.sleep(60)
+  return out
+setattr(owner, name, paused)
+study = os.environ.get("LLM_JAX_TEST_STUDY")
+if study:  # python -m experiments.<study>
+  runpy.run_module(study, run_name="__main__", alter_sys=True)
+else:
+  sys.argv[0] = "main.py"
+  runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("text"))
+  helpers.write_corpus(root)
+  return dict(dataset=f"text:{root}/train", validation=f"{root}/val/*.txt")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """A workdir holding the tiny GPT-2 fixture, imported in-process."""
+  workdir = str(tmp_path_factory.mktemp("imported"))
+  hf.import_to_workdir(base.get_config(), GPT2, workdir)
+  return workdir
+
+
+def _stop_in_phase(tmp_path, pause: str, args: list[str], study: str = "",
+                   sig=signal.SIGTERM) -> tuple[int, float, str]:
+  """Runs main.py (or `python -m <study>`) with `args`, paused at `pause`
+  (module:function:before|after); sends `sig` there. Returns (exit code, seconds from the
+  signal to the end, output)."""
+  log_path = tmp_path / "run.log"
+  env = helpers.child_env()
+  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
+             LLM_JAX_TEST_PAUSE=pause, LLM_JAX_TEST_STUDY=study)
+  with open(log_path, "w", encoding="utf-8") as log:
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSING_MAIN] + args, cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+      deadline = time.monotonic() + 300
+      while _MARK not in log_path.read_text(encoding="utf-8"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+          pytest.fail(f"the run ended (exit {proc.poll()}) before the phase:\n"
+                      + log_path.read_text(encoding="utf-8")[-3000:])
+        time.sleep(0.05)
+      sent = time.monotonic()
+      proc.send_signal(sig)
+      proc.wait(timeout=60)
+      took = time.monotonic() - sent
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return proc.returncode, took, log_path.read_text(encoding="utf-8")
+
+
+def _tree(directory) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(r, f), directory)
+                for r, ds, fs in os.walk(directory) for f in fs + ds) if os.path.isdir(
+                    directory) else []
+
+
+def _train_args(text, tmp_path):
+  fields = {**TINY, **text, "data_dir": str(tmp_path / "data")}
+  return ([f"--config={BASE_CONFIG}", f"--workdir={tmp_path / 'run'}", "--mode=train"]
+          + [f"--config.{k}={v}" for k, v in fields.items()])
+
+
+def test_kill_9_mid_token_cache_leaves_nothing_that_loads_and_the_rebuild_is_whole(text, tmp_path):
+  rc, _, out = _stop_in_phase(tmp_path, "llm_jax.data:_write_stream:after",
+                              _train_args(text, tmp_path), sig=signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out[-3000:]
+  tokens = tmp_path / "data" / "tokens"
+  assert [p.startswith(".tmp-") for p in os.listdir(tokens)] == [True]  # the cut-short build
+  cfg = config.load(BASE_CONFIG, **{**TINY, **text, "data_dir": str(tmp_path / "data")})
+  got = data_lib.build(cfg, str(tmp_path / "run"))  # the next run, with no cleanup
+  fresh = data_lib.build(config.load(BASE_CONFIG, **{**TINY, **text,
+                                                     "data_dir": str(tmp_path / "fresh")}),
+                         str(tmp_path / "fresh_run"))
+  built = [p for p in os.listdir(tokens) if not p.startswith(".tmp-")]
+  assert len(built) == 1
+  for split in ("train.bin", "validation.bin"):  # the same bytes as a build never interrupted
+    want = next((tmp_path / "fresh" / "tokens").iterdir()) / split
+    assert (tokens / built[0] / split).read_bytes() == want.read_bytes()
+  assert got.steps_per_epoch == fresh.steps_per_epoch
+
+
+@pytest.mark.parametrize("phase,pause", [
+    ("dataset", "llm_jax.corpus:LlmJaxText._generate_examples:before"),  # in tfds's build
+    ("tokenizer", "llm_jax.data:tokenizer_sample:after"),  # read; SentencePiece not yet run
+    ("tokens", "llm_jax.data:_write_stream:after"),  # the train split written, not validation
+])
+def test_signal_in_a_training_build_phase_exits_zero_and_keeps_nothing_partial(
+    text, tmp_path, phase, pause):
+  rc, took, out = _stop_in_phase(tmp_path, pause, _train_args(text, tmp_path))
+  assert rc == 0 and took < BOUND_S, (rc, took, out[-3000:])
+  assert "stopped by SIGTERM during --mode=train" in out, out[-3000:]
+  data = _tree(tmp_path / "data")
+  if phase == "dataset":  # tfds writes under incomplete.* and renames: no prepared dataset
+    assert not [p for p in data if p.endswith("dataset_info.json") or "incomplete" in p], data
+  elif phase == "tokenizer":  # neither the cached tokenizer nor the workdir's
+    assert not [p for p in data if p.endswith(".model")], data
+    assert not os.path.exists(tmp_path / "run" / "tokenizer.model")
+  else:  # the tokenizer is whole; the cut-short token cache left nothing, not even a .tmp-*
+    assert [p for p in data if p.startswith("tokenizers") and p.endswith(".model")], data
+    assert not [p for p in data if p.startswith("tokens" + os.sep)], data
+  assert not checkpoint.saved_steps(str(tmp_path / "run"))
+
+
+def test_signal_in_a_study_stops_it_cleanly_and_writes_no_report(text, tmp_path):
+  out = tmp_path / "depth"
+  fields = {**TINY, **text, "data_dir": str(tmp_path / "data")}
+  rc, took, log = _stop_in_phase(
+      tmp_path, "llm_jax.data:_write_stream:after",
+      [f"--config={BASE_CONFIG}", f"--out={out}", "--layers=1"]
+      + [f"--config.{k}={v}" for k, v in fields.items()], study="experiments.depth")
+  assert rc == 0 and took < BOUND_S, (rc, took, log[-3000:])
+  assert "stopped by SIGTERM" in log, log[-3000:]
+  assert not (out / "report.md").exists()
+  assert not [p for p in _tree(tmp_path / "data") if p.startswith("tokens" + os.sep)]
+
+
+def test_signal_during_beam_search_ends_the_process(imported, tmp_path):
+  rc, took, out = _stop_in_phase(tmp_path, "llm_jax.sampling:decode:before", [
+      f"--workdir={imported}", "--mode=sample", "--prompt=Hello", "--prompt=Hi",
+      "--config.num_beams=2", "--config.do_sample=False", "--config.max_new_tokens=4"])
+  assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
+  assert "stopped by SIGTERM during --mode=sample" in out, out[-3000:]
+
+
+def test_signal_during_import_writes_no_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  rc, took, out = _stop_in_phase(tmp_path, "llm_jax.checkpoint:save_params:before", [
+      f"--workdir={workdir}", "--mode=import", f"--config.hf_path={GPT2}"])
+  assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
+  assert not checkpoint.saved_steps(str(workdir))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_signal_mid_export_leaves_no_partial_export_and_a_rerun_works(imported, tmp_path, sig):
+  out_dir = tmp_path / "hf"
+  args = [f"--workdir={imported}", "--mode=export", f"--config.hf_export_dir={out_dir}"]
+  rc, took, out = _stop_in_phase(tmp_path, "safetensors.numpy:save_file:after", args, sig=sig)
+  assert rc == (128 + sig if sig == signal.SIGTERM else -sig), (rc, out[-3000:])
+  assert took < BOUND_S, took
+  # The weights were written (under a temporary name), the rest not: no export_dir. SIGTERM
+  # removes the temporary directory; after kill -9 it stays, under a name nothing reads.
+  assert not out_dir.exists()
+  leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+  assert len(leftovers) == (sig == signal.SIGKILL), leftovers
+  assert main.cli(["main.py"] + args) == 0  # the same command again, no cleanup
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out_dir))
+
+
+def test_killed_import_leftovers_do_not_block_the_rerun(tmp_path):
+  # What a kill -9 mid-save leaves: orbax's tmp directory of step 0, never renamed.
+  workdir = str(tmp_path / "run")
+  os.makedirs(os.path.join(checkpoint.checkpoint_dir(workdir), "0.orbax-checkpoint-tmp-1"))
+  hf.import_to_workdir(base.get_config(), GPT2, workdir)
+  assert checkpoint.saved_steps(workdir) == [0]
+
+
+def _wait_in_sleep_syscall(pid):
+  """Until the main thread of `pid` is blocked in (clock_)nanosleep (x86-64 or arm64 numbers)."""
+  deadline = time.monotonic() + 30
+  while time.monotonic() < deadline:
+    with open(f"/proc/{pid}/syscall", encoding="ascii") as f:
+      if f.read().split()[0] in ("35", "230", "101", "115"):
+        return
+    time.sleep(0.01)
+  pytest.fail("the child never reached its sleep")
+
+
+def test_a_main_thread_stuck_in_native_code_is_ended_after_the_grace_period(tmp_path):
+  # SIGTERM blocked in the main thread: it sits in libc's sleep() as in a long XLA call, and only
+  # the watcher thread (started before the mask) sees the signal.
+  code = textwrap.dedent("""
+      import ctypes, signal, sys
+      from llm_jax import preemption
+      preemption.install()
+      signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+      print("ready", flush=True)
+      ctypes.CDLL(None).sleep(60)
+      sys.exit(3)  # not reached
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline() == "ready\n"
+    _wait_in_sleep_syscall(proc.pid)  # Python would still run the handler before it gets there
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  assert preemption.GRACE_S <= took < BOUND_S, took
+  assert "still busy" in err, err
