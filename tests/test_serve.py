@@ -34,6 +34,7 @@ from llm_jax import loader
 from llm_jax import model as model_lib
 from llm_jax import sampling
 from llm_jax import sharding
+from llm_jax import tokenizer as tokenizer_lib
 from llm_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +48,9 @@ TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, 
 SERVE = dict(serve_slots=4, serve_max_queue=40, serve_max_n=8, serve_max_body_bytes=20000,
              serve_model_name="tiny")
 PROMPTS = ["Kalo mine", "Ruvi sato kane", "De"]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _make_workdir(root):
@@ -63,8 +67,11 @@ def _make_workdir(root):
   params = helpers.random_params(trainer.abstract_params, std=0.3)
   state = train.TrainState(step=jnp.asarray(4, jnp.int32), params=params,
                            opt_state=trainer.tx.init(params), rng=jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(workdir, cfg, data.steps_per_epoch,
-                                 os.path.join(workdir, "tokenizer.model"))
+  # The tokenizer carries a chat template, as an imported model's tokenizer_config.json does.
+  own = tokenizer_lib.load(os.path.join(workdir, "tokenizer.model"))
+  special = {"bos": own.bos_id, "eos": own.eos_ids, "pad": own.pad_id, "unk": own.unk_id}
+  tok = tokenizer_lib.Tokenizer(own.model_proto, special, False, {"chat_template": CHATML})
+  ckpt = checkpoint.Checkpointer(workdir, cfg, data.steps_per_epoch, tok)
   try:
     ckpt.save(4, state, data.train_iter())
   finally:
@@ -220,6 +227,39 @@ def test_completions_stream_equals_non_stream_with_usage_stop_and_logprobs(serve
   assert "".join(ch.choices[0].text for ch in streamed) == cut.choices[0].text
 
 
+def test_chat_completions_render_the_models_template_stream_and_not(served):
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+  # ChatML, written out by hand: what the template must render, generation prompt included.
+  text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nKalo mine<|im_end|>\n"
+          "<|im_start|>assistant\n")
+  tok = served.loaded.tokenizer
+  ids = tok.encode(text)
+  kw = dict(model="tiny", messages=messages, max_tokens=20, temperature=0)
+  out = served.client.chat.completions.create(**kw, logprobs=True, top_logprobs=2,
+                                              extra_body={"return_token_ids": True})
+  ref = sampling.generate(served.loaded.params, served.loaded.model_cfg, [ids],
+                          sampling.SamplingConfig(max_new_tokens=20, do_sample=False),
+                          jax.random.key(0), eos_id=tok.eos_ids)[0]
+  c = out.choices[0]
+  assert c.model_extra["token_ids"] == ref
+  assert c.message.role == "assistant"
+  assert c.message.content.strip() == tok.decode([t for t in ref if t not in tok.eos_ids]).strip()
+  assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), len(ref))
+  assert c.finish_reason == ("stop" if ref[-1] in tok.eos_ids else "length")
+  # Greedy picks the most likely token: its log-prob is the best of the alternatives.
+  assert len(c.logprobs.content) == len(ref)
+  for entry in c.logprobs.content:
+    assert len(entry.top_logprobs) == 2
+    assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)
+  chunks = list(served.client.chat.completions.create(**kw, stream=True,
+                                                      stream_options={"include_usage": True}))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  with_choices = [ch for ch in chunks if ch.choices]
+  assert "".join(ch.choices[0].delta.content or "" for ch in with_choices) == c.message.content
+  assert with_choices[-1].choices[0].finish_reason == c.finish_reason
+  assert chunks[-1].usage.completion_tokens == len(ref)
+
+
 def test_32_concurrent_streams_complete_with_correct_usage(served):
   client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
   before = _metric(served, "llm_jax_serve_generation_tokens_total")
@@ -271,13 +311,20 @@ BAD = [
     ("presence penalty", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("a body over the size limit", {"prompt": "ka " * 8000}, 413, None),
     ("an unknown model", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("an empty message list", {"messages": []}, 400, "messages"),
+    ("a message of an unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages.0.role"),
+    ("chat max_tokens past the context",
+     {"messages": [{"role": "user", "content": "x"}], "max_tokens": 500}, 400, "max_tokens"),
 ]
 
 
 @pytest.mark.parametrize("what,body,status,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, what, body, status,
                                                                      param):
-  r = _post(served, "/v1/completions", body, raw=isinstance(body, bytes))
+  route = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else (
+      "/v1/completions")
+  r = _post(served, route, body, raw=isinstance(body, bytes))
   assert r.status_code == status, (what, r.text)
   err = r.json()["error"]
   assert err["message"] and err["type"] == "invalid_request_error", err

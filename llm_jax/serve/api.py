@@ -33,6 +33,7 @@ import uvicorn
 from fastapi import responses
 from starlette import exceptions as starlette_exceptions
 
+from llm_jax.serve import chat_template
 from llm_jax.serve import engine as engine_lib
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -242,6 +243,10 @@ async def _run(server: Server, request: fastapi.Request, prompts, params_list, n
     async def sse():
       done, failed = 0, None
       try:
+        for index in range(len(seqs)):  # chat's first delta of each choice names the role
+          first = render("start", rid, index)
+          if first is not None:
+            yield "data: " + json.dumps(first) + "\n\n"
         while done < len(seqs):
           index, ev = await next_event()
           if ev[0] == "delta":
@@ -413,6 +418,8 @@ def build_app(server: Server) -> fastapi.FastAPI:
     def render(kind, *a):
       if kind == "id":
         return f"cmpl-{uuid.uuid4().hex}"
+      if kind == "start":
+        return None
       if kind == "chunk":
         rid, index, text, tok_id, entry, finish = a
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
@@ -442,8 +449,77 @@ def build_app(server: Server) -> fastapi.FastAPI:
     return await _run(server, request, prompts, params, req.n, req.stream, include_usage,
                       req.logprobs is not None or req.return_token_ids, render)
 
+  @app.post("/v1/chat/completions")
+  async def chat_completions(req: ChatRequest, request: fastapi.Request):
+    server.check_model(req.model)
+    if server.chat_template is None:
+      raise ApiError(400, "This model has no chat template (its tokenizer_config.json names "
+                     "none): use /v1/completions with a plain prompt", "messages",
+                     "no_chat_template")
+    if not req.messages:
+      raise ApiError(400, "messages is empty: give at least one message", "messages")
+    if req.top_logprobs is not None and not req.logprobs:
+      raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+      raise ApiError(400, "give max_completion_tokens or max_tokens, not both",
+                     "max_completion_tokens")
+    messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
+    try:
+      text = chat_template.render(server.chat_template, messages, tok)
+    except chat_template.TemplateError as e:
+      raise ApiError(400, str(e), "messages") from None
+    ids = tok.encode(text) or [tok.eos_id]  # the template writes its own BOS
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = server.params(req, len(ids), req.max_completion_tokens or req.max_tokens, logprobs)
+    created = int(time.time())
+
+    def frame(rid, choices, **extra):
+      return {"id": rid, "object": "chat.completion.chunk", "created": created,
+              "model": server.model_name, "choices": choices, **extra}
+
+    def render(kind, *a):
+      if kind == "id":
+        return f"chatcmpl-{uuid.uuid4().hex}"
+      if kind == "start":
+        rid, index = a
+        return frame(rid, [{"index": index, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None}])
+      if kind == "chunk":
+        rid, index, text, tok_id, entry, finish = a
+        choice = {"index": index, "delta": {"content": text} if text or not finish else {},
+                  "logprobs": None if entry is None else _chat_logprobs(tok, [entry]),
+                  "finish_reason": finish}
+        if req.return_token_ids and tok_id is not None:
+          choice["token_ids"] = [tok_id]
+        return frame(rid, [choice])
+      if kind == "usage":
+        rid, usage = a
+        return frame(rid, [], usage=usage)
+      rid, seqs, usage = a
+      choices = []
+      for i, s in enumerate(seqs):
+        c = {"index": i, "message": {"role": "assistant", "content": s.text},
+             "logprobs": _chat_logprobs(tok, s.entries) if req.logprobs else None,
+             "finish_reason": s.finish_reason}
+        if req.return_token_ids:
+          c["token_ids"] = s.tokens
+        choices.append(c)
+      return {"id": rid, "object": "chat.completion", "created": created,
+              "model": server.model_name, "choices": choices, "usage": usage}
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return await _run(server, request, [ids], [params], req.n, req.stream, include_usage,
+                      req.logprobs or req.return_token_ids, render)
+
   app.state.server = server
   return app
+
+
+def _text_of(content) -> str:
+  """A message's text: a string, or its text parts joined."""
+  if content is None:
+    return ""
+  return content if isinstance(content, str) else "".join(p.text for p in content)
 
 
 _ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
@@ -493,5 +569,6 @@ def run(cfg, workdir: str, overrides=()) -> int:
                   max_tokens=min(cfg.serve_max_tokens or context, context),
                   max_n=cfg.serve_max_n, max_body_bytes=cfg.serve_max_body_bytes,
                   api_key=cfg.serve_api_key or os.environ.get(API_KEY_ENV) or None,
+                  chat_template=chat_template.template_of(loaded.tokenizer),
                   metrics=server_metrics)
   return serve(server, cfg.serve_host, cfg.serve_port)
