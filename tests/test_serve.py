@@ -260,6 +260,34 @@ def test_chat_completions_render_the_models_template_stream_and_not(served):
   assert chunks[-1].usage.completion_tokens == len(ref)
 
 
+def test_a_new_request_joins_while_a_long_one_keeps_decoding(served):
+  """Continuous batching: a short request sent while a long one runs is admitted into a free
+  slot and comes back while the long one is still decoding; the long one's tokens are
+  unchanged by it (seeded). A static batch would hold the short one until the long one ended."""
+  long_kw = dict(model="tiny", prompt=PROMPTS[2], max_tokens=110, temperature=1.0, seed=7,
+                 extra_body={"min_tokens": 110, "return_token_ids": True})
+  alone = served.client.completions.create(**long_kw).choices[0].model_extra["token_ids"]
+  arrivals, got, started = [], [], threading.Event()
+
+  def read_long():
+    for chunk in served.client.completions.create(**long_kw, stream=True):
+      got.extend(chunk.choices[0].model_extra.get("token_ids") or [])
+      arrivals.append(time.monotonic())
+      started.set()
+
+  reader = threading.Thread(target=read_long)
+  reader.start()
+  assert started.wait(60)
+  sent = time.monotonic()
+  short = served.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=3,
+                                           extra_body={"min_tokens": 3})
+  back = time.monotonic()
+  reader.join(60)
+  assert short.usage.completion_tokens == 3
+  assert got == alone
+  assert arrivals[0] < sent and sum(t > back for t in arrivals) > 0, (sent, back, arrivals)
+
+
 def test_32_concurrent_streams_complete_with_correct_usage(served):
   client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
   before = _metric(served, "llm_jax_serve_generation_tokens_total")
