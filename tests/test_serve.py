@@ -419,6 +419,65 @@ def test_metrics_count_a_request(served):
     assert name in text
 
 
+def _browser():
+  """Headless Chromium (the system's) through selenium, or a skip saying what is missing."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from selenium import webdriver  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.chrome import service  # pylint: disable=g-import-not-at-top
+  binary = shutil.which("chromium") or shutil.which("chromium-browser")
+  driver = shutil.which("chromedriver")
+  if not (binary and driver):
+    pytest.skip("no system Chromium + chromedriver (Debian: apt-get install chromium "
+                "chromium-driver; .ci/run installs them)")
+  options = webdriver.ChromeOptions()
+  options.binary_location = binary
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--window-size=1100,800"):
+    options.add_argument(arg)
+  return webdriver.Chrome(options=options, service=service.Service(driver))
+
+
+def test_the_playground_streams_in_a_browser_and_stop_cancels(served, tmp_path):
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support import ui  # pylint: disable=g-import-not-at-top
+  before = _metric(served, "llm_jax_serve_generation_tokens_total")
+  browser = _browser()
+  try:
+    browser.get(served.url + "/")
+    wait = ui.WebDriverWait(browser, 30, poll_frequency=0.05)
+    wait.until(lambda b: b.find_element(By.ID, "model").text == "tiny", "the model's name")
+    for field, value in (("prompt", PROMPTS[1]), ("max_tokens", "120"), ("min_tokens", "120")):
+      box = browser.find_element(By.ID, field)
+      box.clear()
+      box.send_keys(value)
+    # Stop is pressed the moment streamed text shows (from inside the page: a round trip
+    # through the driver could outlast the tiny model's 120 tokens).
+    browser.execute_script("""
+      const out = document.getElementById("output"), n = arguments[0];
+      new MutationObserver((_, obs) => {
+        if (out.textContent.length > n) { obs.disconnect(); document.getElementById("stop").click(); }
+      }).observe(out, {childList: true, subtree: true, characterData: true});""", len(PROMPTS[1]) + 3)
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda b: "stopped" in b.find_element(By.ID, "stats").text, "stopped")
+    assert "time to first token" in browser.find_element(By.ID, "stats").text
+    shown = browser.find_element(By.ID, "output").text
+    assert shown.startswith(PROMPTS[1]) and len(shown) > len(PROMPTS[1])
+    png = browser.get_screenshot_as_png()
+    (tmp_path / "playground.png").write_bytes(png)
+  finally:
+    browser.quit()
+  colors = Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 20)
+  assert colors is not None and len(colors) > 20  # text and widgets, not a blank page
+  # Stop cancelled the request: its slot is freed long before its 120 tokens.
+  deadline = time.time() + 20
+  while _metric(served, "llm_jax_serve_running_slots") and time.time() < deadline:
+    time.sleep(0.05)
+  assert _metric(served, "llm_jax_serve_running_slots") == 0
+  assert _metric(served, "llm_jax_serve_generation_tokens_total") - before < 120
+
+
 def test_nothing_compiled_after_warmup(served):
   # Every test above ran through the server: new prompt lengths, knobs, seeds, n, slots.
   assert served.compiles_at_start > 0
