@@ -124,9 +124,13 @@ def apply_top_k(logits_BV, k: int):
   """HF TopKLogitsWarper: keep the k largest logits per row (ties with the k-th are kept too)."""
   if not isinstance(k, (int, np.integer)):  # per row, traced: the k-th of the sorted row (0 = off)
     k_B1 = jnp.asarray(k, jnp.int32).reshape(-1, 1)
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-    kth_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(k_B1, 1, logits_BV.shape[-1]) - 1, axis=-1)
-    return jnp.where((k_B1 > 0) & (logits_BV < kth_B1), -jnp.inf, logits_BV)
+
+    def filtered(logits_BV):
+      sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+      kth_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(k_B1, 1, logits_BV.shape[-1]) - 1, axis=-1)
+      return jnp.where((k_B1 > 0) & (logits_BV < kth_B1), -jnp.inf, logits_BV)
+    # The sort costs more than the whole model step on a CPU: only when some row asks for it.
+    return lax.cond(jnp.any(k_B1 > 0), filtered, lambda x: x, logits_BV)
   if k <= 0 or k >= logits_BV.shape[-1]:
     return logits_BV
   kth_B1 = lax.top_k(logits_BV, k)[0][:, -1:]
@@ -140,8 +144,16 @@ def apply_top_p(logits_BV, p: float):
   id always survives. Implemented as a logit threshold (no scatter), so ids tied with the last
   kept one are kept too.
   """
-  if isinstance(p, (int, float)) and p >= 1.0:
-    return logits_BV
+  if isinstance(p, (int, float)):
+    return logits_BV if p >= 1.0 else _top_p(logits_BV, p)
+  # Per row, traced: rows at p >= 1 stay untouched (rounding in the cumulative sum could drop
+  # their far tail), and the sort runs only when some row asks for it.
+  p_B1 = jnp.asarray(p, jnp.float32).reshape(-1, 1)
+  return lax.cond(jnp.any(p_B1 < 1.0),
+                  lambda x: jnp.where(p_B1 < 1.0, _top_p(x, p_B1), x), lambda x: x, logits_BV)
+
+
+def _top_p(logits_BV, p):
   sorted_BV = -jnp.sort(-logits_BV, axis=-1)
   probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
   mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
