@@ -504,6 +504,32 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(served):
     httpx.get(served.url + "/health")
 
 
+def test_a_bug_in_one_request_is_a_500_and_the_next_is_served(caplog):
+  """In-process, over a stand-in engine whose submit fails for one prompt."""
+  import types  # pylint: disable=g-import-not-at-top
+  from fastapi import testclient  # pylint: disable=g-import-not-at-top
+  from llm_jax.serve import api  # pylint: disable=g-import-not-at-top
+
+  def submit(seqs):
+    if seqs[0].prompt == [7]:
+      raise RuntimeError("a bug")
+    for s in seqs:
+      s.tokens.append(3)
+      s.text, s.finish_reason = "x", "length"
+      s.emit(("done", "length"))
+  stub = types.SimpleNamespace(context=64, running=lambda: 0, queue_depth=lambda: 0,
+                               submit=submit, cancel=lambda seqs: None,
+                               model_cfg=types.SimpleNamespace(vocab_size=10))
+  server = api.Server(stub, None, model_name="m", max_tokens=64, max_n=1, max_body_bytes=1000,
+                      api_key=None)
+  client = testclient.TestClient(api.build_app(server), raise_server_exceptions=False)
+  r = client.post("/v1/completions", json={"prompt": [7], "max_tokens": 1})
+  assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error", r.text
+  assert "a bug" in caplog.text  # logged with its traceback
+  ok = client.post("/v1/completions", json={"prompt": [5], "max_tokens": 1})
+  assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "x", ok.text
+
+
 def test_an_api_key_is_required_on_v1_when_set():
   """In-process, over a stand-in engine: the key check comes before any decoding."""
   import types  # pylint: disable=g-import-not-at-top

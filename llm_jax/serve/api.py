@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from typing import Any, List, Literal, Optional, Union
@@ -546,10 +547,30 @@ def serve(server: Server, host: str, port: int) -> int:
   return 0
 
 
+def check_address(host: str, port: int) -> None:
+  """UserError unless (host, port) can be bound: found before the minutes of loading and
+  compiling, not after (the port is bound for real once the engine is ready)."""
+  from llm_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+  except socket.gaierror as e:
+    raise errors.UserError(f"serve_host={host!r} is not an address of this machine ({e}): use "
+                           f"127.0.0.1, 0.0.0.0 or a name that resolves here") from None
+  family, kind, proto, _, address = infos[0]
+  with socket.socket(family, kind, proto) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+      s.bind(address)
+    except OSError as e:
+      raise errors.UserError(f"cannot listen on {host}:{port} ({e.strerror}): another server "
+                             f"holds it? choose another --config.serve_port") from None
+
+
 def run(cfg, workdir: str, overrides=()) -> int:
   """--mode=serve: load the model (loader.py), compile the engine, serve until SIGTERM."""
   from llm_jax import loader  # pylint: disable=g-import-not-at-top
   from llm_jax import sampling  # pylint: disable=g-import-not-at-top
+  check_address(cfg.serve_host, cfg.serve_port)
   loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=overrides)
   context = sampling.max_new_tokens_for(0, loaded.model_cfg, loaded.cfg.max_seq_len)
   server_metrics = Metrics()
