@@ -156,6 +156,8 @@ def get_config():
   c.lora_alpha = placeholder(float)  # P: LoRA scale numerator: updates are scaled by lora_alpha / lora_r (None = 2 * lora_r)
   c.lora_dropout = 0.05  # P: dropout on the LoRA branch's input, in training only
   c.lora_targets = "q,v"  # +: projections given adapters: any of q,k,v,o,wi,wo,gate,up, or all
+  c.lora_train_embeddings = False  # +: with LoRA, also train the whole embedding table (and an untied head) beside the adapters (PEFT's modules_to_save)
+  c.lora_trainable_tokens = ""  # +: with LoRA, train only these tokens' embedding (and untied head) rows: ids or token strings, comma-separated (PEFT's trainable_token_indices)
   c.export_dir = placeholder(str)  # +: --mode=export: where to write the merged checkpoint (a workdir)
 
   # --- Hugging Face import / export (+) ---

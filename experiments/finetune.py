@@ -1,24 +1,29 @@
-"""Custom data and fine-tuning: from scratch vs full fine-tuning vs LoRA, at equal steps.
+"""Custom data and fine-tuning: from scratch, full fine-tuning, LoRA three ways, at equal steps.
 
     python -m experiments.finetune --out=results/finetune                  # Python's docs, on CPU
     python -m experiments.finetune --out=results/finetune --workdir=runs/default \\
-        --data='text:/data/mine/*.txt'                                     # your text, your model
+        --data='text:/data/mine/*.txt' --validation='/data/held_out/*.txt'  # your text, your model
     python -m experiments.finetune --out=results/finetune_gpu --scale=gpu
 
-The cheat sheet's "train on custom data" and "fine-tune pretrained models". Three runs on the same
+The cheat sheet's "train on custom data" and "fine-tune pretrained models". Five runs on the same
 new text, each `--steps` optimizer steps of the same batches, with the base model's tokenizer
 (so losses compare token for token):
 
 - scratch: the base's architecture, randomly initialised (the --config's own learning rate);
 - full: every weight, starting from the base (init_from, lora_r=0, AdamW at 3e-4);
-- lora: rank-8 adapters on every projection of the frozen base (configs/finetune.py's recipe).
+- lora: rank-8 adapters on every projection of the frozen base (configs/finetune.py's recipe);
+- lora+tables: the same adapters, and the whole embedding (and an untied head) trained beside
+  them (lora_train_embeddings);
+- lora+tokens: the same adapters, and the embedding (and untied head) rows of the new text's
+  vocabulary_size / 16 most frequent tokens (lora_trainable_tokens), the other rows frozen.
 
 The base is --workdir (a trained run), or the --config trained on its own dataset in <out>/model
 (configs/default.py: the model `make train` gives, on Shakespeare). --data is the new text
 (a `text:` glob or directory); without it, the 79 topics of Python's own reference documentation
 (the standard library's pydoc_data) are written to <out>/data, 4 of them held out for validation:
 text of another kind than plays. Reports the first evaluation (the base on the new text, before
-any update), the final one, the trained parameters and the time; plots the eval curves.
+any update), the final one, the trained parameters, the checkpoint's size and the time; plots
+the eval curves.
 """
 
 import os
@@ -27,11 +32,16 @@ import time
 from absl import flags
 
 from configs import finetune as finetune_config
+import numpy as np
+
 from experiments import common
 from llm_jax import checkpoint as ckpt_lib
+from llm_jax import data as data_lib
 
 _DATA = flags.DEFINE_string("data", None, "finetune: the new text, text:<dir or glob> (default: "
                             "Python's reference documentation, written to <out>/data)")
+_VALIDATION = flags.DEFINE_string("validation", None, "finetune: held-out text for --data, a "
+                                  "glob (default: validation_fraction of --data's documents)")
 _STEPS = flags.DEFINE_integer("steps", None, "finetune: optimizer steps of each run (default: "
                               "the --scale preset's, 200 on cpu)")
 
@@ -61,8 +71,24 @@ def pydoc_corpus(out: str) -> str:
   return f"text:{root}/train"
 
 
+def frequent_tokens(cfg, tokenizer, k: int) -> str:
+  """The `k` most frequent ids of cfg's training text under `tokenizer` (no special ids), as
+  lora_trainable_tokens takes them."""
+  counts = np.bincount(data_lib.build(cfg, None, 0, 1, tokenizer=tokenizer).train_tokens,
+                       minlength=cfg.vocab_size)
+  for special in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id):
+    if 0 <= special < len(counts):
+      counts[special] = 0
+  return ",".join(str(i) for i in sorted(np.argsort(-counts, kind="stable")[:k].tolist()))
+
+
+def _mib(directory: str) -> float:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(directory)
+             for f in fs) / 2**20
+
+
 def configs(base, model, data: str, validation: str, steps: int, eval_steps: int) -> dict:
-  """{mode: finalized config} of the three runs (every error before any run)."""
+  """{mode: finalized config} of the five runs (every error before any run)."""
   proto = getattr(model.tokenizer, "model_proto", None)
   if proto is None:
     raise common.StudyError(f"the base model in {model.workdir} has a Hugging Face tokenizer; "
@@ -75,18 +101,26 @@ def configs(base, model, data: str, validation: str, steps: int, eval_steps: int
                 warmup_steps=min(LORA["warmup_steps"], steps // 2))
   # The scratch run: model.cfg, the --config with the base's model fields (as the loader took
   # them from its checkpoint), so the base's architecture with the --config's optimizer.
+  tuned = dict(shared, init_from=model.workdir, tokenizer_path=None)
+  full = common.finalize(base, **{**FULL, **tuned})
+  tokens = frequent_tokens(full, model.tokenizer, max(1, full.vocab_size // 16))
   return {"scratch": common.finalize(model.cfg, **shared, tokenizer_path=tok_path),
-          "full": common.finalize(base, **{**FULL, **shared, "init_from": model.workdir,
-                                           "tokenizer_path": None}),
-          "lora": common.finalize(base, **{**LORA, **shared, "init_from": model.workdir,
-                                           "tokenizer_path": None})}
+          "full": full,
+          "lora": common.finalize(base, **{**LORA, **tuned}),
+          "lora+tables": common.finalize(base, **{**LORA, **tuned},
+                                         lora_train_embeddings=True),
+          "lora+tokens": common.finalize(base, **{**LORA, **tuned},
+                                         lora_trainable_tokens=tokens)}
 
 
 def study(base, out: str, data: str | None, steps: int, eval_steps: int,
-          workdir: str | None = None, command_line: str = "") -> common.Result:
+          workdir: str | None = None, command_line: str = "",
+          validation: str | None = None) -> common.Result:
   started = time.time()
   model = common.trained_model(common.finalize(base), out, workdir)
-  validation = base.validation
+  if validation and not data:
+    raise common.StudyError("--validation without --data: it is the held-out text of --data")
+  validation = validation or ("" if data else base.validation)
   label = data
   if not data:
     data, label = pydoc_corpus(out), "Python's reference documentation"
@@ -97,10 +131,14 @@ def study(base, out: str, data: str | None, steps: int, eval_steps: int,
     run = common.train_or_skip(cfg, os.path.join(out, mode))
     ev = run.final_eval
     first = run.series("eval/bits_per_char")
+    first_loss = run.series("eval/loss")
     runs.append(run)
     rows.append({"run": mode, "trained params": ckpt_lib.param_count(run.workdir, steps),
+                 "checkpoint MiB": _mib(os.path.join(run.workdir, "checkpoints", str(steps))),
                  "learning rate": cfg.learning_rate,
                  "bits/char at step 0": first[1][0] if first[0] and first[0][0] == 0 else None,
+                 "eval loss at step 0": (first_loss[1][0] if first_loss[0]
+                                         and first_loss[0][0] == 0 else None),
                  "eval loss": ev["loss"], "bits/char": ev["bits_per_char"],
                  "accuracy": ev["accuracy"], "wall s": run.wall_s,
                  "s/step": run.median("train/step_time_s")})
@@ -118,19 +156,31 @@ def study(base, out: str, data: str | None, steps: int, eval_steps: int,
   common.style(ax_train, "Training loss", "optimizer step", "cross-entropy (nats/token)",
                legend=8)
   by = {r["run"]: r for r in rows}
+  targets = "every" if LORA["lora_targets"] == "all" else LORA["lora_targets"]
+
+  def gain(mode):  # of the eval loss from the base's (full's step 0), as a fraction of full's
+    start = by["full"]["eval loss at step 0"]
+    return (start - by[mode]["eval loss"]) / (start - by["full"]["eval loss"])
+
   intro = (
       f"A base model ({model.workdir}, step {model.step}, trained on {model.cfg.dataset}) and "
-      f"new text ({label}: {data}). Three runs of {steps} steps on the same batches, with the "
-      f"base's tokenizer: from scratch (the base's architecture, random weights, learning rate "
+      f"new text ({label if label == data else f'{label}: {data}'}). Five runs of {steps} "
+      f"steps on the same batches, with the base's tokenizer: from scratch (the base's "
+      f"architecture, random weights, learning rate "
       f"{cfg0.learning_rate:g}), full fine-tuning (every weight, learning rate "
-      f"{FULL['learning_rate']:g}) and LoRA (rank {LORA['lora_r']} on the {LORA['lora_targets']} "
-      f"projections, learning rate {LORA['learning_rate']:g}, the base frozen). The base alone "
+      f"{FULL['learning_rate']:g}) and LoRA (rank {LORA['lora_r']} on the {targets} "
+      f"projections, learning rate {LORA['learning_rate']:g}, the base frozen; alone, with the "
+      f"whole embedding table trained beside it, and with the rows of the "
+      f"{len(cfgs['lora+tokens'].lora_trainable_tokens.split(','))} most frequent tokens of the "
+      f"new text trained). The base alone "
       f"scores {by['full']['bits/char at step 0']:.3f} bits per character on the new text; "
       f"after {steps} steps: scratch {by['scratch']['bits/char']:.3f}, full "
-      f"{by['full']['bits/char']:.3f}, LoRA {by['lora']['bits/char']:.3f} (training "
-      f"{by['lora']['trained params'] / by['full']['trained params']:.1%} of the parameters).")
-  columns = ["run", "trained params", "learning rate", "bits/char at step 0", "eval loss",
-             "bits/char", "accuracy", "wall s", "s/step"]
+      f"{by['full']['bits/char']:.3f}, "
+      + ", ".join(f"{m} {by[m]['bits/char']:.3f} ({gain(m):.0%} of full's gain, training "
+                  f"{by[m]['trained params'] / by['full']['trained params']:.1%} of the "
+                  f"parameters)" for m in ("lora", "lora+tables", "lora+tokens")) + ".")
+  columns = ["run", "trained params", "checkpoint MiB", "learning rate", "eval loss at step 0",
+             "eval loss", "bits/char at step 0", "bits/char", "accuracy", "wall s", "s/step"]
   return common.write_report(
       out, title="Custom data: from scratch, full fine-tuning and LoRA", intro=intro,
       columns=columns, rows=rows, figures={"finetune.png": fig},
@@ -139,7 +189,8 @@ def study(base, out: str, data: str | None, steps: int, eval_steps: int,
                                 "(step 0), the scratch run at its first evaluation. Right: the "
                                 "training loss of each run."},
       runs=runs, command_line=command_line, started=started,
-      extra={"base": model.workdir, "data": data})
+      extra={"base": model.workdir, "data": data,
+             "trainable_tokens": cfgs["lora+tokens"].lora_trainable_tokens})
 
 
 def main(argv):
@@ -150,7 +201,8 @@ def main(argv):
   if steps < 2:
     raise common.StudyError(f"--steps={steps}: give at least 2")
   study(base, common.out_dir(), _DATA.value, steps, min(preset["eval_steps"], steps),
-        workdir=common.workdir_flag(), command_line=common.command("finetune"))
+        workdir=common.workdir_flag(), command_line=common.command("finetune"),
+        validation=_VALIDATION.value)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from llm_jax import tokenizer as tokenizer_lib
 MODEL_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_heads", "n_layers",
                 "d_ff", "d_k", "d_v", "position_embedding", "max_position_embeddings",
                 "activation", "use_rms_norm", "use_bias", "qkv_bias", "tie_embeddings",
-                "scan_layers", "lora_r", "lora_targets", "qk_norm")
+                "scan_layers", "lora_r", "lora_targets", "lora_train_embeddings",
+                "lora_trainable_tokens", "qk_norm")
 # Fields that decide which tokens land in which batch: when changed, the data order restarts.
 DATA_FIELDS = ("dataset", "validation", "validation_fraction", "text_key", "block_size",
                "micro_batch_size", "gradient_accumulation_steps", "pack_segments", "seed",

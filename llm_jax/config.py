@@ -291,6 +291,9 @@ def _check(c):
       lora.target_paths(c.lora_targets, None)
     except ValueError as e:
       p.append(str(e))
+  need(not (c.lora_train_embeddings and str(c.lora_trainable_tokens).strip()),
+       f"lora_trainable_tokens={c.lora_trainable_tokens!r} with lora_train_embeddings=True: the "
+       f"whole embedding trains already; set only one of them")
 
   # Parallelism.
   if c.logical_axis_rules:

@@ -445,6 +445,7 @@ def export_family(mc: model_lib.ModelConfig) -> str:
   known = set(ARCH_FIELDS) | {"vocab_multiple", "dropout", "attention_dropout", "hidden_dropout",
                               "dtype", "param_dtype", "attention_impl", "remat_policy",
                               "scan_layers", "lora_alpha", "lora_targets", "lora_dropout",
+                              "lora_train_embeddings", "lora_trainable_tokens",
                               "quant_group_size", "quantize_embeddings"}
   # Fields added after this mapping must keep their defaults to export (e.g. qk_norm=False).
   extra = {f.name: f.default for f in dataclasses.fields(mc) if f.name not in known}

@@ -48,7 +48,7 @@ FUNCTION_FIELDS = ("position_embedding", "rope_theta", "rope_scaling", "rope_sca
                    "activation", "use_rms_norm", "layer_norm_eps", "use_bias", "tie_embeddings",
                    "max_seq_len")
 # A LoRA run's adapters: their shapes, and their scale.
-LORA_SHAPE_FIELDS = ("lora_r", "lora_targets")
+LORA_SHAPE_FIELDS = ("lora_r", "lora_targets", "lora_train_embeddings", "lora_trainable_tokens")
 LORA_FUNCTION_FIELDS = ("lora_alpha",)
 # How a LoRA run's base was quantized when it trained, or how an export stored its weights.
 QUANT_FIELDS = ("load_in_8bit", "load_in_4bit", "quant_type", "quant_group_size",
@@ -286,9 +286,29 @@ def check_train(cfg) -> None:
     raise fail(f"{field}=True with lora_r=0: quantized weights are not trained; set "
                f"lora_r > 0 to train LoRA adapters over a quantized base (QLoRA), or "
                f"{field}=False for full fine-tuning")
+  tables = "lora_train_embeddings=True" if cfg.lora_train_embeddings else (
+      f"lora_trainable_tokens={cfg.lora_trainable_tokens!r}" if cfg.lora_trainable_tokens else "")
+  if tables and not cfg.lora_r:
+    raise fail(f"{tables} with lora_r=0: full fine-tuning trains every embedding row and the "
+               f"head already; set lora_r > 0 to train them beside LoRA adapters, or unset it")
+  if tables and cfg.quantize_embeddings and (cfg.load_in_8bit or cfg.load_in_4bit):
+    raise fail(f"{tables} with quantize_embeddings=True: a quantized output head is not trained; "
+               f"set quantize_embeddings=False (the head then stays in the compute dtype)")
   if cfg.init_from and cfg.tokenizer_path:
     raise fail(f"tokenizer_path={cfg.tokenizer_path!r} with init_from: a fine-tune keeps "
                f"its base's tokenizer (copied into the workdir); unset tokenizer_path")
+
+
+def _with_token_ids(cfg, tokenizer, vocab_size: int):
+  """cfg with lora_trainable_tokens as the token ids it names (what the run saves and applies)."""
+  ids = lora.resolve_tokens(cfg.lora_trainable_tokens, tokenizer, vocab_size)
+  if ids != cfg.lora_trainable_tokens:
+    logging.info("lora_trainable_tokens=%r: token ids %s (%s)", cfg.lora_trainable_tokens, ids,
+                 ", ".join(repr(tokenizer.id_to_piece(int(i))) for i in ids.split(",")))
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.lora_trainable_tokens = ids
+  return cfg
 
 
 def start_finetune(cfg, workdir: str, mesh, asked=()):
@@ -308,6 +328,9 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
       own = None  # no readable checkpoint yet: a new run
   if own is not None:
     saved, reference = own["config"], own["base"]
+    if cfg.lora_trainable_tokens:  # as ids, like the run saved them
+      cfg = _with_token_ids(cfg, tokenizer_lib.load(os.path.join(workdir, "tokenizer.model")),
+                            saved["vocab_size"])
     cfg = with_model_fields(cfg, saved, asked, lora=bool(reference), quant=bool(reference))
     source = reference["path"] if reference else None
   else:
@@ -325,6 +348,8 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
   if source is None:
     return cfg, None, reference
   base = load(source, cfg, mesh=mesh, merge=True, with_fingerprint=bool(cfg.lora_r))
+  if own is None and cfg.lora_r and cfg.lora_trainable_tokens:
+    cfg = _with_token_ids(cfg, base.tokenizer, cfg.vocab_size)
   if reference:
     check_base(reference, base.fingerprint, workdir)
   if own is None:

@@ -68,6 +68,8 @@ class ModelConfig:
   lora_alpha: float = 0.0
   lora_targets: str = "q,v"
   lora_dropout: float = 0.0
+  lora_train_embeddings: bool = False
+  lora_trainable_tokens: str = ""  # token ids, comma-separated (lora.resolve_tokens made them ids)
   quant: str = ""
   quant_group_size: int = 64
   quantize_embeddings: bool = False

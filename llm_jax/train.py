@@ -421,15 +421,18 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     # Only now: a checkpoint this config cannot use is refused before anything is written.
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=False)
     start = int(jax.device_get(state.step))
-    # FLOPs count the whole model (a LoRA run's frozen base computes too).
-    n_params = metrics_lib.count_params((trainer.abstract_base, trainer.abstract_params))
+    # FLOPs count the whole model (a LoRA run's frozen base computes too); a trained table's
+    # delta is added to its table, not multiplied.
+    n_params = metrics_lib.count_params((trainer.abstract_base, lora_lib.split_deltas(
+        trainer.abstract_params)[0]))
     fpt = metrics_lib.flops_per_token(cfg, n_params)
     peak = metrics_lib.device_peak_flops()
     n_trained = metrics_lib.count_params(trainer.abstract_params, False)
     if is_main:
       what = (f"{n_trained / 1e6:.2f}M params" if not cfg.lora_r else
-              f"LoRA r={cfg.lora_r} on {cfg.lora_targets}: {n_trained / 1e6:.3f}M trained params "
-              f"over a frozen base of {trainer.model_cfg.quant or cfg.param_dtype} weights")
+              f"LoRA r={cfg.lora_r} on {cfg.lora_targets}{lora_lib.tables_note(trainer.model_cfg)}: "
+              f"{n_trained / 1e6:.3f}M trained params over a frozen base of "
+              f"{trainer.model_cfg.quant or cfg.param_dtype} weights")
       source = f" from {cfg.init_from}" if cfg.init_from else ""
       print(f"llm_jax: {what}{source}, {steps} steps of {cfg.batch_size} x {cfg.block_size} tokens "
             f"({data.steps_per_epoch} steps/epoch), mesh {dict(trainer.mesh.shape)}, "

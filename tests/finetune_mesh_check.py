@@ -1,7 +1,8 @@
 """QLoRA under a mesh, on 8 CPU devices; run by test_finetune.py as a subprocess.
 
-For each mesh: the nf4 base (scanned layers) is quantized where its params live, and one LoRA
-train step is taken from the same adapters and batch. Prints one JSON object: per mesh, the
+For each mesh: the nf4 base (scanned layers, untied head) is quantized where its params live, and
+one LoRA train step is taken from the same adapters and batch, with three tokens' embedding and
+head rows training beside the adapters (lora_trainable_tokens). Prints one JSON object: per mesh, the
 step's loss and the max |difference| of the updated adapters from the (1, 1, 1) mesh's, and
 whether every quantized kernel's codes are sharded as its full-precision kernel is.
 
@@ -43,7 +44,8 @@ TINY = dict(vocab_size=200, vocab_multiple=64, d_model=64, n_heads=4, n_kv_heads
             max_seq_len=16, micro_batch_size=8, warmup_steps=0, lr_decay="constant",
             learning_rate=1e-2, init_from="unused", lora_r=4, lora_targets="all",
             lora_dropout=0.0, load_in_4bit=True, quant_group_size=32, scan_layers=True,
-            activation="swiglu", use_rms_norm=True, use_bias=False)
+            activation="swiglu", use_rms_norm=True, use_bias=False, tie_embeddings=False,
+            lora_trainable_tokens="5,17,150")
 MESHES = [(1, 1, 1), (2, 2, 2)]
 
 
@@ -74,7 +76,15 @@ def main():
       ref = adapters
     diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(adapters),
                                                           jax.tree.leaves(ref)))
+    flat, flat_plain = traverse_util.flatten_dict(state.params), traverse_util.flatten_dict(plain)
     out["steps"]["x".join(map(str, shape))] = {
+        # the rows keep the table's sharding of its embed axis (the vocab axis is the ids')
+        "rows_sharded_as_tables": [
+            flat[("embed", "lora", "delta")].sharding.spec[1:] ==
+            flat_plain[("embed", "embedding")].sharding.spec[1:],
+            flat[("lm_head", "lora", "delta")].sharding.spec[:1] ==
+            flat_plain[("lm_head", "kernel")].sharding.spec[:1]],
+        "rows_moved": float(np.abs(np.asarray(flat[("embed", "lora", "delta")])).max()),
         "loss": float(step_out["loss"]), "adapter_diff": diff,
         "n_quantized": len(same_layout), "codes_sharded_as_kernels": all(same_layout),
         "adapter_leaves": len(jax.tree.leaves(adapters)),

@@ -283,6 +283,19 @@ def _cases():
       ("lora_with_muon", lambda t, r: (
           train_new(t, r, lora_r=4, init_from=r["workdir"], optimizer="muon"),
           ["optimizer='muon'", "lora_r=4", "optimizer=adamw"])),
+      ("lora_tables_without_lora_r", lambda t, r: (
+          train_new(t, r, init_from=r["workdir"], lora_train_embeddings=True),
+          ["lora_train_embeddings=True", "lora_r=0"])),
+      ("lora_trainable_tokens_many_pieces", lambda t, r: (
+          train_new(t, r, lora_r=4, init_from=r["workdir"],
+                    lora_trainable_tokens="kalomine ruvisato"),
+          ["lora_trainable_tokens='kalomine ruvisato'", "tokens"])),
+      ("lora_trainable_tokens_id_out_of_range", lambda t, r: (
+          train_new(t, r, lora_r=4, init_from=r["workdir"], lora_trainable_tokens="5,99999"),
+          ["99999", "0..127"])),
+      ("lora_tables_both_fields", lambda t, r: (
+          est("--config.lora_train_embeddings=True", "--config.lora_trainable_tokens=5"),
+          ["lora_trainable_tokens='5'", "lora_train_embeddings=True"])),
       ("tokenizer_path_not_a_model", lambda t, r: (
           train_new(t, r, tokenizer_path=_write(f"{t}/tok.model", "not a model")),
           [f"{t}/tok.model"])),

@@ -14,7 +14,9 @@ into cache hits. Under pytest-xdist each study runs in one worker (run_once) and
 are shared.
 """
 
+import collections
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -29,6 +31,7 @@ import matplotlib.image
 import ml_collections
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 import helpers  # tests/helpers.py
 import run_once  # tests/run_once.py
@@ -530,26 +533,43 @@ def finetune_out(tmp_path_factory, root, model_dir):
       command_line="finetune-test"))
 
 
-def test_finetune_scratch_full_lora(finetune_out, model_dir, root):
-  _finite_rows(finetune_out, 3, ["trained params", "eval loss", "bits/char", "wall s"])
+def test_finetune_scratch_full_and_three_loras(finetune_out, model_dir, root):
+  _finite_rows(finetune_out, 5, ["trained params", "checkpoint MiB", "eval loss", "bits/char",
+                                 "wall s"])
   rows = {r["run"]: r for r in finetune_out.rows}
-  assert list(rows) == ["scratch", "full", "lora"]
+  assert list(rows) == ["scratch", "full", "lora", "lora+tables", "lora+tokens"]
   # Scratch has the base's architecture and trains all of it, as full fine-tuning does; LoRA
-  # trains rank-8 adapters on every projection of 2 layers (d 32, d_ff 128), counted by hand.
+  # trains rank-8 adapters on every projection of 2 layers (d 32, d_ff 128), counted by hand;
+  # beside them the whole tied embedding (80 x 32), or the rows of 80 // 16 = 5 tokens.
   assert rows["scratch"]["trained params"] == rows["full"]["trained params"] == (
       checkpoint.param_count(model_dir, STEPS))
   per_layer = 4 * (32 * 8 + 8 * 32) + 2 * (32 * 8 + 8 * 128)  # q, k, v, o; wi, wo
   assert rows["lora"]["trained params"] == 2 * per_layer
-  # Before any update LoRA's B is zero: both fine-tunes start from the base's own score.
-  assert rows["full"]["bits/char at step 0"] == pytest.approx(rows["lora"]["bits/char at step 0"],
-                                                              rel=1e-6)
+  assert rows["lora+tables"]["trained params"] == 2 * per_layer + 80 * 32
+  assert rows["lora+tokens"]["trained params"] == 2 * per_layer + 5 * 32
+  # The rows are the new text's most frequent tokens: count them independently.
+  ids = [int(i) for i in finetune_out.extra["trainable_tokens"].split(",")]
+  tok = spm.SentencePieceProcessor(
+      model_file=str(finetune_out.out / "lora+tokens" / "tokenizer.model"))
+  counts = collections.Counter(
+      t for f in sorted(glob.glob(str(finetune_out.out / "data" / "pydoc" / "train" / "*.txt")))
+      for t in tok.encode(open(f, encoding="utf-8").read()))
+  assert set(ids) == {t for t, _ in counts.most_common(5)}
+  # A smaller state saves a smaller checkpoint: LoRA's adapters against every weight.
+  assert rows["lora"]["checkpoint MiB"] < rows["lora+tokens"]["checkpoint MiB"] < (
+      rows["lora+tables"]["checkpoint MiB"]) < rows["full"]["checkpoint MiB"]
+  # Before any update LoRA's B and the deltas are zero: every fine-tune starts from the base's
+  # own score.
+  for mode in ("lora", "lora+tables", "lora+tokens"):
+    assert rows["full"]["eval loss at step 0"] == pytest.approx(
+        rows[mode]["eval loss at step 0"], rel=1e-6)
   assert rows["scratch"]["bits/char at step 0"] is None
   # The new text is Python's documentation, held-out topics for validation.
   assert finetune_out.extra["data"].endswith("/data/pydoc/train")
   assert len(os.listdir(finetune_out.out / "data" / "pydoc" / "val")) == 4
   evals, trains = _readable(finetune_out, "finetune.png", 2)
-  assert [s["label"] for s in _series(evals)] == ["scratch", "full", "lora"]
-  assert [s["x"][0] for s in _series(evals)] == [2, 0, 0]
+  assert [s["label"] for s in _series(evals)] == list(rows)
+  assert [s["x"][0] for s in _series(evals)] == [2, 0, 0, 0, 0]
   assert all(s["x"][0] == 1 and s["x"][-1] == 4 for s in _series(trains))  # first to last step
   # A rerun trains nothing: every run is finished.
   again = finetune.study(_base(root), str(finetune_out.out), data=None, steps=4, eval_steps=2,

@@ -311,7 +311,8 @@ def test_qlora_step_under_a_mesh_equals_one_device(tmp_path_factory):
     assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), mesh
     assert r["adapter_diff"] < 1e-5, mesh
     assert r["n_quantized"] == 7 and r["codes_sharded_as_kernels"], mesh  # q,k,v,o,gate,up,wo
-    assert r["all_adapters"] and r["adapter_leaves"] == 14, mesh
+    assert r["all_adapters"] and r["adapter_leaves"] == 14 + 2, mesh  # + embed, head rows
+    assert r["rows_sharded_as_tables"] == [True, True] and r["rows_moved"] > 0, mesh
 
 
 # --- end to end: fine-tune, eval, sample, export, changed base ---------------------------------
