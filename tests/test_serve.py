@@ -46,7 +46,7 @@ TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, 
             n_layers=2, max_seq_len=128, micro_batch_size=4, num_train_steps=8, eval_steps=0,
             sample_every_eval=False)
 SERVE = dict(serve_slots=4, serve_max_queue=40, serve_max_n=8, serve_max_body_bytes=20000,
-             serve_model_name="tiny")
+             serve_max_tokens=120, serve_model_name="tiny")
 PROMPTS = ["Kalo mine", "Ruvi sato kane", "De"]
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
@@ -334,8 +334,10 @@ BAD = [
     ("a number as a string", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ("temperature of the wrong type", {"prompt": "x", "temperature": [1]}, 400, "temperature"),
     ("a prompt over the context", {"prompt": "ka " * 400}, 400, "prompt"),
-    ("max_tokens past the context", {"prompt": "Kalo", "max_tokens": 200}, 400, "max_tokens"),
+    ("max_tokens past the context", {"prompt": "ka " * 40, "max_tokens": 110}, 400,
+     "max_tokens"),
     ("n over the limit", {"prompt": "Kalo", "n": 9}, 400, "n"),
+    ("max_tokens over the limit", {"prompt": "Kalo", "max_tokens": 124}, 400, "max_tokens"),
     ("a token id outside the vocabulary", {"prompt": [5, 999]}, 400, "prompt"),
     ("an empty prompt list", {"prompt": []}, 400, "prompt"),
     ("presence penalty", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
@@ -345,7 +347,8 @@ BAD = [
     ("a message of an unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, 400,
      "messages.0.role"),
     ("chat max_tokens past the context",
-     {"messages": [{"role": "user", "content": "x"}], "max_tokens": 500}, 400, "max_tokens"),
+     {"messages": [{"role": "user", "content": "ka " * 40}], "max_tokens": 110}, 400,
+     "max_tokens"),
 ]
 
 
@@ -357,6 +360,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, wha
   r = _post(served, route, body, raw=isinstance(body, bytes))
   assert r.status_code == status, (what, r.text)
   err = r.json()["error"]
+  if what.endswith("over the limit"):  # the server's own limit, not the context
+    assert "serve_max" in err["message"], err
+  if what.endswith("past the context"):
+    assert "context length" in err["message"], err
   assert err["message"] and err["type"] == "invalid_request_error", err
   if param:
     assert err["param"] == param, err
