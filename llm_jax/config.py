@@ -272,6 +272,9 @@ def _check(c):
   need(0 <= c.serve_port <= 65535, f"serve_port={c.serve_port} must be in [0, 65535]")
   for f in ("serve_slots", "serve_max_queue", "serve_max_n", "serve_max_body_bytes"):
     need(c[f] >= 1, f"{f}={c[f]} must be >= 1")
+  need(c.serve_max_n <= c.serve_max_queue,
+       f"serve_max_n={c.serve_max_n} > serve_max_queue={c.serve_max_queue}: a request of n "
+       f"choices queues n sequences, so one at the limit could never be accepted")
   need(c.serve_max_tokens is None or c.serve_max_tokens >= 1,
        f"serve_max_tokens={c.serve_max_tokens} must be >= 1 (None = the model's context)")
   need(c.serve_api_key is None or bool(c.serve_api_key.strip()),

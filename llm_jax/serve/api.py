@@ -18,6 +18,7 @@ Mapped honestly or refused: `presence_penalty` / `frequency_penalty` other than 
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -364,7 +365,7 @@ def build_app(server: Server) -> fastapi.FastAPI:
                          f"bytes (serve_max_body_bytes)")
       if server.api_key and route.startswith("/v1"):
         got = request.headers.get("authorization", "")
-        if got != f"Bearer {server.api_key}":
+        if not hmac.compare_digest(got.encode(), f"Bearer {server.api_key}".encode()):
           raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>",
                          type_="authentication_error", code="invalid_api_key")
       response = await call_next(request)
