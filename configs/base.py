@@ -139,6 +139,17 @@ def get_config():
   c.use_cache = True  # P: KV cache during generation (False recomputes everything, for checking)
   c.stop_token = placeholder(str)  # +: extra piece that ends a row, besides EOS
 
+  # --- Serving (+): --mode=serve, the OpenAI-compatible server ---
+  c.serve_host = "127.0.0.1"  # +: address to bind (0.0.0.0 = every interface: set serve_api_key)
+  c.serve_port = 8000  # +: TCP port
+  c.serve_slots = 8  # +: decode slots: requests decoded together, each with its own KV-cache rows
+  c.serve_max_queue = 64  # +: sequences waiting for a slot before new requests get 429
+  c.serve_max_tokens = placeholder(int)  # +: most max_tokens a request may ask for (None = the context)
+  c.serve_max_n = 8  # +: most choices (n) per request
+  c.serve_max_body_bytes = 1000000  # +: request bodies over this get 413
+  c.serve_api_key = placeholder(str)  # +: require Authorization: Bearer <key> on /v1 (None = $LLM_JAX_SERVE_API_KEY, unset = open)
+  c.serve_model_name = placeholder(str)  # +: the model id clients name (None = the workdir's name)
+
   # --- Fine-tuning (P: LoRA) ---
   c.init_from = placeholder(str)  # +: start from this trained workdir (its latest checkpoint) or checkpoint directory; only its params are taken
   c.lora_r = 0  # P: LoRA rank (0 = off: with init_from, full fine-tuning)

@@ -268,6 +268,18 @@ def _check(c):
          f"num_beams={c.num_beams} with do_sample=True: beam search is deterministic; set "
          f"do_sample=False (or num_beams=1 to sample)")
 
+  # Serving.
+  need(0 <= c.serve_port <= 65535, f"serve_port={c.serve_port} must be in [0, 65535]")
+  for f in ("serve_slots", "serve_max_queue", "serve_max_n", "serve_max_body_bytes"):
+    need(c[f] >= 1, f"{f}={c[f]} must be >= 1")
+  need(c.serve_max_n <= c.serve_max_queue,
+       f"serve_max_n={c.serve_max_n} > serve_max_queue={c.serve_max_queue}: a request of n "
+       f"choices queues n sequences, so one at the limit could never be accepted")
+  need(c.serve_max_tokens is None or c.serve_max_tokens >= 1,
+       f"serve_max_tokens={c.serve_max_tokens} must be >= 1 (None = the model's context)")
+  need(c.serve_api_key is None or bool(c.serve_api_key.strip()),
+       "serve_api_key is empty: give a key, or leave it unset for an open server")
+
   # Quantization and LoRA (what a mode does with them: loader.py, train.py).
   need(not (c.load_in_8bit and c.load_in_4bit),
        "load_in_8bit and load_in_4bit are both True: choose one")
@@ -409,6 +421,7 @@ _READ_BY = {
     "estimate": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
     "export": {"checkpoint_step"},
     "compile": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
+    "serve": {"checkpoint_step"},  # requests carry their own decoding knobs
 }
 # eval_batches caps the periodic evaluations only: --mode=eval always covers the whole split.
 

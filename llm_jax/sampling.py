@@ -87,13 +87,20 @@ class SamplingConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Logits processors: pure functions of [B, V] float logits. Filtered entries become -inf, as in
-# HF; every processor keeps at least one finite entry per row.
+# HF; every processor keeps at least one finite entry per row. Each knob is a Python number (one
+# value for the batch, static: "off" skips the work) or a [B, 1] array (one value per row,
+# traced: the serving engine's slots each carry their own request's knobs).
+
+
+def _is(knob, off) -> bool:
+  """A static knob at its "off" value (an array knob is never skipped)."""
+  return isinstance(knob, (int, float)) and knob == off
 
 
 def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):
   """HF RepetitionPenaltyLogitsProcessor: for ids already present (seen_BV True) a positive logit
   is divided by `penalty`, a negative one multiplied: penalty > 1 always makes them less likely."""
-  if penalty == 1.0:
+  if _is(penalty, 1.0):
     return logits_BV
   penalized_BV = jnp.where(logits_BV < 0, logits_BV * penalty, logits_BV / penalty)
   return jnp.where(seen_BV, penalized_BV, logits_BV)
@@ -102,7 +109,7 @@ def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):
 def apply_min_length(logits_BV, n_generated, min_length: int, terminal_ids):
   """HF MinNewTokensLengthLogitsProcessor: terminal ids (EOS, stop) get -inf while
   n_generated < min_length."""
-  if min_length <= 0:
+  if isinstance(min_length, (int, float)) and min_length <= 0:
     return logits_BV
   blocked_V = _terminal(jnp.arange(logits_BV.shape[-1]), terminal_ids) & (n_generated < min_length)
   return jnp.where(blocked_V, -jnp.inf, logits_BV)
@@ -110,11 +117,20 @@ def apply_min_length(logits_BV, n_generated, min_length: int, terminal_ids):
 
 def apply_temperature(logits_BV, temperature: float):
   """HF TemperatureLogitsWarper: logits / temperature."""
-  return logits_BV if temperature == 1.0 else logits_BV / temperature
+  return logits_BV if _is(temperature, 1.0) else logits_BV / temperature
 
 
 def apply_top_k(logits_BV, k: int):
   """HF TopKLogitsWarper: keep the k largest logits per row (ties with the k-th are kept too)."""
+  if not isinstance(k, (int, np.integer)):  # per row, traced: the k-th of the sorted row (0 = off)
+    k_B1 = jnp.asarray(k, jnp.int32).reshape(-1, 1)
+
+    def filtered(logits_BV):
+      sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+      kth_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(k_B1, 1, logits_BV.shape[-1]) - 1, axis=-1)
+      return jnp.where((k_B1 > 0) & (logits_BV < kth_B1), -jnp.inf, logits_BV)
+    # The sort costs more than the whole model step on a CPU: only when some row asks for it.
+    return lax.cond(jnp.any(k_B1 > 0), filtered, lambda x: x, logits_BV)
   if k <= 0 or k >= logits_BV.shape[-1]:
     return logits_BV
   kth_B1 = lax.top_k(logits_BV, k)[0][:, -1:]
@@ -128,8 +144,16 @@ def apply_top_p(logits_BV, p: float):
   id always survives. Implemented as a logit threshold (no scatter), so ids tied with the last
   kept one are kept too.
   """
-  if p >= 1.0:
-    return logits_BV
+  if isinstance(p, (int, float)):
+    return logits_BV if p >= 1.0 else _top_p(logits_BV, p)
+  # Per row, traced: rows at p >= 1 stay untouched (rounding in the cumulative sum could drop
+  # their far tail), and the sort runs only when some row asks for it.
+  p_B1 = jnp.asarray(p, jnp.float32).reshape(-1, 1)
+  return lax.cond(jnp.any(p_B1 < 1.0),
+                  lambda x: jnp.where(p_B1 < 1.0, _top_p(x, p_B1), x), lambda x: x, logits_BV)
+
+
+def _top_p(logits_BV, p):
   sorted_BV = -jnp.sort(-logits_BV, axis=-1)
   probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
   mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
@@ -162,6 +186,29 @@ def select_tokens(processed_BV, rng, do_sample: bool):
   if rng.ndim == 1:
     return jax.vmap(jax.random.categorical)(rng, processed_BV).astype(jnp.int32)
   return jax.random.categorical(rng, processed_BV, axis=-1).astype(jnp.int32)
+
+
+def process_logits_rows(logits_BV, seen_BV, n_generated_B, knobs, terminal_ids):
+  """`process_logits` with a request's own knobs in each row: knobs holds [B] arrays
+  "temperature" (0 = greedy: no warpers, as do_sample=False), "top_k" (0 = off), "top_p",
+  "repetition_penalty" and "min_tokens"; n_generated_B: new tokens so far per row.
+  Returns (warped_BV for sampled rows, unwarped_BV for greedy rows)."""
+  col = lambda name: knobs[name][:, None]
+  logits_BV = logits_BV.astype(jnp.float32)
+  logits_BV = apply_repetition_penalty(logits_BV, seen_BV, col("repetition_penalty"))
+  logits_BV = apply_min_length(logits_BV, n_generated_B[:, None], col("min_tokens"), terminal_ids)
+  greedy_B1 = col("temperature") <= 0
+  warped_BV = apply_temperature(logits_BV, jnp.where(greedy_B1, 1.0, col("temperature")))
+  warped_BV = apply_top_k(warped_BV, knobs["top_k"])
+  warped_BV = apply_top_p(warped_BV, col("top_p"))
+  return warped_BV, logits_BV
+
+
+def select_tokens_rows(warped_BV, unwarped_BV, keys_B, temperature_B):
+  """[B] int32: per row, a draw from softmax(warped) with its own key, or (temperature 0) the
+  argmax of the unwarped logits: `select_tokens` with do_sample chosen per row."""
+  drawn_B = select_tokens(warped_BV, keys_B, True)
+  return jnp.where(temperature_B > 0, drawn_B, select_tokens(unwarped_BV, None, False))
 
 
 def row_keys(rng, rows_B2):

@@ -299,7 +299,24 @@ def _cases():
       ("tokenizer_path_not_a_model", lambda t, r: (
           train_new(t, r, tokenizer_path=_write(f"{t}/tok.model", "not a model")),
           [f"{t}/tok.model"])),
+      # Serving: an address it cannot listen on is found before the model loads.
+      ("serve_port_in_use", lambda t, r: (
+          on_run("serve", r, serve_port=_held_port()), ["127.0.0.1", "serve_port"])),
+      ("serve_host_unknown", lambda t, r: (
+          on_run("serve", r, serve_host="no-such-host.invalid"), ["serve_host"])),
   ]
+
+
+_HELD = []  # listening sockets kept open for the test session
+
+
+def _held_port():
+  """A port some other server is listening on."""
+  s = socket.socket()
+  s.bind(("127.0.0.1", 0))
+  s.listen()
+  _HELD.append(s)
+  return s.getsockname()[1]
 
 
 CASES = _cases()

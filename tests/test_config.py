@@ -53,6 +53,9 @@ INVALID = [
     ({"adafactor_min_dim_size_to_factor": 0}, "adafactor_min_dim_size_to_factor"),
     ({"weight_lr_power": -1.0}, "weight_lr_power"),
     ({"beta1": 0.0, "optimizer": "schedule_free_adamw"}, "beta1"),
+    ({"serve_slots": 0}, "serve_slots"),
+    ({"serve_max_n": 16, "serve_max_queue": 8}, "serve_max_n"),
+    ({"serve_api_key": " "}, "serve_api_key"),
 ]
 
 
