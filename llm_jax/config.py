@@ -295,6 +295,12 @@ def _check(c):
     need(len(shape) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
          and list(shape).count(-1) <= 1,
          f"{f}={shape} must be 3 integers (data, fsdp, tensor), each >= 1 or one of them -1")
+  for f in ("num_fewshot", "tasks_limit", "tasks_every"):
+    need(c[f] >= 0, f"{f}={c[f]} must be >= 0")
+  need(c.tasks_batch_size >= 1, f"tasks_batch_size={c.tasks_batch_size} must be >= 1")
+  if c.tasks_dir is not None:
+    need(os.path.isdir(c.tasks_dir), f"tasks_dir={c.tasks_dir!r} is not a folder: give the folder "
+         f"that holds the task files (hellaswag.jsonl, ...)")
   if c.compile_topology:
     from llm_jax import topology  # late, and jax-free: names only
     try:
@@ -405,6 +411,7 @@ _READ_BY = {
     "sample": {"checkpoint_step"} | set(_DECODING),
     "estimate": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
     "export": {"checkpoint_step"},
+    "tasks": {"checkpoint_step"} | set(_DECODING),
     "compile": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
 }
 # eval_batches caps the periodic evaluations only: --mode=eval always covers the whole split.
