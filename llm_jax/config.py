@@ -295,7 +295,7 @@ def _check(c):
     need(len(shape) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
          and list(shape).count(-1) <= 1,
          f"{f}={shape} must be 3 integers (data, fsdp, tensor), each >= 1 or one of them -1")
-  for f in ("num_fewshot", "tasks_limit", "tasks_every"):
+  for f in ("num_fewshot", "tasks_limit"):
     need(c[f] >= 0, f"{f}={c[f]} must be >= 0")
   need(c.tasks_batch_size >= 1, f"tasks_batch_size={c.tasks_batch_size} must be >= 1")
   if c.tasks_dir is not None:

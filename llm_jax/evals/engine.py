@@ -59,9 +59,10 @@ class Scorer:
     self.max_length = loaded.cfg.max_seq_len
     if self.model_cfg.position_embedding == "learned":
       self.max_length = min(self.max_length, self.model_cfg.max_position_embeddings)
-    eos = list(getattr(self.tok, "eos_ids", []) or [])
-    self.eos_ids = eos
-    self.prefix_id = eos[0] if eos else self.tok.bos_id
+    self.eos_ids = list(self.tok.eos_ids)
+    # scoring.py's module docstring: EOS starts documents in our own training data
+    own = getattr(self.tok, "is_own", False)
+    self.prefix_id = self.tok.eos_id if own or self.tok.bos_id is None else self.tok.bos_id
     self.progress = progress
     self.shapes = set()  # (rows, length) of every scoring batch run: one compile each
     self.gen_shapes = set()
@@ -79,7 +80,8 @@ class Scorer:
     return self.tok.encode(text, add_bos=self.tok.add_bos)
 
   def encode_pair(self, context: str, continuation: str):
-    return scoring.encode_pair(self.encode, context, continuation, self.prefix_id)
+    return scoring.encode_pair(self.encode, context, continuation, self.prefix_id,
+                               lambda text: self.tok.encode(text))
 
   def bucket(self, n: int) -> int:
     t = MIN_BUCKET

@@ -51,9 +51,11 @@ def prepare(cfg) -> list[Prepared]:
       pool, where = None, "built-in (held-out plays)"
     else:
       task, items, pool, where = tasks_lib.load(name, path, cfg.tasks_dir, builtin.NAMES)
+    # requests built over every item, then cut: the few-shot draws of the first items are then
+    # those of lm-eval's --limit (its pool is the whole split, its draws follow the items)
+    tasks_lib.build(task, items, pool, cfg.num_fewshot)
     if cfg.tasks_limit:
       items = items[:cfg.tasks_limit]
-    tasks_lib.build(task, items, pool, cfg.num_fewshot)
     out.append(Prepared(task, items, where))
   return out
 

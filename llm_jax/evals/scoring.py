@@ -7,8 +7,13 @@ be followed here. The harness (harness.py) and the lm-eval backend (lm_eval_back
 through these, so the two cannot drift apart.
 
 Where lm-eval leaves something open and we decided:
-- lm-eval's hf backend adds the tokenizer's BOS only when the model asks for it
-  (`add_bos_token`); we encode with the tokenizer's own `add_bos` (what the model trained with).
+- lm-eval's hf backend encodes with the tokenizer's own special tokens (`add_bos_token`
+  unset): we encode with the tokenizer's `add_bos`, the same for an imported model.
+- The token an empty context conditions on (and the rolling windows' first): HFLM's
+  `prefix_token_id`, BOS if the tokenizer has one, else EOS, for imported models; for a
+  tokenizer llm_jax trained, EOS, because training separates documents with EOS and never shows
+  the model a BOS (engine.Scorer.prefix_id; pass HFLM `prefix_token_id=` the same id to compare
+  an exported model).
 - The CORE-style aggregate (nanochat's `core_eval`, DCLM's CORE) centres each task's accuracy by
   its chance level and averages over the tasks run; lm-eval has no such aggregate. For tasks
   whose headline metric is not an accuracy (perplexities), nothing is centred and they are left
@@ -27,16 +32,18 @@ import numpy as np
 
 
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
-                prefix_id: int) -> tuple[list[int], list[int]]:
+                prefix_id: int, encode_plain: Callable[[str], list[int]] | None = None
+                ) -> tuple[list[int], list[int]]:
   """(context ids, continuation ids) as `TemplateLM.loglikelihood` and `_encode_pair` make them.
 
   Trailing whitespace of the context moves to the continuation (word-boundary tokenization);
   the whole string is encoded and split at the context's length, so the continuation's ids are
-  those of the joined text. An empty context conditions on `prefix_id` (EOS/BOS), unless the
-  continuation already starts with it.
+  those of the joined text. An empty context conditions on `prefix_id`, the continuation then
+  encoded without special tokens (`encode_plain`, default `encode`), unless it starts with
+  prefix_id itself.
   """
   if context == "":
-    cont = encode(continuation)
+    cont = (encode_plain or encode)(continuation)
     if cont and cont[0] == prefix_id:
       return cont[:1], cont[1:]
     return [prefix_id], cont

@@ -79,6 +79,10 @@ class Task:
   answer: dict | None = None  # generation: the filters and exact-match options
   delimiter: str = TARGET_DELIMITER  # between the context and a choice (lm-eval's target_delimiter)
   description: str = ""
+  # lm-eval's ContextSampler draws n + 1 examples and drops the evaluated item (then keeps n)
+  # exactly when the YAML's fewshot_split equals its test_split, both unset included; otherwise
+  # it draws n, even from the evaluated items themselves (lambada_openai): the draws differ
+  fewshot_extra: bool = True
 
 
 # ------------------------------------------------------------------------------ the Hub tasks
@@ -192,18 +196,22 @@ STANDARD = {t.name: t for t in (
     Task("hellaswag", "multiple_choice", ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
          _hellaswag, _MC, "acc_norm", "validation", "train"),
     Task("arc_easy", "multiple_choice", ("question", "choices.text", "choices.label",
-                                         "answerKey"), _arc, _MC, "acc_norm", "test", "train"),
+                                         "answerKey"), _arc, _MC, "acc_norm", "test", "train",
+         fewshot_extra=False),
     Task("arc_challenge", "multiple_choice", ("question", "choices.text", "choices.label",
                                               "answerKey"), _arc, _MC, "acc_norm", "test",
-         "train"),
+         "train",
+         fewshot_extra=False),
     Task("piqa", "multiple_choice", ("goal", "sol1", "sol2", "label"), _piqa, _MC, "acc_norm",
          "validation", "train"),
     Task("openbookqa", "multiple_choice", ("question_stem", "choices.text", "choices.label",
                                            "answerKey"), _openbookqa, _MC, "acc_norm", "test",
-         "train"),
+         "train",
+         fewshot_extra=False),
     Task("sciq", "multiple_choice", ("support", "question", "distractor1", "distractor2",
                                      "distractor3", "correct_answer"), _sciq, _MC, "acc_norm",
-         "test", "train"),
+         "test", "train",
+         fewshot_extra=False),
     Task("boolq", "multiple_choice", ("passage", "question", "label"), _boolq, ("acc",), "acc",
          "validation", "train"),
     Task("copa", "multiple_choice", ("premise", "question", "choice1", "choice2", "label"), _copa,
@@ -211,12 +219,12 @@ STANDARD = {t.name: t for t in (
     Task("winogrande", "multiple_choice", ("sentence", "option1", "option2", "answer"),
          _winogrande, ("acc",), "acc", "validation", "train"),
     Task("lambada_openai", "cloze", ("text",), _lambada, ("acc", "perplexity"), "acc", "test",
-         None),
+         None, fewshot_extra=False),
     Task("wikitext", "rolling", ("page",), _wikitext, ("word_perplexity", "byte_perplexity",
                                                        "bits_per_byte"), None, "test", None),
     Task("gsm8k", "generate", ("question", "answer"), _gsm8k,
          ("exact_match_strict", "exact_match_flexible"), "exact_match_strict", "test", "train",
-         until=("Question:", "</s>", "<|im_end|>"), answer=_GSM8K_ANSWER),
+         until=("Question:", "</s>", "<|im_end|>"), answer=_GSM8K_ANSWER, fewshot_extra=False),
 )}
 
 
@@ -426,20 +434,31 @@ def _distance(a: str, b: str) -> tuple:
 
 
 def build(task: Task, items: list[Item], pool: list[Item] | None, num_fewshot: int) -> None:
-  """Fills each item's requests, with num_fewshot solved examples before it (module docstring)."""
+  """Fills each item's requests, with num_fewshot solved examples before it (module docstring).
+
+  pool: the few-shot examples (a training split), or None to draw them from `items`, which is
+  then the whole evaluated set (before tasks_limit: lm-eval's --limit keeps the pool whole).
+  Only the items' first `limit` get requests when the caller cuts the list afterwards; the draws
+  follow the items in order, so the first items' contexts do not depend on the limit.
+  """
   rnd = random.Random(FEWSHOT_SEED)
-  shots_from = pool if pool is not None else items
-  if task.kind != "rolling" and num_fewshot and len(shots_from) - (pool is None) < num_fewshot:
+  own = pool is None
+  shots_from = items if own else pool
+  # the items themselves where lm-eval has a split we were not given: always n + 1, the item out
+  extra = task.fewshot_extra or (own and task.fewshot_split is not None)
+  exclude = own and extra
+  if task.kind != "rolling" and num_fewshot and len(shots_from) - exclude < num_fewshot:
     raise TaskError(f"num_fewshot={num_fewshot}: task {task.name!r} has only "
-                    f"{len(shots_from) - (pool is None)} other items to draw examples from")
+                    f"{len(shots_from) - exclude} {'other ' if exclude else ''}items to draw "
+                    f"examples from")
   for item in items:
     prefix = ""
     if task.kind != "rolling" and num_fewshot:
-      if pool is not None:
-        shots = rnd.sample(shots_from, num_fewshot)
+      if extra:
+        drawn = rnd.sample(range(len(shots_from)), num_fewshot + 1)
+        shots = [shots_from[i] for i in drawn if shots_from[i] is not item][:num_fewshot]
       else:
-        drawn = rnd.sample(range(len(items)), num_fewshot + 1)
-        shots = [items[i] for i in drawn if items[i] is not item][:num_fewshot]
+        shots = [shots_from[i] for i in rnd.sample(range(len(shots_from)), num_fewshot)]
       prefix = "".join(s.solved(task.delimiter) + FEWSHOT_DELIMITER for s in shots)
     if task.kind == "rolling":
       item.requests = [item.target]
