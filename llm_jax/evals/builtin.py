@@ -5,12 +5,16 @@ these items come from text it never saw, and nothing is fetched:
 
   play_next_line  the true next line of a speech among 3 other lines of the same play, of about
                   its length (chance 1/4)
-  play_speaker    who speaks next ("NAME:"), among up to 4 of the scene's speakers (chance: the
-                  mean of 1 / the item's choices)
+  play_speaker    who speaks next ("NAME:"), among up to 4 of the scene's speakers other than the
+                  one who just spoke (chance: the mean of 1 / the item's choices)
   play_last_word  the last word of a verse line, greedy, as LAMBADA scores it (chance 0)
 
 Each item's context is the play's text before the scored point, cut to at most CONTEXT_CHARS
-characters at a line start (the default model reads 128 tokens). Items are drawn with a fixed
+characters at a line start (the default model reads 128 tokens). A choice ends with its line's
+newline: the corpus's tokenizer joins a line's last punctuation with it (".\n", ":\n"), so a
+choice without it would end in a piece the model rarely sees at a line's end. For the same
+reason a context keeps its trailing newlines (scoring.encode_pair's move_space=False): lm-eval's
+move of them into the continuation would cut the piece ".\n" in two. Items are drawn with a fixed
 seed, the same for every run and model, so scores compare across runs.
 """
 
@@ -75,7 +79,7 @@ def _next_line(text, speeches, rng):
       near = [x for x in lines if x != line and abs(len(x) - len(line)) <= 0.2 * len(line)]
       others = rng.sample(near if len(near) >= 3 else [x for x in lines if x != line], 3)
       gold = rng.randrange(4)
-      choices = others[:gold] + [line] + others[gold:]
+      choices = [c + "\n" for c in others[:gold] + [line] + others[gold:]]
       items.append(tasks_lib.Item(_context(text, off), choices, gold))
   return items
 
@@ -88,13 +92,19 @@ def _speaker(text, speeches, rng):
       by_scene[scene].append(who)
   items = []
   for k, (scene, who, off, _) in enumerate(speeches):
-    if k == 0 or speeches[k - 1][0] != scene or len(by_scene[scene]) < 2:
+    if k == 0 or speeches[k - 1][0] != scene:
       continue  # the speech opens its scene: no context from the scene
-    others = [s for s in by_scene[scene] if s != who]
+    previous = speeches[k - 1][1]
+    if who == previous:
+      continue  # a speech resumed after a stage direction
+    # the one who just spoke is no choice: a new speech is never theirs, a trivial rule
+    others = [s for s in by_scene[scene] if s not in (who, previous)]
+    if not others:
+      continue
     others = rng.sample(others, min(3, len(others)))
     gold = rng.randrange(len(others) + 1)
     names = others[:gold] + [who] + others[gold:]
-    items.append(tasks_lib.Item(_context(text, off), [n + ":" for n in names], gold))
+    items.append(tasks_lib.Item(_context(text, off), [n + ":\n" for n in names], gold))
   return items
 
 
@@ -124,5 +134,5 @@ def load(name: str, limit: int = ITEMS) -> tuple[tasks_lib.Task, list[tasks_lib.
   if limit and len(items) > limit:
     items = [items[i] for i in sorted(rng.sample(range(len(items)), limit))]
   task = tasks_lib.Task(name, kind, (), lambda d: d, metrics, headline, fewshot_split=None,
-                        delimiter="", description=__doc__)
+                        delimiter="", description=__doc__, move_space=False)
   return task, items

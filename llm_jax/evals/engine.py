@@ -79,9 +79,9 @@ class Scorer:
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_bos=self.tok.add_bos)
 
-  def encode_pair(self, context: str, continuation: str):
+  def encode_pair(self, context: str, continuation: str, move_space: bool = True):
     return scoring.encode_pair(self.encode, context, continuation, self.prefix_id,
-                               lambda text: self.tok.encode(text))
+                               lambda text: self.tok.encode(text), move_space)
 
   def bucket(self, n: int) -> int:
     t = MIN_BUCKET
@@ -133,9 +133,9 @@ class Scorer:
       ll_B, greedy_B = self._score(self.params, put(inputs_BT), put(targets_BT), put(mask_BT))
     return jax.device_get((ll_B, greedy_B))
 
-  def loglikelihood(self, pairs: Sequence[tuple[str, str]], desc="loglikelihood"
-                    ) -> list[tuple[float, bool]]:
-    return self.score_tokens([self.encode_pair(c, x) for c, x in pairs], desc)
+  def loglikelihood(self, pairs: Sequence[tuple[str, str]], desc="loglikelihood",
+                    move_space: bool = True) -> list[tuple[float, bool]]:
+    return self.score_tokens([self.encode_pair(c, x, move_space) for c, x in pairs], desc)
 
   def loglikelihood_rolling(self, texts: Sequence[str], desc="rolling") -> list[float]:
     windows, owner = [], []

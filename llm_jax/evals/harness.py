@@ -68,7 +68,7 @@ def _check_lengths(scorer, prepared) -> None:
       continue
     for item in p.items:
       for ctx, cont in item.requests:
-        n = len(scorer.encode_pair(ctx, cont)[1])
+        n = len(scorer.encode_pair(ctx, cont, p.task.move_space)[1])
         if n > scorer.max_length or n == 0:
           raise tasks_lib.TaskError(
               f"task {p.task.name!r} ({p.path}): a continuation of {n} tokens "
@@ -93,7 +93,7 @@ def score_task(scorer, p: Prepared, scfg=None, rng=None) -> tuple[dict, list[dic
   recs = []
   if task.kind == "multiple_choice":
     flat = [r for it in items for r in it.requests]
-    res = iter(scorer.loglikelihood(flat, desc=task.name))
+    res = iter(scorer.loglikelihood(flat, desc=task.name, move_space=task.move_space))
     accs, norms = [], []
     for it in items:
       lls = [next(res)[0] for _ in it.requests]
@@ -108,7 +108,8 @@ def score_task(scorer, p: Prepared, scfg=None, rng=None) -> tuple[dict, list[dic
     if "acc_norm" in task.metrics:
       metrics["acc_norm"] = scoring.mean(norms)
   elif task.kind == "cloze":
-    res = scorer.loglikelihood([it.requests[0] for it in items], desc=task.name)
+    res = scorer.loglikelihood([it.requests[0] for it in items], desc=task.name,
+                              move_space=task.move_space)
     for it, (ll, greedy) in zip(items, res):
       recs.append({"context": it.requests[0][0], "target": it.target, "ll": ll,
                    "greedy": greedy})

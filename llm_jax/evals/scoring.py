@@ -32,22 +32,24 @@ import numpy as np
 
 
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
-                prefix_id: int, encode_plain: Callable[[str], list[int]] | None = None
-                ) -> tuple[list[int], list[int]]:
+                prefix_id: int, encode_plain: Callable[[str], list[int]] | None = None,
+                move_space: bool = True) -> tuple[list[int], list[int]]:
   """(context ids, continuation ids) as `TemplateLM.loglikelihood` and `_encode_pair` make them.
 
   Trailing whitespace of the context moves to the continuation (word-boundary tokenization);
   the whole string is encoded and split at the context's length, so the continuation's ids are
   those of the joined text. An empty context conditions on `prefix_id`, the continuation then
   encoded without special tokens (`encode_plain`, default `encode`), unless it starts with
-  prefix_id itself.
+  prefix_id itself. move_space=False keeps the context's trailing whitespace where it is: for
+  our own tasks, whose contexts end at a line's end, where the corpus's tokenizer has a clean
+  token boundary that lm-eval's move would cut (".\n" becomes "." then "\n").
   """
   if context == "":
     cont = (encode_plain or encode)(continuation)
     if cont and cont[0] == prefix_id:
       return cont[:1], cont[1:]
     return [prefix_id], cont
-  n_spaces = len(context) - len(context.rstrip())
+  n_spaces = len(context) - len(context.rstrip()) if move_space else 0
   if n_spaces > 0:
     continuation = context[-n_spaces:] + continuation
     context = context[:-n_spaces]

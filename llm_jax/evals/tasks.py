@@ -83,6 +83,7 @@ class Task:
   # exactly when the YAML's fewshot_split equals its test_split, both unset included; otherwise
   # it draws n, even from the evaluated items themselves (lambada_openai): the draws differ
   fewshot_extra: bool = True
+  move_space: bool = True  # lm-eval's _encode_pair moves the context's trailing space (scoring.py)
 
 
 # ------------------------------------------------------------------------------ the Hub tasks
