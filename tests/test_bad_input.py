@@ -286,6 +286,26 @@ def _cases():
       ("tokenizer_path_not_a_model", lambda t, r: (
           train_new(t, r, tokenizer_path=_write(f"{t}/tok.model", "not a model")),
           [f"{t}/tok.model"])),
+      # Downstream task input (--mode=tasks): refused before the model loads or compiles.
+      ("task_unknown_name", lambda t, r: (on_run("tasks", r, tasks="hellaswg"),
+                                          ["'hellaswg'", "closest first: hellaswag"])),
+      ("task_file_missing_field", lambda t, r: (
+          on_run("tasks", r, tasks="piqa=" + _write(
+              f"{t}/piqa.jsonl", '{"goal": "a", "sol1": "b", "label": 0}\n')),
+          [f"{t}/piqa.jsonl", "'sol2'"])),
+      ("task_label_out_of_range", lambda t, r: (
+          on_run("tasks", r, tasks="mine=" + _write(
+              f"{t}/mine.jsonl", '{"context": "a", "choices": ["b", "c"], "label": 2}\n')),
+          [f"{t}/mine.jsonl", "label 2"])),
+      ("task_file_empty", lambda t, r: (
+          on_run("tasks", r, tasks="mine=" + _write(f"{t}/mine.jsonl", "")),
+          [f"{t}/mine.jsonl"])),
+      ("task_one_choice", lambda t, r: (
+          on_run("tasks", r, tasks="mine=" + _write(
+              f"{t}/mine.jsonl", '{"context": "a", "choices": ["b"], "label": 0}\n')),
+          [f"{t}/mine.jsonl", "1 choice"])),
+      ("tasks_dir_not_a_folder", lambda t, r: (on_run("tasks", r, tasks_dir=f"{t}/nope"),
+                                               ["tasks_dir", f"{t}/nope"])),
   ]
 
 
