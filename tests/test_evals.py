@@ -52,7 +52,8 @@ YAMLS = {"hellaswag": ("hellaswag/hellaswag.yaml", ("train", "validation")),
          "sciq": ("sciq/sciq.yaml", ("train", "validation", "test")),
          "openbookqa": ("openbookqa/openbookqa.yaml", ("train", "validation", "test")),
          "lambada_openai": ("lambada/lambada_openai.yaml", ("test",)),
-         "wikitext": ("wikitext/wikitext.yaml", ("train", "validation", "test"))}
+         "wikitext": ("wikitext/wikitext.yaml", ("train", "validation", "test")),
+         "gsm8k": ("gsm8k/gsm8k.yaml", ("train", "test"))}
 
 
 def _words(rng, n):
@@ -90,6 +91,8 @@ def _records(name, rng, n=6):
            "distractor2": w(2), "distractor3": w(1), "correct_answer": w(2)}
     elif name == "lambada_openai":
       r = {"text": w(int(rng.integers(8, 30)))}
+    elif name == "gsm8k":
+      r = {"question": w(6) + "?", "answer": f"{w(4)}.\n#### {int(rng.integers(1, 99))}"}
     else:  # wikitext pages, some longer than the 64-token context: rolling windows
       r = {"page": " = " + w(2) + " = \n " + w(int(rng.integers(10, 120))) + " , " + w(5) + " . \n"}
     out.append(r)
@@ -174,6 +177,8 @@ def test_requests_are_lm_evals_own(fx, lm_tasks, shots):
     t.set_fewshot_seed(1234)
     t.build_all_requests(rank=0, world_size=1)
     ref = [i.args for i in sorted(t.instances, key=lambda i: (i.doc_id, i.idx))]
+    if name == "gsm8k":  # generation: (context, generation kwargs); ours are the contexts
+      ref = [(a[0],) for a in ref]
     got = [r if isinstance(r, tuple) else (r,) for it in _ours(fx, name, shots)
            for r in it.requests]
     assert got == ref, name
@@ -279,6 +284,28 @@ def test_rolling_windows_are_lm_evals(fx):
       ref = [lm_utils.make_disjoint_window(w)
              for w in lm_utils.get_rolling_token_windows(tokens, 2, max_len, 1)]
       assert scoring.rolling_windows(tokens, 2, max_len) == ref, (n, max_len)
+
+
+def test_generation_answers_are_extracted_and_matched_as_lm_eval_does():
+  """GSM8K's two filters (lm-eval's RegexFilter with its YAML's patterns) and exact match
+  (exact_match_hf_evaluate with its regexes_to_ignore, ignore_case) on generations that hit
+  each branch: a match, several matches, an empty group, none."""
+  from lm_eval.api import metrics as lm_metrics  # pylint: disable=import-outside-toplevel
+  from lm_eval.filters.extraction import RegexFilter  # pylint: disable=import-outside-toplevel
+  from llm_jax.evals import scoring  # pylint: disable=import-outside-toplevel
+  ans = tasks_lib.STANDARD["gsm8k"].answer
+  refs = ["so 1,234.\n#### 1,234", "then\n#### 7", "#### -3", "x\n#### $5.", "#### 12"]
+  gens = [" She has 3 + 4.\n#### 1,234", " 7 apples, then 8\n####7", " #### -3.\nQ", " no number",
+          " $5. #### 5. and #### 6"]
+  for name, (pattern, group) in ans["filters"].items():
+    theirs = [r[0] for r in RegexFilter(pattern, group).apply([[g] for g in gens], [{}] * 5)]
+    ours = [scoring.regex_extract(g, pattern, group) for g in gens]
+    assert ours == theirs, name
+    for got, ref in zip(ours, refs):
+      em = lm_metrics.exact_match_hf_evaluate([got], [ref], ans["regexes_to_ignore"],
+                                              ans["ignore_case"], ans["ignore_punctuation"])
+      assert scoring.exact_match(got, ref, ans["regexes_to_ignore"], ans["ignore_case"],
+                                 ans["ignore_punctuation"]) == em["exact_match"], (name, got)
 
 
 def test_built_in_tasks_run_offline_and_report_chance(fx, cli):
