@@ -166,4 +166,5 @@ def get_config():
   c.num_fewshot = 0  # +: solved examples before each item, drawn with lm-eval's fixed seed
   c.tasks_limit = 0  # +: at most this many items per task (0 = all)
   c.tasks_batch_size = 32  # +: rows per scoring batch (one compile per length bucket)
+  c.tasks_every = 0  # +: during training, score the tasks every this many steps (and at the end) into metrics.jsonl / TensorBoard (0 = off)
   return c

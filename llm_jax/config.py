@@ -295,7 +295,7 @@ def _check(c):
     need(len(shape) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
          and list(shape).count(-1) <= 1,
          f"{f}={shape} must be 3 integers (data, fsdp, tensor), each >= 1 or one of them -1")
-  for f in ("num_fewshot", "tasks_limit"):
+  for f in ("num_fewshot", "tasks_limit", "tasks_every"):
     need(c[f] >= 0, f"{f}={c[f]} must be >= 0")
   need(c.tasks_batch_size >= 1, f"tasks_batch_size={c.tasks_batch_size} must be >= 1")
   if c.tasks_dir is not None:
@@ -400,7 +400,7 @@ _TRAINING = ("learning_rate", "min_learning_rate", "warmup_steps", "lr_decay", "
              "num_train_steps", "num_train_epochs", "eval_steps", "eval_batches", "save_steps",
              "save_every_epochs", "max_to_keep", "log_every", "sample_every_eval",
              "loss_explosion_factor", "dropout", "attention_dropout", "hidden_dropout",
-             "remat_policy", "grad_accum", "data_workers", "prefetch")
+             "remat_policy", "grad_accum", "data_workers", "prefetch", "tasks_every")
 _DECODING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
              "length_penalty", "max_new_tokens", "min_length", "use_cache", "stop_token",
              "num_return_sequences")

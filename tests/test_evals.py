@@ -321,3 +321,34 @@ def test_built_in_tasks_run_offline_and_report_chance(fx, cli):
   assert 1 / 4 <= r["play_speaker"]["chance"] <= 1 / 2
   assert all(t["items"] == 8 for t in r.values())
   assert math.isfinite(r["play_last_word"]["metrics"]["perplexity"])
+
+
+def test_tasks_every_logs_the_scores_mode_tasks_gives_the_saved_checkpoint(fx, cli, tmp_path):
+  """tasks_every: a short training run logs each task's metrics to metrics.jsonl; at the last
+  step they equal --mode=tasks on the checkpoint saved there."""
+  mine = tmp_path / "mine.jsonl"
+  rng = np.random.default_rng(5)
+  mine.write_text("".join(json.dumps({"context": _words(rng, 6), "target": " " + _words(rng, 2)})
+                          + "\n" for _ in range(5)), encoding="utf-8")
+  fields = {**fx["fields"], "num_train_steps": 4, "warmup_steps": 1, "tasks_every": 2,
+            "tasks": f"mine={mine},lambada_openai={fx['hub_dir']}/lambada_openai"}
+  flags = [f"--config={BASE}"] + [f"--config.{k}={v}" for k, v in fields.items()]
+  workdir = tmp_path / "run"
+  code, out = cli("--mode=train", f"--workdir={workdir}", *flags)
+  assert code == 0, out[-3000:]
+  logged = {}
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    for line in f:
+      r = json.loads(line)
+      if "tasks/mine/perplexity" in r:
+        logged[r["step"]] = r
+  assert sorted(logged) == [2, 4]
+  code, out = cli("--mode=tasks", f"--workdir={workdir}", *flags)
+  assert code == 0, out[-3000:]
+  with open(workdir / "tasks" / "step_4" / "results.json", encoding="utf-8") as f:
+    report = json.load(f)
+  for name in ("mine", "lambada_openai"):
+    for k, v in report["tasks"][name]["metrics"].items():
+      assert logged[4][f"tasks/{name}/{k}"] == pytest.approx(v, rel=1e-5), (name, k)
+  assert logged[4]["tasks/core"] == pytest.approx(report["core"])
+  assert logged[2]["tasks/mine/perplexity"] != logged[4]["tasks/mine/perplexity"]

@@ -47,10 +47,13 @@ def _score_fn(model):
 
 
 class Scorer:
-  """Log-likelihoods and generations of one loaded model (see the module docstring)."""
+  """Log-likelihoods and generations of one model (see the module docstring).
+
+  loaded: a loader.Loaded, or anything with its params, model_cfg, tokenizer, mesh and cfg
+  (training passes its own; `params` may be replaced between calls: the compiled programs stay).
+  """
 
   def __init__(self, loaded, batch_size: int = 32, progress: bool = True):
-    self.loaded = loaded
     self.params, self.model_cfg, self.tok = loaded.params, loaded.model_cfg, loaded.tokenizer
     self.mesh = loaded.mesh
     self.rules = sharding_lib.logical_rules(loaded.cfg)

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import types
 
 import jax
 
@@ -159,6 +160,40 @@ def evaluate(scorer, prepared, scfg=None, rng=None) -> tuple[dict, dict]:
         "centred": None if head is None or chance is None else scoring.centred(head, chance)}
     records[p.task.name] = recs
   return results, records
+
+
+class DuringTraining:
+  """tasks_every: the tasks scored on the training params, as flat metrics for metrics.jsonl and
+  TensorBoard ("tasks/<task>/<metric>", "tasks/core"). Made before training starts, so bad task
+  input stops the run before a step; `start` checks the lengths once the tokenizer exists."""
+
+  def __init__(self, cfg):
+    self.cfg, self.prepared = cfg, prepare(cfg)
+    self.scorer = self.scfg = None
+
+  def start(self, trainer, tokenizer) -> None:
+    model = types.SimpleNamespace(params=None, model_cfg=trainer.model_cfg, tokenizer=tokenizer,
+                                  mesh=trainer.mesh, cfg=self.cfg)
+    self.scorer = engine.Scorer(model, batch_size=self.cfg.tasks_batch_size, progress=False)
+    _check_lengths(self.scorer, self.prepared)
+    if any(p.task.kind == "generate" for p in self.prepared):
+      self.scfg = _gen_config(self.cfg, {})
+      for p in self.prepared:
+        if p.task.kind == "generate":
+          self.scorer.check_generation(p.task.until, self.scfg.max_new_tokens,
+                                       f"task {p.task.name!r}")
+
+  def __call__(self, params) -> tuple[dict, str]:
+    """(flat metrics, a one-line summary) of `params` (what the model applies)."""
+    self.scorer.params = params
+    results, _ = evaluate(self.scorer, self.prepared, self.scfg, jax.random.key(self.cfg.seed))
+    core = scoring.core_score(results)
+    flat = {f"tasks/{name}/{k}": v for name, r in results.items() for k, v in r["metrics"].items()}
+    if core is not None:
+      flat["tasks/core"] = core
+    heads = [f"{n} {r['headline']} {r['metrics'][r['headline']]:.3f}"
+             for n, r in results.items() if r["headline"]]
+    return flat, ", ".join(heads) + ("" if core is None else f"; core {core:.3f}")
 
 
 def table(results: dict, core: float | None) -> str:
