@@ -352,3 +352,64 @@ def test_tasks_every_logs_the_scores_mode_tasks_gives_the_saved_checkpoint(fx, c
       assert logged[4][f"tasks/{name}/{k}"] == pytest.approx(v, rel=1e-5), (name, k)
   assert logged[4]["tasks/core"] == pytest.approx(report["core"])
   assert logged[2]["tasks/mine/perplexity"] != logged[4]["tasks/mine/perplexity"]
+
+
+# --- lm-eval's hf backend (torch), recorded once by tests/fixtures/make_eval_fixtures.py --------
+
+EVAL_FIXTURES = os.path.join(ROOT, "tests", "fixtures", "evals")
+HF_GPT2 = os.path.join(ROOT, "tests", "fixtures", "hf", "gpt2")
+
+
+@pytest.fixture(scope="module")
+def gpt2_workdir(tmp_path_factory):
+  def make():
+    from configs import base  # pylint: disable=import-outside-toplevel
+    from llm_jax import hf  # pylint: disable=import-outside-toplevel
+    workdir = str(tmp_path_factory.mktemp("evals_gpt2") / "run")
+    hf.import_to_workdir(base.get_config(), HF_GPT2, workdir)
+    return workdir
+  return run_once.once(tmp_path_factory, "evals_gpt2", make)
+
+
+def _check_against_hf_reference(reference, workdir, cli):
+  names = list(reference["tasks"])
+  spec = ",".join(f"{n}={os.path.join(EVAL_FIXTURES, n + '.jsonl')}" for n in names)
+  code, out = cli("--mode=tasks", f"--workdir={workdir}", f"--config.tasks={spec}",
+                  "--config.tasks_batch_size=8")
+  assert code == 0, out[-3000:]
+  with open(os.path.join(workdir, "tasks", "step_0", "results.json"), encoding="utf-8") as f:
+    ours = json.load(f)["tasks"]
+  for name, ref in reference["tasks"].items():
+    with open(os.path.join(workdir, "tasks", "step_0", f"{name}.jsonl"), encoding="utf-8") as f:
+      items = [json.loads(line) for line in f]
+    assert len(items) == len(ref["lls"]), name
+    for item, lls in zip(items, ref["lls"]):
+      np.testing.assert_allclose(item.get("scores") or [item["ll"]], lls, atol=1e-4,
+                                 err_msg=name)
+    assert set(ours[name]["metrics"]) == set(ref["metrics"]), name
+    for k, v in ref["metrics"].items():
+      # accuracies are counts over a few items: equal; perplexities of sums within 1e-4
+      assert ours[name]["metrics"][k] == pytest.approx(v, rel=1e-4, abs=0), (name, k)
+
+
+def test_mode_tasks_equals_lm_evals_hf_backend_on_a_hugging_face_model(gpt2_workdir, cli):
+  """The GPT-2 fixture imported here and scored by --mode=tasks: per-request log-likelihoods
+  within 1e-4 of what lm-eval's own hf backend (torch) computed for the same files, and the
+  same metrics (tests/fixtures/evals/reference.json)."""
+  with open(os.path.join(EVAL_FIXTURES, "reference.json"), encoding="utf-8") as f:
+    reference = json.load(f)
+  _check_against_hf_reference(reference, gpt2_workdir, cli)
+
+
+@pytest.mark.hf
+def test_hf_backend_reference_is_what_lm_eval_computes_now(gpt2_workdir, cli, tmp_path):
+  """Live: make_eval_fixtures.py run again (LLM_JAX_HF_PYTHON: a Python with torch,
+  transformers and lm-eval) gives what --mode=tasks computes."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  python = os.environ.get("LLM_JAX_HF_PYTHON", sys.executable)
+  p = subprocess.run([python, os.path.join(ROOT, "tests", "fixtures", "make_eval_fixtures.py"),
+                      "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                     check=False)
+  assert p.returncode == 0, p.stderr[-3000:]
+  with open(tmp_path / "reference.json", encoding="utf-8") as f:
+    _check_against_hf_reference(json.load(f), gpt2_workdir, cli)
