@@ -12,6 +12,7 @@
     python main.py --mode=export --workdir=runs/gpt2 --config.hf_export_dir=out/gpt2_hf
     python main.py --config=configs/large.py --mode=compile --config.compile_topology=v5p-128
     python main.py --config=configs/default.py --workdir=runs/default --mode=serve     # OpenAI API
+    python main.py --mode=tasks --workdir=runs/default        # downstream tasks (lm-eval scoring)
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 
 Exit codes (llm_jax/errors.py): 0 done, 1 training diverged, 2 bad config or input (or the
@@ -39,7 +40,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, f"Config file (default
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics.")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "eval", "sample", "estimate", "compile", "import", "export",
-                           "serve"],
+                           "serve", "tasks"],
                           "What to do.")
 _COMPILE = flags.DEFINE_bool("compile", False,
                              "With --mode=estimate: also print --mode=compile's report (one train "
@@ -172,7 +173,7 @@ def _flag_warnings(mode: str) -> list[str]:
   """Flags given for another mode: they would do nothing here."""
   used = {"compile": ("estimate",), "prompt": ("sample",), "prompt_file": ("sample",),
           "interactive": ("sample",),
-          "workdir": ("train", "eval", "sample", "import", "export", "serve")}
+          "workdir": ("train", "eval", "sample", "import", "export", "serve", "tasks")}
   return [f"--{name} does nothing in --mode={mode} (it is for --mode={'/'.join(modes)})"
           for name, modes in used.items() if flags.FLAGS[name].present and mode not in modes]
 
@@ -370,7 +371,7 @@ def _run(argv) -> int:
     print(f"warning: {w}", file=sys.stderr, flush=True)
   if problems:
     raise config.ConfigError(problems)
-  if mode in ("eval", "sample", "export", "serve"):
+  if mode in ("eval", "sample", "export", "serve", "tasks"):
     from llm_jax import workdir as workdir_lib
     workdir_lib.check_readable(_need_workdir())
   prompts = []
@@ -407,6 +408,9 @@ def _run(argv) -> int:
   if mode == "serve":
     from llm_jax.serve import api
     return api.run(cfg, workdir, _overrides())
+  if mode == "tasks":
+    from llm_jax.evals import harness
+    return harness.run(cfg, workdir, _overrides())
   return sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value, overrides=_overrides())
 
 

@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 # Linux x86-64 host. jax's own [tpu] extra pins the libtpu built for that jax; the explicit pin is
 # the pair tested here (jax 0.12.0.1, libtpu 0.0.50.1; a 214 MB wheel, 640 MB installed).
 TPU = ["jax[tpu]>=0.11.2,<0.13", "libtpu==0.0.50.*"]
+# lm-eval 0.4.13 installs without torch (its hf backend, which needs it, is imported lazily).
+EVAL = ["lm-eval>=0.4.13,<0.5"]
 
 setup(
     name="llm_jax",
@@ -42,10 +44,13 @@ setup(
         # datasets: the tests write save_to_disk / to_json / to_parquet files as users make them.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "datasets>=2.16"] + TPU  # tests compile for TPU topologies
         # the server's tests: the official OpenAI client, raw HTTP, the system Chromium via selenium
-        + ["openai>=1.40", "httpx>=0.27", "selenium>=4.20", "pillow>=10"],
+        + ["openai>=1.40", "httpx>=0.27", "selenium>=4.20", "pillow>=10"]
+        + EVAL,  # tests/test_evals.py: lm-eval's own task definitions are the reference
         "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
         "tpu": TPU,
         # Only to remake tests/fixtures/hf or run `pytest -m hf` (any Python torch supports).
         "hf": ["torch", "transformers>=5", "sentencepiece", "protobuf"],
+        # llm_jax.evals.lm_eval_backend: lm-eval's tasks on llm_jax models (no torch needed)
+        "eval": EVAL,
     },
 )

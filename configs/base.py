@@ -172,4 +172,12 @@ def get_config():
   # --- Ahead-of-time compile (+): --mode=compile, "will it fit" before paying for the slice ---
   c.compile_topology = ""  # +: TPU slice to compile for: Cloud name (v5p-128, v6e-256, v5litepod-16) or topology (v5p:4x4x4); "" = the devices present
   c.compile_save = ""  # +: also write the compiled train step to this file, to load on the slice (same jax/libtpu)
+
+  # --- Downstream tasks (+): --mode=tasks, lm-eval's scoring (README "Downstream tasks") ---
+  c.tasks = ""  # +: comma-separated task names, each optionally name=/path/to/file ("" = the built-in play tasks)
+  c.tasks_dir = placeholder(str)  # +: folder of task files found by name (hellaswag.jsonl, .json, .parquet, or a save_to_disk folder)
+  c.num_fewshot = 0  # +: solved examples before each item, drawn with lm-eval's fixed seed
+  c.tasks_limit = 0  # +: at most this many items per task (0 = all)
+  c.tasks_batch_size = 32  # +: rows per scoring batch (one compile per length bucket)
+  c.tasks_every = 0  # +: during training, score the tasks every this many steps (and at the end) into metrics.jsonl / TensorBoard (0 = off)
   return c

@@ -310,6 +310,12 @@ def _check(c):
     need(len(shape) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
          and list(shape).count(-1) <= 1,
          f"{f}={shape} must be 3 integers (data, fsdp, tensor), each >= 1 or one of them -1")
+  for f in ("num_fewshot", "tasks_limit", "tasks_every"):
+    need(c[f] >= 0, f"{f}={c[f]} must be >= 0")
+  need(c.tasks_batch_size >= 1, f"tasks_batch_size={c.tasks_batch_size} must be >= 1")
+  if c.tasks_dir is not None:
+    need(os.path.isdir(c.tasks_dir), f"tasks_dir={c.tasks_dir!r} is not a folder: give the folder "
+         f"that holds the task files (hellaswag.jsonl, ...)")
   if c.compile_topology:
     from llm_jax import topology  # late, and jax-free: names only
     try:
@@ -409,7 +415,7 @@ _TRAINING = ("learning_rate", "min_learning_rate", "warmup_steps", "lr_decay", "
              "num_train_steps", "num_train_epochs", "eval_steps", "eval_batches", "save_steps",
              "save_every_epochs", "max_to_keep", "log_every", "sample_every_eval",
              "loss_explosion_factor", "dropout", "attention_dropout", "hidden_dropout",
-             "remat_policy", "grad_accum", "data_workers", "prefetch")
+             "remat_policy", "grad_accum", "data_workers", "prefetch", "tasks_every")
 _DECODING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
              "length_penalty", "max_new_tokens", "min_length", "use_cache", "stop_token",
              "num_return_sequences")
@@ -420,6 +426,7 @@ _READ_BY = {
     "sample": {"checkpoint_step"} | set(_DECODING),
     "estimate": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
     "export": {"checkpoint_step"},
+    "tasks": {"checkpoint_step"} | set(_DECODING),
     "compile": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
     "serve": {"checkpoint_step"},  # requests carry their own decoding knobs
 }

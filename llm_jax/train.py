@@ -420,6 +420,10 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
 
   is_main = jax.process_index() == 0
   loader.check_train(cfg)
+  tasks = None
+  if cfg.tasks_every:  # the task files are read and checked before anything trains
+    from llm_jax.evals import harness  # late: evals are optional to training
+    tasks = harness.DuringTraining(cfg)
   mesh, base, base_ref = None, None, None
   if cfg.init_from:  # fine-tuning: the model fields, tokenizer and params of a trained model
     mesh = sharding_lib.make_mesh(cfg)
@@ -430,6 +434,8 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
   steps = total_steps(cfg, data.steps_per_epoch)
   trainer = Trainer(cfg, steps, mesh=mesh, base=base)
   del base  # a full fine-tune's initial params are donated to its first state
+  if tasks is not None:
+    tasks.start(trainer, data.tokenizer)
   train_iter = data.train_iter()
   ckpt = ckpt_lib.Checkpointer(workdir, cfg, data.steps_per_epoch,
                               cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model"),
@@ -544,8 +550,15 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         ckpt.save(step, state, train_iter, params=params)
       if ev is not None and not stop:  # no sampling after a signal: the save is what matters
         print_eval(step, ev, params)
-      if do_eval or do_save or stop:
-        t0 = time.perf_counter()  # evaluation and saving time is not training throughput
+      do_tasks = tasks is not None and (step % cfg.tasks_every == 0 or step == steps)
+      if do_tasks:
+        scores, line = tasks(trainer.full_params(
+            params if params is not None else trainer.eval_params(state)))
+        writer.write(step, scores)
+        if is_main:
+          bar.write(f"step {step}: tasks {line}")
+      if do_eval or do_save or stop or do_tasks:
+        t0 = time.perf_counter()  # evaluation, tasks and saving time is not training throughput
       bar.update(1)
       if stop:
         bar.close()

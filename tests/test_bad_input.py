@@ -304,6 +304,26 @@ def _cases():
           on_run("serve", r, serve_port=_held_port()), ["127.0.0.1", "serve_port"])),
       ("serve_host_unknown", lambda t, r: (
           on_run("serve", r, serve_host="no-such-host.invalid"), ["serve_host"])),
+      # Downstream task input (--mode=tasks): refused before the model loads or compiles.
+      ("task_unknown_name", lambda t, r: (on_run("tasks", r, tasks="hellaswg"),
+                                          ["'hellaswg'", "closest first: hellaswag"])),
+      ("task_file_missing_field", lambda t, r: (
+          on_run("tasks", r, tasks="piqa=" + _write(
+              f"{t}/piqa.jsonl", '{"goal": "a", "sol1": "b", "label": 0}\n')),
+          [f"{t}/piqa.jsonl", "'sol2'"])),
+      ("task_label_out_of_range", lambda t, r: (
+          on_run("tasks", r, tasks="mine=" + _write(
+              f"{t}/mine.jsonl", '{"context": "a", "choices": ["b", "c"], "label": 2}\n')),
+          [f"{t}/mine.jsonl", "label 2"])),
+      ("task_file_empty", lambda t, r: (
+          on_run("tasks", r, tasks="mine=" + _write(f"{t}/mine.jsonl", "")),
+          [f"{t}/mine.jsonl"])),
+      ("task_one_choice", lambda t, r: (
+          on_run("tasks", r, tasks="mine=" + _write(
+              f"{t}/mine.jsonl", '{"context": "a", "choices": ["b"], "label": 0}\n')),
+          [f"{t}/mine.jsonl", "1 choice"])),
+      ("tasks_dir_not_a_folder", lambda t, r: (on_run("tasks", r, tasks_dir=f"{t}/nope"),
+                                               ["tasks_dir", f"{t}/nope"])),
   ]
 
 
