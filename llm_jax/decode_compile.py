@@ -63,7 +63,8 @@ def compile_decode(cfg, devices=None) -> tuple[DecodeReport, object]:
   mesh = sharding.make_mesh(cfg, devices)
   device = mesh.devices.flat[0]
   model_cfg = model_lib.ModelConfig.from_config(cfg, backend=device.platform)
-  params, _ = loader.abstract(model_cfg, mesh, sharding.logical_rules(cfg))
+  with gpu_targets.refused_by_cudnn(cfg, devices):  # init traces the attention too
+    params, _ = loader.abstract(model_cfg, mesh, sharding.logical_rules(cfg))
   scfg = sampling.SamplingConfig.from_config(cfg, num_beams=1, num_return_sequences=1)
   b, n = cfg.micro_batch_size, scfg.max_new_tokens
   t = cfg.block_size - n
@@ -76,9 +77,11 @@ def compile_decode(cfg, devices=None) -> tuple[DecodeReport, object]:
   args = (params, abstract((b, t), jnp.int32), abstract((b, t), jnp.bool_),
           abstract(key.shape, key.dtype), abstract((2,), jnp.int32), abstract((), jnp.float32))
   t0 = time.perf_counter()
-  compiled = sampling._decode_jit.trace(  # pylint: disable=protected-access
-      *args, model_cfg=model_cfg, scfg=sampling._static(scfg),  # pylint: disable=protected-access
-      beam=False).lower().compile()
+  with gpu_targets.refused_by_cudnn(cfg, devices):
+    lowered = sampling._decode_jit.trace(  # pylint: disable=protected-access
+        *args, model_cfg=model_cfg, scfg=sampling._static(scfg),  # pylint: disable=protected-access
+        beam=False).lower()
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
 
   n_dev = mesh.devices.size

@@ -16,6 +16,7 @@ optimisation, see `preopt_cost`).
 This module imports no jax at load time: config validation parses names without a backend.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -178,6 +179,51 @@ def devices(target: Target) -> list:
     raise GpuTargetError(f"the CUDA plugin refused target {target.name} (topology "
                          f"{target.topology}): {e}; run with JAX_PLATFORMS=cpu") from e
   return list(topo.devices)
+
+
+@contextlib.contextmanager
+def target_cudnn_checks(devices):
+  """JAX's cuDNN attention checks, answered for the target's compute capability while tracing.
+
+  jax._src.cudnn asks the default backend's first GPU for its compute capability; with
+  compile-only devices that backend is the host's CPU, so every target looks pre-Hopper (head
+  dim <= 128, no packed layouts). Here the checks read the target's devices instead; elsewhere
+  (no GPU target, or a jax without these functions) nothing changes.
+  """
+  cc = getattr(devices[0], "compute_capability", None) if devices else None
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    fa = None
+  names = ("check_compute_capability", "is_cuda_compute_capability_equal")
+  if not cc or devices[0].platform != "gpu" or fa is None or not all(
+      hasattr(fa, n) for n in names):
+    yield
+    return
+  have = tuple(int(x) for x in str(cc).split("."))
+  parse = lambda c: tuple(int(x) for x in c.split("."))
+  saved = [getattr(fa, n) for n in names]
+  fa.check_compute_capability = lambda c: have >= parse(c)
+  fa.is_cuda_compute_capability_equal = lambda c: have == parse(c)
+  try:
+    yield
+  finally:
+    for n, f in zip(names, saved):
+      setattr(fa, n, f)
+
+
+@contextlib.contextmanager
+def refused_by_cudnn(cfg, devices):
+  """`target_cudnn_checks`, with JAX's refusal of the model's shapes (NotImplementedError) a
+  GpuTargetError saying why, as a real GPU of that kind would refuse them at the first step."""
+  try:
+    with target_cudnn_checks(devices):
+      yield
+  except NotImplementedError as e:
+    raise GpuTargetError(
+        f"cuDNN attention refuses this model on {devices[0].device_kind} (compute capability "
+        f"{getattr(devices[0], 'compute_capability', '?')}): {e} (d_k={cfg.d_k}); "
+        f"--config.use_flash_attention=False compiles XLA attention instead") from None
 
 
 # ------------------------------------------------------------------ reading the compiled step

@@ -384,10 +384,11 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
   if devices is None:
     devices, _ = target_devices(cfg)
   mesh = sharding.make_mesh(cfg, devices)
-  trainer = train.Trainer(cfg, total_steps=cfg.warmup_steps + 1, mesh=mesh)
   t0 = time.perf_counter()
   compiled, oom = None, None
-  lowered = trainer.lower_train_step()
+  with gpu_targets.refused_by_cudnn(cfg, devices):  # model init and the step trace attention
+    trainer = train.Trainer(cfg, total_steps=cfg.warmup_steps + 1, mesh=mesh)
+    lowered = trainer.lower_train_step()
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except

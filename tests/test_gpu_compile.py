@@ -197,3 +197,17 @@ def test_decode_compiles_for_one_h100():
   # The whole cache: [L, B, S, K, H] for k and v, bf16.
   assert r.cache_bytes == 2 * 2 * 8 * 128 * 4 * 16 * 2
   assert r.memory["arguments"] >= metrics.count_params(sizing.param_shapes(cfg)) * 4
+
+
+@pytest.mark.cuda_compile
+@needs_plugin
+def test_head_dim_256_gets_cudnn_on_hopper_and_a_reason_on_ampere():
+  # JAX's cuDNN checks ask the host backend (CPU here) for the compute capability, which would
+  # make every target pre-Hopper (head dim <= 128); they are answered for the target instead.
+  wide = dict(TINY, d_model=256, n_heads=1, mesh_shape=(1, 1, 1))
+  cfg, r, compiled = _compiled(BASE, "h100", **wide)
+  assert cfg.d_k == 256 and "__cudnn$fmhaSoftmax" in gpu_targets.cudnn_attention_calls(
+      compiled.as_text())
+  with pytest.raises(gpu_targets.GpuTargetError) as e:  # refused while tracing: no compile
+    sizing.compile_report(config.load(BASE, compile_topology="a100-80gb", **wide))
+  assert "A100" in str(e.value) and "128" in str(e.value) and "use_flash_attention" in str(e.value)
