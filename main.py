@@ -11,6 +11,7 @@
     python main.py --mode=import --config.hf_path=/models/gpt2 --workdir=runs/gpt2   # Hugging Face
     python main.py --mode=export --workdir=runs/gpt2 --config.hf_export_dir=out/gpt2_hf
     python main.py --config=configs/large.py --mode=compile --config.compile_topology=v5p-128
+    python main.py --config=configs/small.py --mode=compile --config.compile_topology=h100  # .[cuda]
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 
 Exit codes (llm_jax/errors.py): 0 done, 1 training diverged, 2 bad config or input (or the

@@ -7,9 +7,11 @@ count of params + gradients + optimizer state + activations, so the difference i
 
 `compile_report` compiles the train step a run would execute (the same Trainer, mesh, rules,
 accumulation, remat and attention kernel) for the present devices or, from any host with libtpu,
-for a TPU slice that is not here (topology.py), and reads back what XLA decided: bytes per
-device against the chip's HBM, FLOPs beside the analytic count, and the collectives in the
-compiled HLO. Nothing is allocated and nothing runs.
+for a TPU slice that is not here (topology.py), or, with JAX's CUDA plugin, for NVIDIA GPUs
+(gpu_targets.py), and reads back what XLA decided: bytes per device against the chip's HBM,
+FLOPs beside the analytic count, the collectives in the compiled HLO and, on GPUs, whether
+cuDNN fused attention is in it. Nothing is allocated and nothing runs. (The sampler's decode:
+decode_compile.py.)
 """
 
 import dataclasses
@@ -282,7 +284,9 @@ def collectives(hlo_text: str) -> dict:
       body = re.search(r"\bbody=%?([\w.\-]+)", ln)
       if body and " while(" in ln:
         cond = re.search(r"\bcondition=%?([\w.\-]+)", ln)
-        calls[name].append((body.group(1), trip_count(cond.group(1)) if cond else 1))
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', ln)  # the GPU compiler's note
+        calls[name].append((body.group(1), int(known.group(1)) if known else
+                            trip_count(cond.group(1)) if cond else 1))
       callees = _CALLS.findall(ln) + [c.strip().lstrip("%") for group in _CALL_LISTS.findall(ln)
                                       for c in group.split(",") if c.strip()]
       calls[name] += [(c, 1) for c in callees if c in comps]

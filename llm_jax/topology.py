@@ -7,6 +7,9 @@ topology v5p:4x4x4. v5e and v6e names count chips, one TensorCore each: v6e-256 
 topology v6e:16x16. libtpu accepts only the topology form, so Cloud names are mapped here (the
 power-of-two sizes; other shapes, such as v5p:4x4x20, are given in the topology form).
 
+`parse_target` is compile_topology's one parser: NVIDIA GPU names (h100, 8xh100) go to
+gpu_targets.py, the rest are TPU slices.
+
 This module imports no jax at load time: config validation parses names without a backend.
 """
 

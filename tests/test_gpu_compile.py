@@ -121,6 +121,32 @@ def test_combined_gpu_collectives_count_every_array():
   assert got["all-reduce"] == [1, 55 * 4]
 
 
+# The GPU compiler writes a loop's trip count on the while (its condition compares against a
+# fused constant): the accumulation loop below runs its gather 5 times.
+_GPU_LOOP_HLO = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  ROOT %lt = pred[] fusion(%p), kind=kLoop, calls=%fused_compare
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %ag = f32[64]{0} all-gather(%x), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %x)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %w = (s32[], f32[8]{0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+}
+"""
+
+
+def test_gpu_loops_count_collectives_per_known_trip():
+  assert sizing.collectives(_GPU_LOOP_HLO)["all-gather"] == [5, 5 * 64 * 4]
+
+
 # ------------------------------------------------------------- compiles (need the plugin)
 
 TINY = dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
