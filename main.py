@@ -13,6 +13,7 @@
     python main.py --config=configs/large.py --mode=compile --config.compile_topology=v5p-128
     python main.py --config=configs/default.py --workdir=runs/default --mode=serve     # OpenAI API
     python main.py --mode=tasks --workdir=runs/default        # downstream tasks (lm-eval scoring)
+    python main.py --config=configs/small.py --mode=compile --config.compile_topology=h100  # .[cuda]
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 
 Exit codes (llm_jax/errors.py): 0 done, 1 training diverged, 2 bad config or input (or the

@@ -14,7 +14,8 @@ setup(
     version="0.1.0",
     description="Build, train, sample from and fine-tune GPT-style language models in JAX/Flax.",
     packages=find_packages(include=["llm_jax", "llm_jax.*", "configs"]),
-    package_data={"llm_jax.serve": ["page.html"]},  # the playground page --mode=serve serves
+    package_data={"llm_jax.serve": ["page.html"],  # the playground page --mode=serve serves
+                  "llm_jax": ["gpu_specs/*.txtpb"]},  # GPU target configs (gpu_targets.py)
     python_requires=">=3.12",
     install_requires=[
         "jax>=0.11.2,<0.13",
@@ -46,7 +47,9 @@ setup(
         # the server's tests: the official OpenAI client, raw HTTP, the system Chromium via selenium
         + ["openai>=1.40", "httpx>=0.27", "selenium>=4.20", "pillow>=10"]
         + EVAL,  # tests/test_evals.py: lm-eval's own task definitions are the reference
-        "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
+        # jax[cuda12]: also what --mode=compile needs to compile for H100/H200 targets from a
+        # host with no GPU (verified: jax-cuda12-plugin 0.12.0.1, cuDNN 9.28, CUDA 12.9; ~5.5 GB).
+        "cuda": ["jax[cuda12]>=0.11.2,<0.13"],
         "tpu": TPU,
         # Only to remake tests/fixtures/hf or run `pytest -m hf` (any Python torch supports).
         "hf": ["torch", "transformers>=5", "sentencepiece", "protobuf"],

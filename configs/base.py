@@ -170,8 +170,9 @@ def get_config():
   c.logical_axis_rules = ""  # +: overrides of sharding.RULES, e.g. "vocab:none,embed:fsdp+tensor" ('+' joins axes, none = replicated)
 
   # --- Ahead-of-time compile (+): --mode=compile, "will it fit" before paying for the slice ---
-  c.compile_topology = ""  # +: TPU slice to compile for: Cloud name (v5p-128, v6e-256, v5litepod-16) or topology (v5p:4x4x4); "" = the devices present
+  c.compile_topology = ""  # +: TPU slice or NVIDIA GPU target to compile for: Cloud name (v5p-128, v6e-256, v5litepod-16), topology (v5p:4x4x4), or GPUs (h100, h200, a100-80gb, 8xh100, 2x8xh100: needs .[cuda]); "" = the devices present
   c.compile_save = ""  # +: also write the compiled train step to this file, to load on the slice (same jax/libtpu)
+  c.compile_what = "train"  # +: --mode=compile compiles the train step (train) or the sampler's prefill + decode loop (decode: micro_batch_size prompts of block_size - max_new_tokens tokens)
 
   # --- Downstream tasks (+): --mode=tasks, lm-eval's scoring (README "Downstream tasks") ---
   c.tasks = ""  # +: comma-separated task names, each optionally name=/path/to/file ("" = the built-in play tasks)

@@ -319,12 +319,14 @@ def _check(c):
   if c.compile_topology:
     from llm_jax import topology  # late, and jax-free: names only
     try:
-      topology.parse(c.compile_topology)
-    except topology.TopologyError as e:
+      topology.parse_target(c.compile_topology)
+    except errors.UserError as e:  # an unknown TPU slice or GPU target
       p.append(str(e))
     need(-1 not in tuple(c.dcn_mesh_shape),
          f"dcn_mesh_shape={tuple(c.dcn_mesh_shape)} with compile_topology: give every entry (their "
          f"product is the number of slices to compile for), no -1")
+  need(c.compile_what in ("train", "decode"),
+       f"compile_what={c.compile_what!r} must be train or decode")
   return p
 
 

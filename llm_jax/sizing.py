@@ -7,9 +7,11 @@ count of params + gradients + optimizer state + activations, so the difference i
 
 `compile_report` compiles the train step a run would execute (the same Trainer, mesh, rules,
 accumulation, remat and attention kernel) for the present devices or, from any host with libtpu,
-for a TPU slice that is not here (topology.py), and reads back what XLA decided: bytes per
-device against the chip's HBM, FLOPs beside the analytic count, and the collectives in the
-compiled HLO. Nothing is allocated and nothing runs.
+for a TPU slice that is not here (topology.py), or, with JAX's CUDA plugin, for NVIDIA GPUs
+(gpu_targets.py), and reads back what XLA decided: bytes per device against the chip's HBM,
+FLOPs beside the analytic count, the collectives in the compiled HLO and, on GPUs, whether
+cuDNN fused attention is in it. Nothing is allocated and nothing runs. (The sampler's decode:
+decode_compile.py.)
 """
 
 import dataclasses
@@ -175,6 +177,7 @@ class CompileReport:
   peak_flops: float | None  # dense bf16 FLOP/s per device
   collectives: dict  # kind -> [count, bytes] per optimizer step
   tokens_per_step: int  # per device
+  attention_note: str = ""  # GPUs: whether the compiled program uses cuDNN fused attention
 
   @property
   def peak_bytes(self) -> int | None:
@@ -216,12 +219,25 @@ _CALL_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]
 _BITS = {"pred": 8, "bf16": 16}
 
 
-def _array_bytes(type_text: str, largest: bool = False) -> int:
+def _array_bytes(type_text: str) -> int:
   sizes = []
   for dtype, dims in _ARRAY.findall(type_text):
     bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
     sizes.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
-  return (max(sizes) if largest else sum(sizes)) if sizes else 0
+  return sum(sizes)
+
+
+def _start_parts(type_text: str) -> tuple[str, str]:
+  """(operands, results) of an async collective's start type: "(operand, result)", or, for the
+  GPU compiler's combined collectives, "((operands...), results...)"."""
+  text = type_text.strip()
+  text = text[1:text.rindex(")")] if text.startswith("(") else text
+  depth = 0
+  for i, ch in enumerate(text):
+    depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
+    if ch == "," and depth == 0:
+      return text[:i], text[i + 1:]
+  return text, text
 
 
 def _group_size(line: str) -> int:
@@ -268,7 +284,9 @@ def collectives(hlo_text: str) -> dict:
       body = re.search(r"\bbody=%?([\w.\-]+)", ln)
       if body and " while(" in ln:
         cond = re.search(r"\bcondition=%?([\w.\-]+)", ln)
-        calls[name].append((body.group(1), trip_count(cond.group(1)) if cond else 1))
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', ln)  # the GPU compiler's note
+        calls[name].append((body.group(1), int(known.group(1)) if known else
+                            trip_count(cond.group(1)) if cond else 1))
       callees = _CALLS.findall(ln) + [c.strip().lstrip("%") for group in _CALL_LISTS.findall(ln)
                                       for c in group.split(",") if c.strip()]
       calls[name] += [(c, 1) for c in callees if c in comps]
@@ -292,10 +310,14 @@ def collectives(hlo_text: str) -> dict:
       if kind not in COLLECTIVES or op.group(1).endswith("-done"):
         continue
       type_text = i.group(2)[:op.start()]
-      nbytes = _array_bytes(type_text, largest=op.group(1).endswith("-start"))
-      if kind == "reduce-scatter":
-        nbytes *= _group_size(ln)
-      elif kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+      if op.group(1).endswith("-start"):
+        operands, results = _start_parts(type_text)
+        nbytes = _array_bytes(operands if kind == "reduce-scatter" else results)
+      else:
+        nbytes = _array_bytes(type_text)
+        if kind == "reduce-scatter":
+          nbytes *= _group_size(ln)
+      if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
         kind = "reduce-scatter"
       channel = re.search(r"channel_id=(\d+)", ln)
       key = (kind, channel.group(1)) if channel else (kind, name, i.group(1))
@@ -311,13 +333,17 @@ def collectives(hlo_text: str) -> dict:
 
 
 def target_devices(cfg):
-  """(devices, topology.Slice or None): cfg.compile_topology's compile-only TPU devices (one
-  slice per dcn_mesh_shape entry's product), or the devices present when it is unset."""
+  """(devices, target): cfg.compile_topology's compile-only devices and what they are (a
+  topology.Slice, one slice per dcn_mesh_shape entry's product; or a gpu_targets.Target), or
+  (the devices present, None) when it is unset."""
+  from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
   from llm_jax import topology  # pylint: disable=g-import-not-at-top
   if not cfg.compile_topology:
     return jax.devices(), None
-  sl = topology.parse(cfg.compile_topology)
-  return topology.devices(sl, num_slices=math.prod(cfg.dcn_mesh_shape)), sl
+  target = topology.parse_target(cfg.compile_topology)
+  if isinstance(target, gpu_targets.Target):
+    return gpu_targets.devices(target), target
+  return topology.devices(target, num_slices=math.prod(cfg.dcn_mesh_shape)), target
 
 
 def _memory(compiled) -> dict:
@@ -332,11 +358,14 @@ def _memory(compiled) -> dict:
 
 
 def _device_hbm(device) -> int | None:
-  """HBM per device: the TPU table, else what the runtime reports (GPUs); None for CPUs."""
+  """HBM per device: the TPU table or the GPU target's spec, else what the runtime reports
+  (GPUs); None for CPUs."""
+  from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
   from llm_jax import topology  # pylint: disable=g-import-not-at-top
-  gen = topology.generation_of(device.device_kind)
-  if gen is not None:
-    return gen.hbm_bytes
+  kind = topology.generation_of(device.device_kind) or gpu_targets.by_device_kind(
+      device.device_kind)
+  if kind is not None:
+    return kind.hbm_bytes
   if device.platform == "cpu":
     return None
   try:
@@ -351,18 +380,21 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
   Returns (report, compiled executable or None when the compiler ran out of memory). Raises
   ValueError (a mesh that does not divide the devices) and topology.TopologyError before compiling.
   """
+  from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
   from llm_jax import sharding  # pylint: disable=g-import-not-at-top
   from llm_jax import topology  # pylint: disable=g-import-not-at-top
   from llm_jax import train  # pylint: disable=g-import-not-at-top  (train imports sizing's neighbours)
-  slice_ = topology.parse(cfg.compile_topology) if cfg.compile_topology else None
+  slice_ = topology.parse_target(cfg.compile_topology) if cfg.compile_topology else None
   if devices is None:
     devices, _ = target_devices(cfg)
   mesh = sharding.make_mesh(cfg, devices)
-  trainer = train.Trainer(cfg, total_steps=cfg.warmup_steps + 1, mesh=mesh)
   t0 = time.perf_counter()
   compiled, oom = None, None
+  with gpu_targets.refused_by_cudnn(cfg, devices):  # model init and the step trace attention
+    trainer = train.Trainer(cfg, total_steps=cfg.warmup_steps + 1, mesh=mesh)
+    lowered = trainer.lower_train_step()
   try:
-    compiled = trainer.lower_train_step().compile()
+    compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
     if not train.is_oom(e):
       raise
@@ -372,6 +404,7 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
   device = mesh.devices.flat[0]
   n = mesh.devices.size
   gen = topology.generation_of(device.device_kind)
+  gpu = gpu_targets.by_device_kind(device.device_kind)
   accum = cfg.gradient_accumulation_steps
   multisteps = cfg.grad_accum == "multisteps" and accum > 1
   n_params = metrics.count_params(trainer.abstract_params)
@@ -381,6 +414,8 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
   if compiled is not None:
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if gpu is not None and not cost:  # a compile-only GPU executable has no cost analysis
+      cost, note = _gpu_cost(cfg, lowered, compiled.as_text(), n)
     if cfg.scan_layers:
       note = ("not comparable with scan_layers=True: XLA counts a loop's body once, so one "
               "layer of the scan; the step time below uses the analytic count")
@@ -390,15 +425,20 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
       flops_xla = float(cost["flops"]) * accum
       bytes_accessed = float(cost.get("bytes accessed", 0.0)) * accum or None
       if accum > 1:
-        note = (f"x {accum}: one program call per micro-batch" if multisteps else
-                f"x {accum}: XLA counts the accumulation loop's body once")
-  colls = {}
+        note = ", ".join(filter(None, [note, (
+            f"x {accum}: one program call per micro-batch" if multisteps else
+            f"x {accum}: XLA counts the accumulation loop's body once")]))
+  colls, attention_note = {}, ""
   if compiled is not None:
-    colls = collectives(compiled.as_text())
+    hlo_text = compiled.as_text()
+    colls = collectives(hlo_text)
+    if device.platform == "gpu":
+      attention_note = gpu_targets.attention_verdict(cfg, trainer.model_cfg.attention_impl,
+                                                     hlo_text)
     if multisteps:
       colls = {k: [c * accum, b * accum] for k, (c, b) in colls.items()}
   target = (slice_.describe() + (f", x{math.prod(cfg.dcn_mesh_shape)} slices"
-                                 if math.prod(cfg.dcn_mesh_shape) > 1 else "")
+                                 if math.prod(cfg.dcn_mesh_shape) > 1 and gpu is None else "")
             if slice_ else f"the {n} present device(s), {device.device_kind}")
   report = CompileReport(
       target=target, n_devices=n, device_kind=device.device_kind, mesh=dict(mesh.shape),
@@ -406,14 +446,30 @@ def compile_report(cfg, devices=None) -> tuple[CompileReport, object]:
       memory=_memory(compiled) if compiled is not None else {}, hbm_bytes=_device_hbm(device),
       oom=oom, flops_xla=flops_xla, flops_note=note,
       flops_model=metrics.flops_per_token(cfg, n_params) * tokens,
-      bytes_accessed=bytes_accessed, hbm_bytes_per_s=gen.hbm_bytes_per_s if gen else None,
+      bytes_accessed=bytes_accessed,
+      hbm_bytes_per_s=(gen or gpu).hbm_bytes_per_s if (gen or gpu) else None,
       peak_flops=metrics.peak_flops_per_device(device.device_kind), collectives=colls,
-      tokens_per_step=tokens)
+      tokens_per_step=tokens, attention_note=attention_note)
   return report, compiled
+
+
+def _gpu_cost(cfg, lowered, hlo_text, n_devices) -> tuple[dict, str]:
+  """({"flops": per device, one micro-batch}, how counted) for a compile-only GPU program:
+  XLA's count of the program before optimisation (gpu_targets.preopt_cost) over the devices,
+  plus, when the compiled HLO has cuDNN attention, its FLOPs by 6N + attention's formula (before
+  optimisation it is a custom call, or under a mesh a custom-partitioning call: both count zero)."""
+  from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
+  flops = float(gpu_targets.preopt_cost(lowered).get("flops", 0.0))
+  note = "XLA's count of the program before optimisation (none after, without a GPU)"
+  if gpu_targets.cudnn_attention_calls(hlo_text):
+    flops += (metrics.flops_per_token(cfg, 0) * cfg.micro_batch_size * cfg.block_size)
+    note += " + cuDNN attention by formula (its recompute under remat not counted)"
+  return {"flops": flops / n_devices}, note
 
 
 def format_report(cfg, r: CompileReport) -> str:
   """The report `--mode=compile` prints."""
+  from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
   from llm_jax import topology  # pylint: disable=g-import-not-at-top
   from llm_jax import train  # pylint: disable=g-import-not-at-top
   accum = (f"{cfg.micro_batch_size} x {cfg.gradient_accumulation_steps} accumulation steps "
@@ -422,7 +478,10 @@ def format_report(cfg, r: CompileReport) -> str:
   lines = [f"Train step compiled for {r.target} in {r.compile_s:.0f} s",
            f"  mesh {' '.join(f'{k}={v}' for k, v in r.mesh.items())}; batch {accum} x "
            f"{cfg.block_size} tokens; attention {r.attention_impl}; remat {cfg.remat_policy}; "
-           f"scan_layers {cfg.scan_layers}; dtype {cfg.dtype}, params {cfg.param_dtype}", ""]
+           f"scan_layers {cfg.scan_layers}; dtype {cfg.dtype}, params {cfg.param_dtype}"]
+  if r.attention_note:
+    lines.append(f"  {r.attention_note}")
+  lines.append("")
   hbm = f"{r.hbm_bytes / GIB:.2f} GiB" if r.hbm_bytes else "unknown"
   if r.oom:
     lines += [f"DOES NOT FIT in {hbm} of HBM per device. The compiler says:", f"  {r.oom}"]
@@ -439,6 +498,8 @@ def format_report(cfg, r: CompileReport) -> str:
       verdict += (" (the TPU compiler accepted the program, so it is at the very edge: expect "
                   "an out-of-memory error when it loads or runs)")
     lines.append(f"  {verdict}")
+    if r.fits and gpu_targets.by_device_kind(r.device_kind):
+      lines.append(gpu_memory_caveat(r.peak_bytes, r.hbm_bytes))
   if r.fits is False:
     lines.append(f"  Try: {train.OOM_FIXES}.")
   if r.oom:
@@ -475,6 +536,13 @@ def format_report(cfg, r: CompileReport) -> str:
               + (f", MFU {r.flops_model / (step * r.peak_flops):.0%} at most" if r.flops_xla else
                  "; the MFU bound needs XLA's count (scan_layers=False)")]
   return "\n".join(lines)
+
+
+def gpu_memory_caveat(peak_bytes: int, hbm_bytes: int) -> str:
+  """What a GPU target's memory figure leaves out, and JAX's default share of the GPU."""
+  share = ("; above the 75% of GPU memory JAX preallocates by default: run with "
+           "XLA_PYTHON_CLIENT_MEM_FRACTION=.95" if peak_bytes > 0.75 * hbm_bytes else "")
+  return (f"  (compile-only: no cuDNN workspace or autotuned GEMM tiles in the figure{share})")
 
 
 def _versions() -> dict:
@@ -515,6 +583,9 @@ def load_executable(path: str, backend: str | None = None):
 def run_compile(cfg) -> int:
   """--mode=compile: prints the report; OK when it fits, EXIT_DOES_NOT_FIT when not (bad input
   raises errors.UserError: main.py exits BAD_INPUT)."""
+  if cfg.compile_what == "decode":
+    from llm_jax import decode_compile  # pylint: disable=g-import-not-at-top
+    return decode_compile.run_compile_decode(cfg)
   try:
     report_, compiled = compile_report(cfg)
   except ValueError as e:  # e.g. a mesh the slice's devices cannot form

@@ -7,6 +7,9 @@ topology v5p:4x4x4. v5e and v6e names count chips, one TensorCore each: v6e-256 
 topology v6e:16x16. libtpu accepts only the topology form, so Cloud names are mapped here (the
 power-of-two sizes; other shapes, such as v5p:4x4x20, are given in the topology form).
 
+`parse_target` is compile_topology's one parser: NVIDIA GPU names (h100, 8xh100) go to
+gpu_targets.py, the rest are TPU slices.
+
 This module imports no jax at load time: config validation parses names without a backend.
 """
 
@@ -119,8 +122,10 @@ def parse(name: str) -> Slice:
     gen = next((g for g in GENERATIONS.values()
                 if (prefix == g.name if sep == ":" else prefix in g.cloud_names)), None)
   if gen is None:
-    raise TopologyError(f"compile_topology={name!r} is not a TPU slice this knows. Known: "
-                        f"{known_names()}")
+    from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
+    raise TopologyError(f"compile_topology={name!r} is not a TPU slice or GPU target this knows. "
+                        f"Known TPU slices: {known_names()}. Known GPU targets: "
+                        f"{gpu_targets.known_names()}")
   if sep == ":":
     shape = tuple(int(s) for s in rest.split("x"))
     if len(shape) != gen.ndim or min(shape) < 1:
@@ -138,6 +143,13 @@ def parse(name: str) -> Slice:
         f"; give another shape in the topology form, e.g. {gen.name}:"
         f"{'x'.join(map(str, table[max(table)]))}")
   return Slice(gen, table[chips])
+
+
+def parse_target(name: str):
+  """compile_topology -> gpu_targets.Target for an NVIDIA GPU name (h100, 8xh100), else the
+  TPU Slice `parse` makes of it (raising for a name that is neither)."""
+  from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
+  return gpu_targets.parse(name) or parse(name)
 
 
 def generation_of(device_kind: str) -> Generation | None:

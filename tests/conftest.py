@@ -15,6 +15,9 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "hf: live check against the installed transformers + torch (opt in: pytest -m "
       "hf; see tests/fixtures/make_hf_fixtures.py)")
+  config.addinivalue_line(
+      "markers", "cuda_compile: compiles for NVIDIA GPU targets through JAX's CUDA plugin "
+      "(make test-cuda-compile; skipped where the plugin is not installed)")
 
 
 def pytest_collection_modifyitems(config, items):

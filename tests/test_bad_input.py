@@ -223,6 +223,9 @@ def _cases():
                                                  ["mesh_shape"])),
       ("estimate_compile_mesh_does_not_fit", lambda t, r: (
           est("--compile", "--config.mesh_shape=(3,1,1)"), ["mesh_shape"])),
+      ("compile_unknown_gpu_target", lambda t, r: (
+          ["--mode=compile", f"--config={BASE}", "--config.compile_topology=h300"],
+          ["compile_topology", "h300", "h100, h200, a100-80gb", "2x8xh100"])),
       # Quantized loading settings the checkpoint's model cannot take (quantize.check).
       ("quant_group_size_does_not_divide", lambda t, r: (
           on_run("eval", r, load_in_4bit=True, quant_group_size=24),
