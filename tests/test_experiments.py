@@ -555,9 +555,11 @@ def test_finetune_scratch_full_and_three_loras(finetune_out, model_dir, root):
       t for f in sorted(glob.glob(str(finetune_out.out / "data" / "pydoc" / "train" / "*.txt")))
       for t in tok.encode(open(f, encoding="utf-8").read()))
   assert set(ids) == {t for t, _ in counts.most_common(5)}
-  # A smaller state saves a smaller checkpoint: LoRA's adapters against every weight.
-  assert rows["lora"]["checkpoint MiB"] < rows["lora+tokens"]["checkpoint MiB"] < (
-      rows["lora+tables"]["checkpoint MiB"]) < rows["full"]["checkpoint MiB"]
+  # A smaller state saves a smaller checkpoint: LoRA's adapters (with rows or tables, at most
+  # 40% of the parameters here) against every weight. (Between the LoRA runs, a few hundred
+  # numbers apart, orbax's per-array overhead decides, not the parameters.)
+  assert max(rows[m]["checkpoint MiB"] for m in ("lora", "lora+tables", "lora+tokens")) < (
+      rows["full"]["checkpoint MiB"])
   # Before any update LoRA's B and the deltas are zero: every fine-tune starts from the base's
   # own score.
   for mode in ("lora", "lora+tables", "lora+tokens"):
