@@ -124,7 +124,14 @@ def _manager(workdir: str, max_to_keep: int = 3, read_only: bool = False):
       enable_async_checkpointing=not read_only, preservation_policy=policy, read_only=read_only,
       create=not read_only, best_fn=_eval_loss, best_mode="min",
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  for attempt in range(5):
+    try:
+      return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    except FileNotFoundError:
+      # A reader lists the steps while a live run deletes an old one (max_to_keep): list again.
+      if not read_only or attempt == 4:
+        raise
+      time.sleep(0.1)
 
 
 def _config_changes(saved: dict, cfg) -> tuple[list, list, list]:
