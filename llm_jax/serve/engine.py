@@ -11,9 +11,9 @@ Owns the serving loop between requests (token ids and knobs) and streamed tokens
   vmapped over slots, so each slot writes its own cache index) and chooses every slot's next
   token with the sampler's own processors (sampling.process_logits_rows /
   select_tokens_rows, Hugging Face's order and meaning);
-- the host loop (one thread): admit waiting sequences into free slots, step, hand each slot's
-  token to its sequence (detokenize, stop strings, EOS, max_tokens), free finished, stopped or
-  cancelled slots at once.
+- the host loop (one thread): admit waiting sequences into free slots (one per decode step
+  while others decode), step, hand each slot's token to its sequence (detokenize, stop
+  strings, EOS, max_tokens), free finished, stopped or cancelled slots at once.
 
 Right padding makes the slot layout simple: a prompt of length p fills cache slots [0, p) and
 its padding [p, bucket) is overwritten by the first decode writes; the causal mask hides every
@@ -326,7 +326,12 @@ class Engine:
     for i, s in enumerate(self._running):  # cancelled while running: free at once
       if s is not None and s.cancelled:
         self._running[i] = None
-    while None in self._running:
+    # While slots are decoding, at most one prompt is prefilled between two decode steps: each
+    # prefill stalls every running stream, and a burst of them is what makes the p99
+    # inter-token latency (vLLM schedules prefills under a token budget for the same reason).
+    # With nothing decoding, every free slot is filled at once.
+    admit = 1 if self.running() else len(self._running)
+    while None in self._running and admit > 0:
       with self._cv:
         seq = self._waiting.popleft() if self._waiting else None
       if seq is None:
@@ -341,6 +346,7 @@ class Engine:
         seq.emit(("error", "internal error while reading the prompt (logged by the server)"))
         continue
       self._running[slot] = seq
+      admit -= 1
       self._take(slot, seq, *(x[0] for x in out))
     if self.running() == 0:
       return
