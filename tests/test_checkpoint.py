@@ -39,6 +39,7 @@ import helpers  # tests/helpers.py
 from llm_jax import checkpoint
 from llm_jax import config
 from llm_jax import data as data_lib
+from llm_jax import resume
 from llm_jax import sharding
 from llm_jax import train
 
@@ -667,12 +668,12 @@ def test_damaged_newer_and_changed_older_checkpoint(corpus, tmp_path, caplog, mo
     assert "NEW optimizer state" in caplog.text
     # A data position saved by another number of processes is taken from the step instead.
     fresh = data_lib.build(cfg, workdir).train_iter()
-    checkpoint._position_at(fresh, 2)  # pylint: disable=protected-access
+    resume.position_at(fresh, 2)
     np.testing.assert_array_equal(next(fresh)["inputs"], next(data_iter)["inputs"])
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    params_target, train_target = checkpoint._restore_targets(trainer)  # pylint: disable=protected-access
-    plan = checkpoint._plan(ckpt.mngr, 2, cfg, params_target, train_target)  # pylint: disable=protected-access
-    assert plan.data == checkpoint._DATA_FROM_STEP  # pylint: disable=protected-access
+    params_target, train_target = resume.targets(trainer)
+    plan = resume.plan(ckpt.mngr, 2, cfg, params_target, train_target)
+    assert plan.data == resume.DATA_FROM_STEP
   finally:
     ckpt.close()
 
