@@ -306,8 +306,8 @@ def evaluate(eval_step, params, batches, mesh, max_batches=None, chars_per_token
     out = eval_step(params, sharding_lib.global_batch(local, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
-    raise ValueError("the validation split produced no batch: it is smaller than one row of "
-                     "block_size + 1 tokens; lower block_size or add validation text")
+    raise errors.UserError("the validation split produced no batch: it is smaller than one row of "
+                           "block_size + 1 tokens; lower block_size or add validation text")
   totals = jax.device_get(totals)
   loss = float(totals["nll"] / max(totals["tokens"], 1.0))
   result = {"loss": loss, "accuracy": float(totals["correct"] / max(totals["tokens"], 1.0)),
