@@ -182,6 +182,16 @@ def _cases():
           est("--config.num_return_sequences=2", "--config.do_sample=False"),
           ["num_return_sequences=2", "do_sample"])),
       ("mesh_shape_of_two", lambda t, r: (est("--config.mesh_shape=(1,1)"), ["mesh_shape"])),
+      # Found by tests/test_config_fuzz.py: widths past any model were a MemoryError or an
+      # OverflowError (exit 4) in --mode=estimate.
+      ("d_model_past_any_model", lambda t, r: (est("--config.d_model=1099511627776"),
+                                               ["d_model=1099511627776", "at most"])),
+      ("vocab_size_past_int32", lambda t, r: (est("--config.vocab_size=1099511627776"),
+                                              ["vocab_size=1099511627776", "at most"])),
+      ("d_k_past_any_model", lambda t, r: (est("--config.d_k=1099511627776"), ["d_k="])),
+      ("max_position_embeddings_huge", lambda t, r: (
+          est("--config.position_embedding=learned", f"--config.max_position_embeddings={2**90}"),
+          [f"max_position_embeddings={2**90}"])),
       ("logical_axis_rules_unknown_axis", lambda t, r: (
           est("--config.logical_axis_rules=vocab:tensorx"), ["logical_axis_rules", "tensorx"])),
       ("checkpoint_step_in_train", lambda t, r: (train_new(t, r, checkpoint_step=4),
@@ -432,6 +442,20 @@ def test_batch_size_alone_derives_micro_batch_size(cli):
                   "--config.gradient_accumulation_steps=4")
   assert code == 0, out[-3000:]
   assert "our count at micro_batch_size=16" in out
+
+
+def test_estimate_of_a_deep_model_answers_at_once(cli):
+  # Found by tests/test_config_fuzz.py: the parameter count traced every block unrolled, 23 s for
+  # 200 layers (and minutes for thousands); the blocks are traced scanned now.
+  import re  # pylint: disable=import-outside-toplevel
+  totals = {}
+  for layers in (1, 2, 4096):
+    start = time.perf_counter()
+    code, out = cli("--mode=estimate", f"--config={BASE}", f"--config.n_layers={layers}")
+    assert code == 0 and time.perf_counter() - start < 10, out[-3000:]
+    totals[layers] = int(re.search(r"total\s+([\d,]+)", out).group(1).replace(",", ""))
+  per_block = totals[2] - totals[1]  # the count is linear in the depth
+  assert totals[4096] == totals[1] + 4095 * per_block
 
 
 def test_fields_a_mode_does_not_read_are_warned(cli):
