@@ -17,18 +17,12 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 import helpers  # tests/helpers.py
 import run_once  # tests/run_once.py
 
-from llm_jax import checkpoint
 from llm_jax import config
-from llm_jax import data as data_lib
-from llm_jax import sharding
-from llm_jax import train
 from llm_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,33 +38,10 @@ TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, 
             num_train_steps=8, eval_steps=0, sample_every_eval=False)
 
 
-def _make_run(root):
-  """A workdir with a tokenizer and one checkpoint (step 4) of random params, as training
-  leaves it; returns what the cases need (JSON, shared between xdist workers)."""
-  helpers.write_corpus(os.path.join(root, "text"))
-  fields = {**TINY, "dataset": f"text:{root}/text/train", "validation": f"{root}/text/val/*.txt",
-            "data_dir": os.path.join(root, "data")}
-  cfg = config.load(BASE, **fields)
-  workdir = os.path.join(root, "run")
-  data = data_lib.build(cfg, workdir, 0, 1)
-  trainer = train.Trainer(cfg, cfg.num_train_steps,
-                          mesh=sharding.make_mesh(cfg, jax.devices()[:1]))
-  params = helpers.random_params(trainer.abstract_params)
-  state = train.TrainState(step=jnp.asarray(4, jnp.int32), params=params,
-                           opt_state=trainer.tx.init(params), rng=jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(workdir, cfg, data.steps_per_epoch,
-                                 os.path.join(workdir, "tokenizer.model"))
-  try:
-    ckpt.save(4, state, data.train_iter())
-  finally:
-    ckpt.close()
-  return {"root": root, "workdir": workdir, "fields": fields}
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   return run_once.once(tmp_path_factory, "bad_input_run",
-                       lambda: _make_run(str(tmp_path_factory.mktemp("bad_input"))))
+                       lambda: helpers.saved_run(str(tmp_path_factory.mktemp("bad_input")), TINY))
 
 
 def _snapshot(workdir):
