@@ -46,7 +46,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "datasets>=2.16"] + TPU  # tests compile for TPU topologies
         # the server's tests: the official OpenAI client, raw HTTP, the system Chromium via selenium
         + ["openai>=1.40", "httpx>=0.27", "selenium>=4.20", "pillow>=10"]
-        + EVAL,  # tests/test_evals.py: lm-eval's own task definitions are the reference
+        + EVAL  # tests/test_evals.py: lm-eval's own task definitions are the reference
+        + ["hypothesis>=6.100"],  # tests/test_config_fuzz.py: the command line, fuzzed
         # jax[cuda12]: also what --mode=compile needs to compile for H100/H200 targets from a
         # host with no GPU (verified: jax-cuda12-plugin 0.12.0.1, cuDNN 9.28, CUDA 12.9; ~5.5 GB).
         "cuda": ["jax[cuda12]>=0.11.2,<0.13"],

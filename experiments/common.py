@@ -74,7 +74,7 @@ def define_flags() -> None:
       "runs/default, trained with the same --config) instead of training one in <out>/model.")
 
 
-class StudyError(Exception):
+class StudyError(errors.UserError):
   """Bad input or a failed run: the study stops with `error: <message>` (exit code 2)."""
 
 
@@ -191,7 +191,9 @@ class Run:
     for r in self.records:
       if r["step"] == step and key in r:
         return r
-    raise KeyError(f"{self.workdir}: no {key} at step {step}")
+    raise StudyError(f"{self.workdir}: its metrics.jsonl has no {key} at step {step} (a run "
+                     f"trained with other settings, or cut short): give --out a new "
+                     f"directory, or delete that run to train it again")
 
   def series(self, key: str) -> tuple[list[int], list[float]]:
     pairs = sorted((r["step"], r[key]) for r in self.records if key in r)

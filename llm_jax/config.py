@@ -91,6 +91,15 @@ def _derive(c, given=frozenset()):
   return problems
 
 
+# Upper bounds of the shape fields, far past any model (Llama 3.1 405B: d_model 16,384, d_ff
+# 53,248, vocab 128,256; Gemma: vocab 262,144): larger values are typos, and would overflow the
+# int32 shapes and indices of the compiled programs (or exhaust the host building tables).
+_MOST = {"d_model": 1 << 20, "d_ff": 1 << 22, "d_k": 1 << 16, "d_v": 1 << 16, "n_heads": 1 << 14,
+         "n_kv_heads": 1 << 14, "vocab_size": 1 << 24, "vocab_multiple": 1 << 16,
+         "n_layers": 1 << 16, "max_seq_len": 1 << 30, "block_size": 1 << 30,
+         "max_position_embeddings": 1 << 30}
+
+
 def _check(c):
   """Returns one message per invalid field."""
   p = []
@@ -102,6 +111,9 @@ def _check(c):
   for f in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "d_k", "d_v", "max_seq_len",
             "block_size", "max_position_embeddings", "n_kv_heads", "vocab_multiple"):
     need(c[f] > 0, f"{f}={c[f]} must be a positive integer")
+  for f, most in _MOST.items():
+    need(c[f] <= most, f"{f}={c[f]} is beyond what any model holds (at most {most:,} here): "
+         f"is it a typo?")
   if c.n_kv_heads > 0 and c.n_heads > 0:
     need(c.n_heads % c.n_kv_heads == 0,
          f"n_kv_heads={c.n_kv_heads} does not divide n_heads={c.n_heads}: use a divisor of "

@@ -19,6 +19,7 @@ literally ("<s>"), which the `tokenizers` library always treats as that token.
 import json
 import os
 
+from llm_jax import errors
 from llm_jax import tokenizer as tokenizer_lib
 
 # sentencepiece ModelProto.SentencePiece.Type
@@ -34,8 +35,8 @@ def _read_json(directory: str, name: str) -> dict:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not valid JSON ({e}): restore the file from the model's "
-                     f"source") from None
+    raise errors.UserError(f"{path} is not valid JSON ({e}): restore the file from the model's "
+                           f"source") from None
 
 
 def _first(*values):
@@ -64,9 +65,10 @@ def special_ids(directory: str, piece_to_id) -> dict:
   eos = by_id("eos")
   eos = [] if eos is None else [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]
   if not eos:
-    raise ValueError(f"{directory}: no EOS token: none of generation_config.json, config.json "
-                     f"(eos_token_id) or tokenizer_config.json (eos_token) names one; add "
-                     f"eos_token_id to generation_config.json")
+    raise errors.UserError(
+        f"{directory}: no EOS token: none of generation_config.json, config.json "
+        f"(eos_token_id) or tokenizer_config.json (eos_token) names one; add "
+        f"eos_token_id to generation_config.json")
   pad = by_id("pad")
   return {"bos": by_id("bos"), "eos": eos, "pad": eos[0] if pad is None else int(pad),
           "unk": by_name("unk")}
@@ -84,7 +86,8 @@ def from_hf_dir(directory: str):
     try:
       tk = tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # pylint: disable=broad-except  (the library raises bare Exceptions)
-      raise ValueError(f"{tj_path} is not a tokenizer the tokenizers library can read ({e})") \
+      raise errors.UserError(
+          f"{tj_path} is not a tokenizer the tokenizers library can read ({e})") \
           from None
     special = special_ids(directory, tk.token_to_id)
     add_bos = tcfg.get("add_bos_token")
@@ -100,15 +103,15 @@ def from_hf_dir(directory: str):
     try:
       sp = spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError as e:
-      raise ValueError(f"{sp_path} is not a sentencepiece model ({e})") from None
+      raise errors.UserError(f"{sp_path} is not a sentencepiece model ({e})") from None
     special = special_ids(directory, lambda p: sp.piece_to_id(p) if sp.piece_to_id(p) != sp.unk_id()
                           or p == sp.id_to_piece(sp.unk_id()) else None)
     if special["unk"] is None and sp.unk_id() >= 0:
       special["unk"] = sp.unk_id()
     add_bos = tcfg.get("add_bos_token", special["bos"] is not None)  # LlamaTokenizer's default
     return tokenizer_lib.Tokenizer(proto, special, add_bos, hf_config=tcfg)
-  raise ValueError(f"{directory} has no tokenizer.json or tokenizer.model: copy the model's "
-                   f"tokenizer files into it")
+  raise errors.UserError(f"{directory} has no tokenizer.json or tokenizer.model: copy the model's "
+                         f"tokenizer files into it")
 
 
 # ------------------------------------------------------------------------------------ Writing
@@ -125,8 +128,9 @@ def sentencepiece_to_tokenizer_json(proto: bytes, bos_id: int | None = None) -> 
   m.ParseFromString(proto)
   ns = m.normalizer_spec
   if ns.remove_extra_whitespaces:
-    raise ValueError("the sentencepiece model collapses repeated whitespace "
-                     "(remove_extra_whitespaces), which tokenizer.json cannot express exactly")
+    raise errors.UserError("the sentencepiece model collapses repeated whitespace "
+                           "(remove_extra_whitespaces), which tokenizer.json cannot express "
+                           "exactly")
   pieces = [(p.piece, p.score, p.type) for p in m.pieces]
   unk = next((i for i, (_, _, t) in enumerate(pieces) if t == _UNKNOWN), None)
   byte_fallback = bool(m.trainer_spec.byte_fallback)
@@ -151,8 +155,9 @@ def sentencepiece_to_tokenizer_json(proto: bytes, bos_id: int | None = None) -> 
                        unk_token=None if unk is None else pieces[unk][0], fuse_unk=True,
                        byte_fallback=byte_fallback)
   else:
-    raise ValueError(f"sentencepiece model_type {m.trainer_spec.model_type} is not unigram or "
-                     f"bpe: it cannot be exported")
+    raise errors.UserError(
+        f"sentencepiece model_type {m.trainer_spec.model_type} is not unigram or "
+        f"bpe: it cannot be exported")
   tk = tokenizers.Tokenizer(model)
   norm = []
   if ns.precompiled_charsmap:

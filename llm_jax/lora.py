@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from llm_jax import errors
+
 TARGETS = {"q": "attn/query", "k": "attn/key", "v": "attn/value", "o": "attn/out",
            "wi": "mlp/wi", "gate": "mlp/wi_gate", "up": "mlp/wi_up", "wo": "mlp/wo"}
 _SWIGLU_ONLY, _NOT_SWIGLU = ("gate", "up"), ("wi",)
@@ -62,15 +64,15 @@ def target_paths(targets: str, activation: str | None) -> frozenset:
     names = [n for n in TARGETS if n not in (_NOT_SWIGLU if swiglu else _SWIGLU_ONLY)]
   unknown = [n for n in names if n not in TARGETS]
   if unknown or not names:
-    raise ValueError(f"lora_targets={targets!r}: {', '.join(unknown) or 'nothing'} is not a "
-                     f"projection; name any of {','.join(TARGETS)}, or all")
+    raise errors.UserError(f"lora_targets={targets!r}: {', '.join(unknown) or 'nothing'} is not a "
+                           f"projection; name any of {','.join(TARGETS)}, or all")
   if activation is None:
     return frozenset()
   absent = [n for n in names if n in (_NOT_SWIGLU if swiglu else _SWIGLU_ONLY)]
   if absent:
     have = "gate,up (swiglu's two input projections)" if swiglu else "wi"
-    raise ValueError(f"lora_targets={targets!r}: this model (activation={activation}) has no "
-                     f"{','.join(absent)}; its MLP input is {have}")
+    raise errors.UserError(f"lora_targets={targets!r}: this model (activation={activation}) has no "
+                           f"{','.join(absent)}; its MLP input is {have}")
   return frozenset(TARGETS[n] for n in names)
 
 

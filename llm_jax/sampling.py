@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from llm_jax import errors
 from llm_jax import model as model_lib
 
 
@@ -68,13 +69,14 @@ class SamplingConfig:
   def __post_init__(self):
     if (self.max_new_tokens < 1 or self.num_beams < 1 or self.check_every < 1
         or self.num_return_sequences < 1):
-      raise ValueError(f"max_new_tokens, num_beams, num_return_sequences and check_every must "
-                       f"be >= 1: {self}")
+      raise errors.UserError(
+          f"max_new_tokens, num_beams, num_return_sequences and check_every must "
+          f"be >= 1: {self}")
     if self.num_beams > 1 and self.do_sample:
-      raise ValueError("num_beams > 1 is deterministic beam search: set do_sample=False")
+      raise errors.UserError("num_beams > 1 is deterministic beam search: set do_sample=False")
     if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-      raise ValueError(f"num_return_sequences={self.num_return_sequences} > num_beams="
-                       f"{self.num_beams}: beam search returns at most num_beams hypotheses")
+      raise errors.UserError(f"num_return_sequences={self.num_return_sequences} > num_beams="
+                             f"{self.num_beams}: beam search returns at most num_beams hypotheses")
 
   @classmethod
   def from_config(cls, cfg, **overrides):
@@ -522,17 +524,19 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], model_cfg, scfg: SamplingCo
   sinusoidal positions have no table, so longer generations run, past the trained context).
   """
   if not prompt_ids:
-    raise ValueError("prompt_ids is empty: pass at least one prompt (a list of token ids)")
+    raise errors.UserError("prompt_ids is empty: pass at least one prompt (a list of token ids)")
   lens = [len(p) for p in prompt_ids]
   if min(lens) == 0:
-    raise ValueError("an empty prompt has no last token to condition on: start each prompt with "
-                     "at least one id (e.g. the tokenizer's bos_id)")
+    raise errors.UserError(
+        "an empty prompt has no last token to condition on: start each prompt with "
+        "at least one id (e.g. the tokenizer's bos_id)")
   bad = [i for p in prompt_ids for i in p if not 0 <= i < model_cfg.vocab_size]
   if bad:
-    raise ValueError(f"prompt id {bad[0]} is outside the vocabulary [0, {model_cfg.vocab_size})")
+    raise errors.UserError(
+        f"prompt id {bad[0]} is outside the vocabulary [0, {model_cfg.vocab_size})")
   need = max(lens) + scfg.max_new_tokens
   if model_cfg.position_embedding == "learned" and need > model_cfg.max_position_embeddings:
-    raise ValueError(
+    raise errors.UserError(
         f"prompt of {max(lens)} tokens + max_new_tokens={scfg.max_new_tokens} = {need} positions "
         f"exceeds max_position_embeddings={model_cfg.max_position_embeddings} (learned "
         f"positions): shorten the prompt or lower max_new_tokens")

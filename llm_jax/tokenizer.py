@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from llm_jax import errors
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("unigram", "bpe")
 N_BYTE_PIECES = 256
@@ -51,9 +53,9 @@ class Tokenizer:
     if special is None:
       ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
       if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-        raise ValueError(f"tokenizer has special ids pad/unk/bos/eos={ids}, expected "
-                         f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}: retrain it with llm_jax "
-                         f"(delete the .model file and run again)")
+        raise errors.UserError(f"tokenizer has special ids pad/unk/bos/eos={ids}, expected "
+                               f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}: retrain it with llm_jax "
+                               f"(delete the .model file and run again)")
       self._special = {"bos": BOS_ID, "eos": [EOS_ID], "pad": PAD_ID, "unk": UNK_ID}
     _check_special(self._special, self.vocab_size)
 
@@ -180,11 +182,12 @@ def _check_special(special: dict, vocab_size: int) -> None:
     special.setdefault(name, None)
   ids = [special[n] for n in ("bos", "pad", "unk") if special[n] is not None] + special["eos"]
   if not special["eos"]:
-    raise ValueError("the tokenizer has no EOS id: set eos_token_id in generation_config.json")
+    raise errors.UserError(
+        "the tokenizer has no EOS id: set eos_token_id in generation_config.json")
   bad = [i for i in ids if not 0 <= i < vocab_size]
   if bad:
-    raise ValueError(f"special token id {bad[0]} is outside the tokenizer's vocabulary "
-                     f"[0, {vocab_size}): check bos/eos/pad_token_id in the model's files")
+    raise errors.UserError(f"special token id {bad[0]} is outside the tokenizer's vocabulary "
+                           f"[0, {vocab_size}): check bos/eos/pad_token_id in the model's files")
 
 
 def _add_specials(ids, single: bool, bos, eos):
@@ -225,7 +228,7 @@ def from_item(item: dict):
   if kind == "tokenizers":
     return HFTokenizer(item["tokenizer_json"], item["special"], item.get("add_bos", False),
                        item.get("hf_config"))
-  raise ValueError(f"unknown tokenizer kind {kind!r} (sentencepiece or tokenizers)")
+  raise errors.UserError(f"unknown tokenizer kind {kind!r} (sentencepiece or tokenizers)")
 
 
 def save_bytes(path: str, data: bytes) -> None:
@@ -277,10 +280,10 @@ def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, model_type: st
   byte_fallback's 256 byte pieces plus the characters do not fit in it.
   """
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"tokenizer_type={model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+    raise errors.UserError(f"tokenizer_type={model_type!r} is not one of {', '.join(MODEL_TYPES)}")
   sents = [p for s in sentences if s for p in _cut(s)]
   if not sents:
-    raise ValueError("no text to train the tokenizer on")
+    raise errors.UserError("no text to train the tokenizer on")
   buf = io.BytesIO()
   spm.set_random_generator_seed(0)
   try:
@@ -299,14 +302,14 @@ def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, model_type: st
     too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg)
     required = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
     if too_high:
-      raise ValueError(
+      raise errors.UserError(
           f"vocab_size={vocab_size} is more than this text supports: sentencepiece can make at "
           f"most {too_high.group(2)} pieces from it; set vocab_size <= {too_high.group(2)} or "
           f"train on more text") from e
     if required:
       need = int(required.group(2))
       hint = " or set byte_fallback=False" if byte_fallback else ""
-      raise ValueError(
+      raise errors.UserError(
           f"vocab_size={vocab_size} is too small: the 4 special ids"
           f"{f', {N_BYTE_PIECES} byte pieces (byte_fallback)' if byte_fallback else ''} and "
           f"the text's characters need {need}; raise vocab_size to at least {need}{hint}") from e

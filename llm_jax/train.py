@@ -306,8 +306,8 @@ def evaluate(eval_step, params, batches, mesh, max_batches=None, chars_per_token
     out = eval_step(params, sharding_lib.global_batch(local, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
-    raise ValueError("the validation split produced no batch: it is smaller than one row of "
-                     "block_size + 1 tokens; lower block_size or add validation text")
+    raise errors.UserError("the validation split produced no batch: it is smaller than one row of "
+                           "block_size + 1 tokens; lower block_size or add validation text")
   totals = jax.device_get(totals)
   loss = float(totals["nll"] / max(totals["tokens"], 1.0))
   result = {"loss": loss, "accuracy": float(totals["correct"] / max(totals["tokens"], 1.0)),
@@ -484,6 +484,13 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
       writer.write(0, {f"eval/{k}": v for k, v in ev.items()})
       print_eval(0, ev, params)
       t0 = time.perf_counter()
+    if start == steps and steps and _final_eval_missing(writer.jsonl_path, steps):
+      # A signal cut the final evaluation short (the step was saved): it runs now, so the run
+      # ends as an uninterrupted one does (its eval/loss at the last step, which studies read).
+      params = trainer.eval_params(state)
+      ev = trainer.evaluate(params, data.eval_batches(), None, data.chars_per_token)
+      writer.write(steps, {f"eval/{k}": v for k, v in ev.items()})
+      print_eval(steps, ev, params)
     saving.enter_context(preemption.deferred())  # from here a signal saves the step it reaches
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
@@ -542,15 +549,19 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         if ev is not None:
           writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
           ckpt.record_eval(step, ev["loss"])
-        if not (do_save or stop) and ckpt.should_stop(step, cfg.log_every):
-          stop = True  # a signal during the evaluation: save this step, not one more
-          running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
-                                    cfg.loss_explosion_factor)
+        if not stop and ckpt.should_stop(step, cfg.log_every):
+          # A signal during the evaluation (the final one too): save this step, not one more,
+          # and stop there (a rerun runs the final evaluation it cut short).
+          if not do_save:
+            running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
+                                      cfg.loss_explosion_factor)
+          stop = True
       if do_save or stop:
         ckpt.save(step, state, train_iter, params=params)
       if ev is not None and not stop:  # no sampling after a signal: the save is what matters
         print_eval(step, ev, params)
-      do_tasks = tasks is not None and (step % cfg.tasks_every == 0 or step == steps)
+      do_tasks = (tasks is not None and not stop  # after a signal only the save matters
+                  and (step % cfg.tasks_every == 0 or step == steps))
       if do_tasks:
         scores, line = tasks(trainer.full_params(
             params if params is not None else trainer.eval_params(state)))
@@ -585,6 +596,19 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     png = metrics_lib.plot_losses(writer.jsonl_path, os.path.join(workdir, "loss_curves.png"))
     print(f"done: {workdir} holds checkpoints, metrics.jsonl, tensorboard/ and {png}")
   return errors.OK
+
+
+def _final_eval_missing(jsonl_path: str, steps: int) -> bool:
+  """Whether metrics.jsonl lacks the evaluation of the last step (process 0 reads it and tells
+  the others: the evaluation is a collective)."""
+  missing = False
+  if jax.process_index() == 0:
+    records = metrics_lib.read_metrics(jsonl_path) if os.path.exists(jsonl_path) else []
+    missing = not any(r.get("step") == steps and "eval/loss" in r for r in records)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+  return missing
 
 
 def _close_all(closers) -> None:

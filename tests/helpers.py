@@ -82,3 +82,34 @@ def assert_bitwise_equal(a, b):
   assert tree_a == tree_b
   for x, y in zip(leaves_a, leaves_b):
     assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+def saved_run(root: str, tiny: dict, step: int = 4) -> dict:
+  """A workdir with a tokenizer and one checkpoint (`step`) of random params, as training leaves
+  it, made without training (nothing compiles): {"root", "workdir", "fields"} (JSON), where
+  fields are `tiny` plus a text: dataset of write_corpus under root."""
+  from llm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from llm_jax import config  # pylint: disable=g-import-not-at-top
+  from llm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from llm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from llm_jax import train  # pylint: disable=g-import-not-at-top
+  write_corpus(os.path.join(root, "text"))
+  fields = {**tiny, "dataset": f"text:{root}/text/train", "validation": f"{root}/text/val/*.txt",
+            "data_dir": os.path.join(root, "data")}
+  base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "base.py")
+  cfg = config.load(base, **fields)
+  workdir = os.path.join(root, "run")
+  data = data_lib.build(cfg, workdir, 0, 1)
+  trainer = train.Trainer(cfg, cfg.num_train_steps,
+                          mesh=sharding.make_mesh(cfg, jax.devices()[:1]))
+  params = random_params(trainer.abstract_params)
+  state = train.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                           opt_state=trainer.tx.init(params), rng=jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(workdir, cfg, data.steps_per_epoch,
+                                 os.path.join(workdir, "tokenizer.model"))
+  try:
+    ckpt.save(step, state, data.train_iter())
+  finally:
+    ckpt.close()
+  return {"root": root, "workdir": workdir, "fields": fields}

@@ -17,18 +17,12 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 import helpers  # tests/helpers.py
 import run_once  # tests/run_once.py
 
-from llm_jax import checkpoint
 from llm_jax import config
-from llm_jax import data as data_lib
-from llm_jax import sharding
-from llm_jax import train
 from llm_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,33 +38,10 @@ TINY = dict(vocab_size=128, vocab_multiple=64, byte_fallback=False, d_model=32, 
             num_train_steps=8, eval_steps=0, sample_every_eval=False)
 
 
-def _make_run(root):
-  """A workdir with a tokenizer and one checkpoint (step 4) of random params, as training
-  leaves it; returns what the cases need (JSON, shared between xdist workers)."""
-  helpers.write_corpus(os.path.join(root, "text"))
-  fields = {**TINY, "dataset": f"text:{root}/text/train", "validation": f"{root}/text/val/*.txt",
-            "data_dir": os.path.join(root, "data")}
-  cfg = config.load(BASE, **fields)
-  workdir = os.path.join(root, "run")
-  data = data_lib.build(cfg, workdir, 0, 1)
-  trainer = train.Trainer(cfg, cfg.num_train_steps,
-                          mesh=sharding.make_mesh(cfg, jax.devices()[:1]))
-  params = helpers.random_params(trainer.abstract_params)
-  state = train.TrainState(step=jnp.asarray(4, jnp.int32), params=params,
-                           opt_state=trainer.tx.init(params), rng=jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(workdir, cfg, data.steps_per_epoch,
-                                 os.path.join(workdir, "tokenizer.model"))
-  try:
-    ckpt.save(4, state, data.train_iter())
-  finally:
-    ckpt.close()
-  return {"root": root, "workdir": workdir, "fields": fields}
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   return run_once.once(tmp_path_factory, "bad_input_run",
-                       lambda: _make_run(str(tmp_path_factory.mktemp("bad_input"))))
+                       lambda: helpers.saved_run(str(tmp_path_factory.mktemp("bad_input")), TINY))
 
 
 def _snapshot(workdir):
@@ -182,6 +153,16 @@ def _cases():
           est("--config.num_return_sequences=2", "--config.do_sample=False"),
           ["num_return_sequences=2", "do_sample"])),
       ("mesh_shape_of_two", lambda t, r: (est("--config.mesh_shape=(1,1)"), ["mesh_shape"])),
+      # Found by tests/test_config_fuzz.py: widths past any model were a MemoryError or an
+      # OverflowError (exit 4) in --mode=estimate.
+      ("d_model_past_any_model", lambda t, r: (est("--config.d_model=1099511627776"),
+                                               ["d_model=1099511627776", "at most"])),
+      ("vocab_size_past_int32", lambda t, r: (est("--config.vocab_size=1099511627776"),
+                                              ["vocab_size=1099511627776", "at most"])),
+      ("d_k_past_any_model", lambda t, r: (est("--config.d_k=1099511627776"), ["d_k="])),
+      ("max_position_embeddings_huge", lambda t, r: (
+          est("--config.position_embedding=learned", f"--config.max_position_embeddings={2**90}"),
+          [f"max_position_embeddings={2**90}"])),
       ("logical_axis_rules_unknown_axis", lambda t, r: (
           est("--config.logical_axis_rules=vocab:tensorx"), ["logical_axis_rules", "tensorx"])),
       ("checkpoint_step_in_train", lambda t, r: (train_new(t, r, checkpoint_step=4),
@@ -432,6 +413,20 @@ def test_batch_size_alone_derives_micro_batch_size(cli):
                   "--config.gradient_accumulation_steps=4")
   assert code == 0, out[-3000:]
   assert "our count at micro_batch_size=16" in out
+
+
+def test_estimate_of_a_deep_model_answers_at_once(cli):
+  # Found by tests/test_config_fuzz.py: the parameter count traced every block unrolled, 23 s for
+  # 200 layers (and minutes for thousands); the blocks are traced scanned now.
+  import re  # pylint: disable=import-outside-toplevel
+  totals = {}
+  for layers in (1, 2, 4096):
+    start = time.perf_counter()
+    code, out = cli("--mode=estimate", f"--config={BASE}", f"--config.n_layers={layers}")
+    assert code == 0 and time.perf_counter() - start < 10, out[-3000:]
+    totals[layers] = int(re.search(r"total\s+([\d,]+)", out).group(1).replace(",", ""))
+  per_block = totals[2] - totals[1]  # the count is linear in the depth
+  assert totals[4096] == totals[1] + 4095 * per_block
 
 
 def test_fields_a_mode_does_not_read_are_warned(cli):

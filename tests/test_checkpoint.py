@@ -367,6 +367,37 @@ def test_sigterm_during_an_evaluation_saves_that_step_within_seconds_and_resumes
   assert [s for s, _ in _train_records(workdir, "eval/loss")] == [16]
 
 
+def test_sigterm_during_the_final_evaluation_saves_the_last_step_and_the_rerun_evaluates_it(
+    corpus, reference, tmp_path):
+  # The report: SIGTERM in the final evaluation (of the whole validation split) went on
+  # evaluating for minutes. Now the evaluation stops at its next batch, the last step is saved,
+  # and the same command runs the final evaluation it missed and nothing else.
+  workdir = str(tmp_path / "run")
+  log_path = tmp_path / "terminated.log"
+  fields = dict(save_steps=1000)  # eval_steps=0: the only evaluation is the final one
+  proc, log = _start_slow(workdir, corpus, log_path, delay=0.02, eval_delay=1.0, **fields)
+  try:
+    _wait_for(lambda: "test: evaluating a batch" in _read(log_path), proc, log_path)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    took = time.monotonic() - sent
+  finally:
+    _end(proc, log)
+  out = _read(log_path)
+  assert proc.returncode == 0 and took < 10, (took, out[-3000:])
+  assert f"stopped by a signal at step {N}" in out, out[-3000:]
+  assert _steps_on_disk(workdir) == [N]
+  assert not [s for s, _ in _train_records(workdir, "eval/loss")]
+
+  rc, out = _run(workdir, corpus, **fields)
+  assert rc == 0, out[-3000:]
+  assert _resumed_at(out) == N and f"step {N}: eval loss" in out, out[-3000:]
+  _assert_same_training(workdir, reference, corpus)
+  assert (_train_records(workdir, "eval/loss")
+          == _train_records(reference["workdir"], "eval/loss"))  # the same final evaluation
+
+
 def test_readers_beside_a_saving_run_load_only_complete_checkpoints(corpus, reference, tmp_path):
   # What --mode=eval, sample and export do first (loader.load), in a loop against a live run
   # saving every 4 steps: each load succeeds, and the params of every step it got equal, to the

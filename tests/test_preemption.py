@@ -79,6 +79,18 @@ def imported(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """A workdir with one checkpoint (random params, nothing trained or compiled) and its text,
+  shared by the reading phases (eval, sample, tasks, the studies given --workdir)."""
+  return helpers.saved_run(str(tmp_path_factory.mktemp("saved")), TINY)
+
+
+def _on_saved(saved, mode, *extra, **fields):
+  return ([f"--config={BASE_CONFIG}", f"--workdir={saved['workdir']}", f"--mode={mode}", *extra]
+          + [f"--config.{k}={v}" for k, v in {**saved["fields"], **fields}.items()])
+
+
 def _stop_in_phase(tmp_path, pause: str, args: list[str], study: str = "",
                    sig=signal.SIGTERM) -> tuple[int, float, str]:
   """Runs main.py (or `python -m <study>`) with `args`, paused at `pause`
@@ -102,6 +114,9 @@ def _stop_in_phase(tmp_path, pause: str, args: list[str], study: str = "",
       proc.send_signal(sig)
       proc.wait(timeout=60)
       took = time.monotonic() - sent
+      if os.environ.get("LLM_JAX_TEST_TIMINGS"):  # the README's figures: signal to exit
+        with open(os.environ["LLM_JAX_TEST_TIMINGS"], "a", encoding="utf-8") as f:
+          f.write(f"{pause} {study} {sig.name} {took:.2f}\n")
     finally:
       if proc.poll() is None:
         proc.kill()
@@ -181,6 +196,58 @@ def test_signal_during_beam_search_ends_the_process(imported, tmp_path):
       "--config.num_beams=2", "--config.do_sample=False", "--config.max_new_tokens=4"])
   assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
   assert "stopped by SIGTERM during --mode=sample" in out, out[-3000:]
+
+
+def test_signal_during_plain_sampling_ends_the_process(saved, tmp_path):
+  # One prompt, sampled: the streaming loop (a jitted chunk of tokens per call).
+  rc, took, out = _stop_in_phase(tmp_path, "llm_jax.sampling:generate_stream:before",
+                                 _on_saved(saved, "sample", "--prompt=Kalo", max_new_tokens=4))
+  assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
+  assert "stopped by SIGTERM during --mode=sample" in out, out[-3000:]
+
+
+def test_sigint_during_mode_eval_ends_the_process(saved, tmp_path):
+  rc, took, out = _stop_in_phase(tmp_path, "llm_jax.train:evaluate:before",
+                                 _on_saved(saved, "eval"), sig=signal.SIGINT)
+  assert rc == 128 + signal.SIGINT and took < BOUND_S, (rc, took, out[-3000:])
+  assert "stopped by SIGINT during --mode=eval" in out, out[-3000:]
+
+
+def test_signal_during_mode_tasks_scoring_ends_the_process_and_writes_no_results(saved, tmp_path):
+  task = tmp_path / "mine.jsonl"
+  task.write_text("".join(f'{{"context": "Kalo {i}", "choices": ["mine", "ruvi"], "label": 0}}\n'
+                          for i in range(8)), encoding="utf-8")
+  rc, took, out = _stop_in_phase(tmp_path, "llm_jax.evals.engine:Scorer.score_tokens:before",
+                                 _on_saved(saved, "tasks", tasks=f"mine={task}"))
+  assert rc == 128 + signal.SIGTERM and took < BOUND_S, (rc, took, out[-3000:])
+  assert "stopped by SIGTERM during --mode=tasks" in out, out[-3000:]
+  assert not [p for p in os.listdir(saved["workdir"]) if "task" in p], os.listdir(saved["workdir"])
+
+
+# Each study of experiments/, stopped in a phase it reaches early: reading a given --workdir's
+# model and analysing it (attention, embeddings, sampling), or the first run's training data.
+_STUDY_PHASES = {
+    "attention": ("experiments.common:trained_model:after", True, []),
+    "embeddings": ("experiments.common:trained_model:after", True, []),
+    "sampling": ("llm_jax.sampling:generate:before", True, []),
+    "context": ("llm_jax.data:_write_stream:after", False, ["--seq_lens=8,16"]),
+    "scale": ("llm_jax.data:_write_stream:after", False, []),
+    "finetune": ("llm_jax.data:_write_stream:after", False, []),
+}
+
+
+@pytest.mark.parametrize("study", sorted(_STUDY_PHASES))
+def test_signal_in_every_study_stops_it_with_exit_0_and_no_report(saved, tmp_path, study):
+  pause, reads_workdir, extra = _STUDY_PHASES[study]
+  out = tmp_path / study
+  fields = {**saved["fields"], "data_dir": str(tmp_path / "data")}
+  args = ([f"--config={BASE_CONFIG}", f"--out={out}"]
+          + ([f"--workdir={saved['workdir']}"] if reads_workdir else []) + extra
+          + [f"--config.{k}={v}" for k, v in fields.items()])
+  rc, took, log = _stop_in_phase(tmp_path, pause, args, study=f"experiments.{study}")
+  assert rc == 0 and took < BOUND_S, (rc, took, log[-3000:])
+  assert "stopped by SIGTERM" in log, log[-3000:]
+  assert not (out / "report.md").exists()
 
 
 def test_signal_during_import_writes_no_checkpoint(tmp_path):

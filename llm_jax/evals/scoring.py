@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from llm_jax import errors
+
 
 # ------------------------------------------------------------------------------- tokenization
 
@@ -68,10 +70,10 @@ def model_row(context_ids: Sequence[int], continuation_ids: Sequence[int], max_l
   than max_length (lm-eval asserts both).
   """
   if not continuation_ids:
-    raise ValueError("an empty continuation has nothing to score")
+    raise errors.UserError("an empty continuation has nothing to score")
   if len(continuation_ids) > max_length:
-    raise ValueError(f"a continuation of {len(continuation_ids)} tokens is longer than the "
-                     f"model's context of {max_length} tokens")
+    raise errors.UserError(f"a continuation of {len(continuation_ids)} tokens is longer than the "
+                           f"model's context of {max_length} tokens")
   whole = list(context_ids) + list(continuation_ids)
   kept = whole[-(max_length + 1):]
   return kept[:-1], kept[1:], len(continuation_ids), len(whole) > max_length + 1
