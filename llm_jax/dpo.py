@@ -343,7 +343,7 @@ def preference_loss(logps_P2, ref_logps_P2, n_tokens_P2, beta: float, label_smoo
               - label_smoothing * jax.nn.log_sigmoid(-h_P))
   rewards_P2 = jax.lax.stop_gradient(beta * ratios_P2)
   metrics = {"rewards/chosen": rewards_P2[:, 0], "rewards/rejected": rewards_P2[:, 1],
-             "rewards/accuracies": (rewards_P2[:, 0] > rewards_P2[:, 1]).astype(jnp.float32),
+             "rewards/accuracies": (rewards_P2[:, 0] > rewards_P2[:, 1]).astype(rewards_P2.dtype),
              "rewards/margins": rewards_P2[:, 0] - rewards_P2[:, 1],
              "logps/chosen": jax.lax.stop_gradient(logps_P2[:, 0]),
              "logps/rejected": jax.lax.stop_gradient(logps_P2[:, 1])}
