@@ -438,7 +438,8 @@ _TRAINING = ("learning_rate", "min_learning_rate", "warmup_steps", "lr_decay", "
              "num_train_steps", "num_train_epochs", "eval_steps", "eval_batches", "save_steps",
              "save_every_epochs", "max_to_keep", "log_every", "sample_every_eval",
              "loss_explosion_factor", "dropout", "attention_dropout", "hidden_dropout",
-             "remat_policy", "grad_accum", "data_workers", "prefetch", "tasks_every")
+             "remat_policy", "grad_accum", "data_workers", "prefetch", "tasks_every",
+             "objective", "dpo_beta", "dpo_label_smoothing", "dpo_loss_type")
 _DECODING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
              "length_penalty", "max_new_tokens", "min_length", "use_cache", "stop_token",
              "num_return_sequences")
