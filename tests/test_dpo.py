@@ -177,6 +177,31 @@ def test_pair_logps_sum_the_completion_tokens_alone(base_run):
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.1), ("ipo", 0.0)])
+def test_parameter_gradient_is_the_papers_weights_on_each_pairs_logps(base_run, loss_type, eps):
+  """d loss / d params = sum over pairs and sides of (the numpy formula's d loss / d logp) times
+  d logp / d params: the whole gradient through the model, not only the last step."""
+  cfg = _dpo_cfg(base_run, lora_r=0, dpo_loss_type=loss_type, dpo_label_smoothing=eps,
+                 dpo_beta=0.5, **TINY)
+  model = model_lib.build(base_run.mc)
+  pairs = dpo.read_pairs(base_run.prefs)[:4]
+  batch = jax.tree.map(jnp.asarray, dpo.batch_of(
+      *dpo.tokenize_pairs(pairs, base_run.tokenizer, 24, "test"), None, np.arange(4)))
+  logps = np.asarray(dpo.pair_logps(model, base_run.params, batch), np.float64)
+  ref = (logps + np.random.default_rng(5).normal(0, 2, logps.shape)).astype(np.float32)
+  n = np.asarray(batch["weights"].sum(-1), np.float64)
+  _, wc, wr = _numpy_dpo(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], n[:, 0], n[:, 1],
+                         0.5, eps, loss_type)
+  w = jnp.asarray(np.stack([wc, wr], 1), jnp.float32)
+  loss = dpo.make_loss_fn(cfg, model, None)
+  got = jax.grad(lambda p: loss(p, {}, {**batch, "ref_logps": ref}, None, True)[0])(
+      base_run.params)
+  want = jax.grad(lambda p: jnp.sum(w * dpo.pair_logps(model, p, batch)))(base_run.params)
+  for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, h, rtol=2e-4, atol=1e-7)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(got)) > 1e-4
+
+
 def test_lora_reference_is_the_base_with_adapters_off_bitwise(base_run):
   cfg = _dpo_cfg(base_run, lora_r=4, lora_targets="all", **TINY)
   mesh = sharding.make_mesh(cfg, jax.devices()[:1])
