@@ -347,9 +347,18 @@ class Trainer:
     state = self.abstract_state()
     a, b, t = (self.cfg.gradient_accumulation_steps, self.cfg.micro_batch_size,
                self.cfg.block_size)
-    shape, axis = ((a, b, t), 1) if self._scan else ((b, t), 0)
-    sh = sharding_lib.batch_sharding(self.mesh, len(shape), axis)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh) for k in ("inputs", "targets")}
+    lead, axis = ((a, b), 1) if self._scan else ((b,), 0)
+
+    def spec(shape, dtype):
+      return jax.ShapeDtypeStruct(lead + shape, dtype, sharding=sharding_lib.batch_sharding(
+          self.mesh, len(lead + shape), axis))
+    if self.cfg.objective == "dpo":  # pairs [.., 2, T] (dpo.py); a full fine-tune's reference
+      batch = {"inputs": spec((2, t), jnp.int32), "targets": spec((2, t), jnp.int32),
+               "weights": spec((2, t), jnp.float32)}
+      if not self.cfg.lora_r:
+        batch["ref_logps"] = spec((2,), jnp.float32)
+    else:
+      batch = {k: spec((t,), jnp.int32) for k in ("inputs", "targets")}
     return self._train_step.lower(state, batch)
 
 
@@ -570,7 +579,8 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
           raise TrainingDiverged(f"parameters became NaN/Inf at step {step}. Lower "
                                  f"--config.learning_rate or clip with --config.max_grad_norm.")
         dt = time.perf_counter() - t0
-        tps = steps_timed * cfg.batch_size * cfg.block_size / dt
+        # (a preference batch holds two sequences, chosen and rejected, per pair)
+        tps = steps_timed * cfg.batch_size * cfg.block_size * (1 + (pairs is not None)) / dt
         last = {"train/loss": float(out["loss"]),
                 **({"train/perplexity": metrics_lib.perplexity(float(out["loss"])),
                     "train/bits_per_char": metrics_lib.bits_per_char(float(out["loss"]),

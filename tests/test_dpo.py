@@ -224,6 +224,22 @@ def test_lora_reference_is_the_base_with_adapters_off_bitwise(base_run):
                              np.mean(cfg.dpo_beta * (policy - base)[:, 0]), rtol=1e-5)
 
 
+def test_dpo_steps_under_a_mesh_and_accumulated_equal_one_device():
+  """tests/dpo_mesh_check.py on 8 devices: LoRA on (2,2,2) equals (1,1,1) (its first loss is
+  log 2: the policy is its reference); full fine-tuning with 2 scanned or MultiSteps
+  micro-batches on (2,2,2) equals one micro-batch of all 8 pairs on one device (SGD: the
+  params' change is the gradient)."""
+  out = helpers.run_check_script("dpo_mesh_check.py", timeout=900)
+  assert out["devices"] == 8
+  steps = out["steps"]
+  for name, r in steps.items():
+    group = name.split("_")[0]
+    assert r["loss"] == pytest.approx(steps[f"{group}_1x1x1"]["loss"], rel=1e-5), name
+    assert r["param_diff"] < 1e-3 * r["moved"], name
+    assert r["accuracy"] == steps[f"{group}_1x1x1"]["accuracy"], name
+  assert steps["lora_1x1x1"]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+
+
 def _metrics(workdir, key):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
