@@ -160,6 +160,12 @@ def get_config():
   c.lora_trainable_tokens = ""  # +: with LoRA, train only these tokens' embedding (and untied head) rows: ids or token strings, comma-separated (PEFT's trainable_token_indices)
   c.export_dir = placeholder(str)  # +: --mode=export: where to write the merged checkpoint (a workdir)
 
+  # --- Objective (+): what training minimises (README "Preference tuning (DPO)") ---
+  c.objective = "lm"  # +: lm (next-token cross-entropy) | dpo (preference pairs prompt/chosen/rejected from dataset=text:<file>; needs init_from)
+  c.dpo_beta = 0.1  # +: dpo: strength of the pull toward the reference (TRL's beta; IPO's tau)
+  c.dpo_label_smoothing = 0.0  # +: dpo sigmoid: assumed probability a preference label is flipped (conservative DPO; 0 = plain DPO)
+  c.dpo_loss_type = "sigmoid"  # +: dpo: sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023, log-probs averaged per token)
+
   # --- Hugging Face import / export (+) ---
   c.hf_path = placeholder(str)  # +: --mode=import: a local Hugging Face model directory (config.json, *.safetensors, tokenizer)
   c.hf_export_dir = placeholder(str)  # +: --mode=export: write the model here in Hugging Face format (config, safetensors, tokenizer)

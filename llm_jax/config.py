@@ -26,6 +26,8 @@ GRAD_ACCUM = ("scan", "multisteps")
 TOKENIZER_TYPES = ("unigram", "bpe")
 TEXT_SPLITS = ("file", "paragraph", "line")
 QUANT_TYPES = ("nf4", "int4")
+OBJECTIVES = ("lm", "dpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
 class ConfigError(errors.UserError):
@@ -310,6 +312,25 @@ def _check(c):
        f"lora_trainable_tokens={c.lora_trainable_tokens!r} with lora_train_embeddings=True: the "
        f"whole embedding trains already; set only one of them")
 
+  # Objective (train.py, dpo.py).
+  need(c.objective in OBJECTIVES, f"objective={c.objective!r} is not one of {', '.join(OBJECTIVES)}")
+  if c.objective == "dpo":
+    need(c.dpo_beta > 0, f"dpo_beta={c.dpo_beta} must be > 0 (0.1 is usual)")
+    need(0.0 <= c.dpo_label_smoothing < 0.5,
+         f"dpo_label_smoothing={c.dpo_label_smoothing} must be in [0, 0.5) (0 = plain DPO)")
+    need(c.dpo_loss_type in DPO_LOSS_TYPES,
+         f"dpo_loss_type={c.dpo_loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+    need(c.dpo_label_smoothing == 0.0 or c.dpo_loss_type == "sigmoid",
+         f"dpo_label_smoothing={c.dpo_label_smoothing} does nothing with dpo_loss_type="
+         f"{c.dpo_loss_type!r} (only the sigmoid loss smooths its labels): remove it")
+    need(not c.pack_segments, "pack_segments=True does nothing with objective='dpo' (each pair "
+         "is its own padded row): remove it")
+  else:
+    for f, default in (("dpo_beta", 0.1), ("dpo_label_smoothing", 0.0),
+                       ("dpo_loss_type", "sigmoid")):
+      need(c[f] == default, f"{f}={c[f]!r} does nothing with objective={c.objective!r}: set "
+           f"--config.objective=dpo, or remove it")
+
   # Parallelism.
   if c.logical_axis_rules:
     from llm_jax import sharding  # late: the rest of validation needs no jax
@@ -429,7 +450,8 @@ _TRAINING = ("learning_rate", "min_learning_rate", "warmup_steps", "lr_decay", "
              "num_train_steps", "num_train_epochs", "eval_steps", "eval_batches", "save_steps",
              "save_every_epochs", "max_to_keep", "log_every", "sample_every_eval",
              "loss_explosion_factor", "dropout", "attention_dropout", "hidden_dropout",
-             "remat_policy", "grad_accum", "data_workers", "prefetch", "tasks_every")
+             "remat_policy", "grad_accum", "data_workers", "prefetch", "tasks_every",
+             "objective", "dpo_beta", "dpo_label_smoothing", "dpo_loss_type")
 _DECODING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
              "length_penalty", "max_new_tokens", "min_length", "use_cache", "stop_token",
              "num_return_sequences")

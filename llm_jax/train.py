@@ -11,6 +11,10 @@ Fine-tuning (init_from, see loader.py) starts from a trained model's params. Wit
 (lora_r > 0) the state's params are the adapters alone, so gradients, optimizer state and
 checkpoints are the adapters'; the frozen base (quantized for QLoRA) is a separate, non-donated
 argument of the jitted steps, sharded like the kernels.
+
+Objectives (cfg.objective): "lm", the next-token cross-entropy; "dpo", a preference loss over
+pairs (dpo.py: its batches [A, b, 2, T], its reference, its metrics). The step, the loop, the
+checkpoints and the metrics writers are the same for both.
 """
 
 import contextlib
@@ -92,24 +96,42 @@ def loss_fn(params, model, batch, rng, z_loss: float, deterministic: bool = Fals
   return (nll + z) / n, nll / n
 
 
-def make_train_step(cfg, model, tx):
-  """The pure train step for `cfg.grad_accum`; see the module docstring."""
+def _means(sums, n_micro):
+  """The step's metrics from their sums over micro-batches: per pair for a preference loss
+  (its sums count them under "pairs"), else per micro-batch."""
+  if "pairs" in sums:
+    n = jnp.maximum(sums["pairs"], 1.0)
+    return {k: v / n for k, v in sums.items() if k != "pairs"}
+  return {k: v / n_micro for k, v in sums.items()}
+
+
+def make_train_step(cfg, model, tx, ref_model=None):
+  """The pure train step for `cfg.grad_accum` and `cfg.objective`; see the module docstring.
+  `ref_model`: a DPO run's reference (LoRA: the model without adapters)."""
   deterministic = (cfg.dropout == cfg.attention_dropout == cfg.hidden_dropout == 0.0
                    and (cfg.lora_r == 0 or cfg.lora_dropout == 0.0))
+  if cfg.objective == "dpo":
+    from llm_jax import dpo  # pylint: disable=import-outside-toplevel
+    preference = dpo.make_loss_fn(cfg, model, ref_model)
 
-  def loss_of_trained(params, base, *args):  # differentiated w.r.t. params only
-    return loss_fn(lora_lib.combine(base, params), *args)
+    def loss_of_trained(params, base, batch, rng):  # differentiated w.r.t. params only
+      return preference(lora_lib.combine(base, params), base, batch, rng, deterministic)
+  else:
+    def loss_of_trained(params, base, batch, rng):
+      total, ce = loss_fn(lora_lib.combine(base, params), model, batch, rng, cfg.z_loss,
+                          deterministic)
+      return total, {"loss": ce}
 
   grad_fn = jax.value_and_grad(loss_of_trained, has_aux=True)
 
   def micro_grads(params, base, batch, rng):
-    (_, ce), grads = grad_fn(params, base, model, batch, rng, cfg.z_loss, deterministic)
-    return ce, grads
+    (_, sums), grads = grad_fn(params, base, batch, rng)
+    return sums, grads
 
-  def finish(state, grads, ce, opt_step):
+  def finish(state, grads, means, opt_step):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    out = {"loss": ce, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+    out = {**means, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     return state.replace(step=opt_step, params=params, opt_state=opt_state), out
 
   if cfg.grad_accum == "scan" or cfg.gradient_accumulation_steps == 1:
@@ -118,25 +140,28 @@ def make_train_step(cfg, model, tx):
       n_micro = batch["inputs"].shape[0]
 
       def body(carry, xs):
-        acc, ce_sum = carry
+        acc, sums = carry
         micro, i = xs
-        ce, grads = micro_grads(state.params, base, micro, jax.random.fold_in(rng, i))
+        micro_sums, grads = micro_grads(state.params, base, micro, jax.random.fold_in(rng, i))
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-        return (acc, ce_sum + ce), None
+        return (acc, jax.tree.map(jnp.add, sums, micro_sums)), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      (acc, ce_sum), _ = jax.lax.scan(body, (zeros, 0.0), (batch, jnp.arange(n_micro)))
+      first = jax.tree.map(lambda x: x[0], batch)
+      no_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+          lambda: micro_grads(state.params, base, first, rng)[0]))
+      (acc, sums), _ = jax.lax.scan(body, (zeros, no_sums), (batch, jnp.arange(n_micro)))
       grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, state.params)
-      return finish(state, grads, ce_sum / n_micro, state.step + 1)
+      return finish(state, grads, _means(sums, n_micro), state.step + 1)
   else:
     # optax.MultiSteps: one call per micro-batch [b, T]; step counts optimizer steps, so it
     # advances when MultiSteps applied an update.
     def train_step(state, base, batch):
       micro_step = state.opt_state.mini_step
       rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro_step)
-      ce, grads = micro_grads(state.params, base, batch, rng)
+      sums, grads = micro_grads(state.params, base, batch, rng)
       updated = micro_step == cfg.gradient_accumulation_steps - 1
-      return finish(state, grads, ce, state.step + updated.astype(state.step.dtype))
+      return finish(state, grads, _means(sums, 1), state.step + updated.astype(state.step.dtype))
 
   return train_step
 
@@ -183,18 +208,35 @@ class Trainer:
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
                                       opt_state=opt_sh, rng=replicated)
-    step = make_train_step(cfg, self.model, self.tx)
+    # DPO over LoRA: the reference is the frozen base applied without adapters (dpo.py).
+    self.ref_model = (model_lib.build(dataclasses.replace(self.model_cfg, lora_r=0))
+                      if cfg.objective == "dpo" and cfg.lora_r else None)
+    step = make_train_step(cfg, self.model, self.tx, self.ref_model)
     # A step's batch: [A, b, T] under "scan", one micro-batch [b, T] under "multisteps".
     step_batch = (sharding_lib.batch_sharding(self.mesh, 3, 1) if self._scan
                   else sharding_lib.batch_sharding(self.mesh, 2))
     self._train_step = self._in_context(jax.jit(
         step, in_shardings=(self.state_shardings, base_shardings, step_batch),
         out_shardings=(self.state_shardings, None), donate_argnums=0))
-    eval_step = make_eval_step(self.model)
+    if cfg.objective == "dpo":
+      from llm_jax import dpo  # pylint: disable=import-outside-toplevel
+      preference = dpo.make_loss_fn(cfg, self.model, self.ref_model)
+
+      def eval_fn(params, base, batch):  # sums over the pairs (dpo.summarize makes them means)
+        return preference(lora_lib.combine(base, params), base, batch, None, True)[1]
+      replicated_out = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self._pair_logps = self._in_context(jax.jit(
+          lambda params, batch: dpo.pair_logps(self.model, params, batch),
+          in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh, 2)),
+          out_shardings=replicated_out), base=False)
+    else:
+      eval_step = make_eval_step(self.model)
+
+      def eval_fn(params, base, batch):
+        return eval_step(lora_lib.combine(base, params), batch)
     self._eval_step = self._in_context(jax.jit(
-        lambda params, base, batch: eval_step(lora_lib.combine(base, params), batch),
-        in_shardings=(self.param_shardings, base_shardings,
-                      sharding_lib.batch_sharding(self.mesh, 2))))
+        eval_fn, in_shardings=(self.param_shardings, base_shardings,
+                               sharding_lib.batch_sharding(self.mesh, 2))))
     # A full fine-tune's initial params are donated to the state they become.
     self._init_jit = self._in_context(jax.jit(self._init, out_shardings=self.state_shardings,
                                               donate_argnums=1), base=False)
@@ -244,6 +286,16 @@ class Trainer:
     return sharding_lib.with_shardings(jax.eval_shape(self._init, jax.random.key(0)),
                                        self.state_shardings)
 
+  def initial_params(self):
+    """A new full fine-tune's starting params until its first state takes them, else None."""
+    return self._initial_params
+
+  def pair_logps(self, params, local_batch) -> np.ndarray:
+    """DPO: summed completion log-probs [mb, 2] of `params` (a full fine-tune's whole model) on
+    one micro-batch of pairs (each process's share), every process getting all of them."""
+    return np.asarray(jax.device_get(self._pair_logps(
+        params, sharding_lib.global_batch(local_batch, self.mesh))))
+
   def full_params(self, params):
     """Everything the model applies: a LoRA run's frozen base with `params` (its adapters)."""
     return lora_lib.combine(self.base, params)
@@ -260,21 +312,28 @@ class Trainer:
     if self._scan:
       batch = sharding_lib.global_batch(local_batch, self.mesh, batch_axis=1)
       return self._train_step(state, batch)
-    losses = []
+    outs = []
     for i in range(self.cfg.gradient_accumulation_steps):
       micro = sharding_lib.global_batch({k: v[i] for k, v in local_batch.items()}, self.mesh)
       state, out = self._train_step(state, micro)
-      losses.append(out["loss"])
-    # The step's loss is the mean over its micro-batches, as with "scan"; grad_norm is the last
-    # micro-batch's (MultiSteps keeps the accumulated gradient inside its state).
-    return state, {**out, "loss": sum(losses) / len(losses)}
+      outs.append(out)
+    # The step's loss (and a preference loss's metrics) is the mean over its micro-batches, as
+    # with "scan"; grad_norm is the last micro-batch's (MultiSteps keeps the accumulated
+    # gradient inside its state).
+    return state, {**out, **{k: sum(o[k] for o in outs) / len(outs) for k in out
+                             if k not in ("grad_norm", "param_norm")}}
 
   def loss_of(self, params, local_batch) -> float:
-    """Mean cross-entropy of `params` on the first micro-batch of a step's batch (no dropout).
+    """The objective's mean loss of `params` on the first micro-batch of a step's batch (no
+    dropout): cross-entropy per token, or a preference loss per pair.
 
     Runs the eval step (same shapes as evaluation batches, so no extra compile).
     """
     first = {k: v[0] for k, v in local_batch.items()}
+    if self.cfg.objective == "dpo":  # the pairs' own weights mask their prompts and padding
+      first["pair_weights"] = np.ones(first["targets"].shape[:2], np.float32)
+      out = jax.device_get(self._eval_step(params, sharding_lib.global_batch(first, self.mesh)))
+      return float(out["loss"] / max(out["pairs"], 1.0))
     first["weights"] = np.ones(first["targets"].shape, np.float32)
     out = jax.device_get(self._eval_step(params, sharding_lib.global_batch(first, self.mesh)))
     return float(out["nll"] / max(out["tokens"], 1.0))
@@ -288,9 +347,18 @@ class Trainer:
     state = self.abstract_state()
     a, b, t = (self.cfg.gradient_accumulation_steps, self.cfg.micro_batch_size,
                self.cfg.block_size)
-    shape, axis = ((a, b, t), 1) if self._scan else ((b, t), 0)
-    sh = sharding_lib.batch_sharding(self.mesh, len(shape), axis)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh) for k in ("inputs", "targets")}
+    lead, axis = ((a, b), 1) if self._scan else ((b,), 0)
+
+    def spec(shape, dtype):
+      return jax.ShapeDtypeStruct(lead + shape, dtype, sharding=sharding_lib.batch_sharding(
+          self.mesh, len(lead + shape), axis))
+    if self.cfg.objective == "dpo":  # pairs [.., 2, T] (dpo.py); a full fine-tune's reference
+      batch = {"inputs": spec((2, t), jnp.int32), "targets": spec((2, t), jnp.int32),
+               "weights": spec((2, t), jnp.float32)}
+      if not self.cfg.lora_r:
+        batch["ref_logps"] = spec((2,), jnp.float32)
+    else:
+      batch = {k: spec((t,), jnp.int32) for k in ("inputs", "targets")}
     return self._train_step.lower(state, batch)
 
 
@@ -309,6 +377,9 @@ def evaluate(eval_step, params, batches, mesh, max_batches=None, chars_per_token
     raise errors.UserError("the validation split produced no batch: it is smaller than one row of "
                            "block_size + 1 tokens; lower block_size or add validation text")
   totals = jax.device_get(totals)
+  if "pairs" in totals:  # a preference loss (dpo.py): its loss and TRL's metrics per pair
+    from llm_jax import dpo  # pylint: disable=import-outside-toplevel
+    return dpo.summarize(totals)
   loss = float(totals["nll"] / max(totals["tokens"], 1.0))
   result = {"loss": loss, "accuracy": float(totals["correct"] / max(totals["tokens"], 1.0)),
             "perplexity": metrics_lib.perplexity(loss), "tokens": int(totals["tokens"])}
@@ -420,6 +491,11 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
 
   is_main = jax.process_index() == 0
   loader.check_train(cfg)
+  pairs = None
+  if cfg.objective == "dpo":  # the reference and the pairs are checked before anything loads
+    from llm_jax import dpo  # pylint: disable=import-outside-toplevel
+    dpo.check(cfg)
+    pairs = dpo.load_pairs(cfg)
   tasks = None
   if cfg.tasks_every:  # the task files are read and checked before anything trains
     from llm_jax.evals import harness  # late: evals are optional to training
@@ -430,9 +506,11 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     cfg, base, base_ref = loader.start_finetune(cfg, workdir, mesh, asked=overrides or {})
     if is_main and base is not None and base.quantization:
       print(f"llm_jax: frozen base {base.path}: {base.quantization}", flush=True)
-  data = build_data(cfg, workdir)
+  data = (dpo.build(cfg, workdir, pairs) if pairs is not None else build_data(cfg, workdir))
   steps = total_steps(cfg, data.steps_per_epoch)
   trainer = Trainer(cfg, steps, mesh=mesh, base=base)
+  if pairs is not None and not cfg.lora_r:  # full fine-tuning: cached before the first state
+    dpo.attach_reference(trainer, data, workdir)
   del base  # a full fine-tune's initial params are donated to its first state
   if tasks is not None:
     tasks.start(trainer, data.tokenizer)
@@ -472,8 +550,10 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     def print_eval(step, ev, params):
       lines = _eval_samples(trainer, params, data.tokenizer, cfg, step)
       if is_main:
-        bar.write(f"step {step}: eval loss {ev['loss']:.4f}, bits/char "
-                  f"{ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}"
+        what = (f"reward accuracy {ev['rewards/accuracies']:.3f}, reward margin "
+                f"{ev['rewards/margins']:.3f} on {ev['pairs']} pairs" if pairs is not None else
+                f"bits/char {ev['bits_per_char']:.3f}, accuracy {ev['accuracy']:.3f}")
+        bar.write(f"step {step}: eval loss {ev['loss']:.4f}, {what}"
                   + (f", train loss {last['train/loss']:.4f}" if last else ""))
         for line in lines:
           bar.write("  | " + line.strip().replace("\n", "\n  | ")[:400])
@@ -506,11 +586,15 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
           raise TrainingDiverged(f"parameters became NaN/Inf at step {step}. Lower "
                                  f"--config.learning_rate or clip with --config.max_grad_norm.")
         dt = time.perf_counter() - t0
-        tps = steps_timed * cfg.batch_size * cfg.block_size / dt
+        # (a preference batch holds two sequences, chosen and rejected, per pair)
+        tps = steps_timed * cfg.batch_size * cfg.block_size * (1 + (pairs is not None)) / dt
         last = {"train/loss": float(out["loss"]),
-                "train/perplexity": metrics_lib.perplexity(float(out["loss"])),
-                "train/bits_per_char": metrics_lib.bits_per_char(float(out["loss"]),
-                                                                 data.chars_per_token),
+                **({"train/perplexity": metrics_lib.perplexity(float(out["loss"])),
+                    "train/bits_per_char": metrics_lib.bits_per_char(float(out["loss"]),
+                                                                     data.chars_per_token)}
+                   if data.chars_per_token else {}),
+                # a preference loss's metrics, under TRL's names (dpo.py)
+                **{f"train/{k}": float(v) for k, v in out.items() if "/" in k},
                 "train/learning_rate": float(trainer.schedule(step)),
                 "train/grad_norm": float(out["grad_norm"]),
                 "train/param_norm": float(out["param_norm"]),

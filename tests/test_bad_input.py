@@ -308,6 +308,27 @@ def _cases():
           [f"{t}/mine.jsonl", "1 choice"])),
       ("tasks_dir_not_a_folder", lambda t, r: (on_run("tasks", r, tasks_dir=f"{t}/nope"),
                                                ["tasks_dir", f"{t}/nope"])),
+      # Preference tuning (objective=dpo): the pairs and the reference, before anything loads.
+      ("dpo_chosen_identical_to_rejected", lambda t, r: (
+          train_new(t, r, objective="dpo", init_from=r["workdir"], dataset="text:" + _write(
+              f"{t}/prefs.jsonl", '{"prompt": "a", "chosen": " b", "rejected": " c"}\n'
+              '{"prompt": "a", "chosen": " b", "rejected": " b"}\n')),
+          [f"{t}/prefs.jsonl:2", "'chosen' is identical to 'rejected'"])),
+      ("dpo_records_without_preference_fields", lambda t, r: (
+          train_new(t, r, objective="dpo", init_from=r["workdir"], dataset="text:" + _write(
+              f"{t}/plain.jsonl", '{"text": "Kalo mine."}\n')),
+          [f"{t}/plain.jsonl:1", "'chosen'", "'text'", "objective=dpo"])),
+      ("dpo_on_plain_text_files", lambda t, r: (
+          train_new(t, r, objective="dpo", init_from=r["workdir"]),
+          [f"{r['root']}/text/train/0.txt", "no preference fields"])),
+      ("dpo_full_finetune_without_a_reference", lambda t, r: (
+          train_new(t, r, objective="dpo", lora_r=0), ["cannot compute a reference",
+                                                      "--config.init_from", "lora_r"])),
+      ("dpo_label_smoothing_with_ipo", lambda t, r: (
+          est("--config.objective=dpo", "--config.dpo_loss_type=ipo",
+              "--config.dpo_label_smoothing=0.1"), ["dpo_label_smoothing=0.1", "ipo"])),
+      ("dpo_field_without_dpo", lambda t, r: (est("--config.dpo_beta=0.5"),
+                                              ["dpo_beta=0.5", "objective"])),
   ]
 
 
