@@ -228,11 +228,14 @@ def _check(c):
     try:
       mix = sources.parse_mixture(ds)
     except errors.UserError as e:
+      mix = []
       need(False, str(e))
     for _, part in mix:
       need(part == "shakespeare" or part.startswith(("text:", "tfds:")),
            f"dataset={ds!r}: source {part!r} is not shakespeare, text:<dir or glob> or "
            f"tfds:<name>")
+    need(not c.validation, f"validation={c.validation!r} does nothing with a mixture "
+         f"(dataset='mix:...'): each source holds out its validation_fraction; remove it")
   need(c.eval_tokens >= 0, f"eval_tokens={c.eval_tokens} must be >= 0 (0 = whole split)")
   need(c.tokenize_workers is None or c.tokenize_workers >= 1,
        f"tokenize_workers={c.tokenize_workers} must be >= 1 (None = the host's cores)")
