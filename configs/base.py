@@ -101,6 +101,7 @@ def get_config():
   c.num_train_epochs = 1.0  # P/C: passes over the training split (used when num_train_steps is None)
   c.eval_steps = 200  # P: evaluate every this many optimizer steps (0 = only at the end)
   c.eval_batches = placeholder(int)  # +: cap on validation batches per periodic evaluation (None = whole split; the final one is always whole)
+  c.eval_tokens = 2_097_152  # +: a validation split larger than this is evaluated on a fixed evenly spaced sample of about this many tokens, the same rows every time (0 = whole split)
   c.save_steps = 1000  # P: checkpoint every this many optimizer steps (0 = only at the end)
   c.save_every_epochs = 0  # C (SAVE_INTERVAL): also checkpoint every this many epochs (0 = off)
   c.max_to_keep = 3  # +: most recent checkpoints kept (the best by eval loss is kept as well)
@@ -111,10 +112,10 @@ def get_config():
   c.loss_explosion_factor = 10.0  # +: stop when loss exceeds this times its running minimum (0 = off)
 
   # --- Data (+) ---
-  c.dataset = "shakespeare"  # +: shakespeare | text:<dir or glob> | tfds:<name>[/<config>]
+  c.dataset = "shakespeare"  # +: shakespeare | text:<dir, file or glob> (.txt .jsonl[.gz|.zst] .parquet .arrow, save_to_disk dirs) | tfds:<name>[/<config>] | mix:<w>*<dataset>,<w>*<dataset>,...
   c.validation = ""  # +: text: a glob of validation files; tfds: a split name ("" = validation, test, or validation_fraction)
   c.validation_fraction = 0.05  # +: share of documents held out when no validation glob is given
-  c.text_key = "text"  # +: text field of .jsonl files and tfds datasets
+  c.text_key = "text"  # +: text field of .jsonl records, column of Parquet/Arrow files, feature of tfds datasets
   c.text_split = "file"  # +: a document in text: datasets: file | paragraph (blank-line separated) | line
   c.tfds_data_dir = placeholder(str)  # +: where tfds: datasets are prepared (None = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data_dir = placeholder(str)  # +: dataset/tokenized cache (None = $LLM_JAX_CACHE or ~/.cache/llm_jax)
@@ -123,6 +124,7 @@ def get_config():
   c.byte_fallback = True  # +: unknown characters become bytes, so decode(encode(x)) == x
   c.pack_segments = False  # +: segment ids so attention never crosses document boundaries
   c.data_workers = 0  # +: grain worker processes (0 = in the main process)
+  c.tokenize_workers = placeholder(int)  # +: processes tokenizing a text: corpus once into the cache (None = the host's cores)
   c.prefetch = 2  # +: batches prepared ahead of the train step
 
   # --- Decoding (P: Inference Parameters, C: Sampling Strategies) ---

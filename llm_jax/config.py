@@ -234,8 +234,25 @@ def _check(c):
 
   # Data.
   ds = c.dataset
-  need(ds == "shakespeare" or ds.startswith("text:") or ds.startswith("tfds:"),
-       f"dataset={ds!r} is not shakespeare, text:<dir or glob> or tfds:<name>[/<config>]")
+  need(ds == "shakespeare" or ds.startswith(("text:", "tfds:", "mix:")),
+       f"dataset={ds!r} is not shakespeare, text:<dir or glob>, tfds:<name>[/<config>] or "
+       f"mix:<weight>*<dataset>,...")
+  if ds.startswith("mix:"):
+    from llm_jax import sources  # late: only a mixture needs its parser
+    try:
+      mix = sources.parse_mixture(ds)
+    except errors.UserError as e:
+      mix = []
+      need(False, str(e))
+    for _, part in mix:
+      need(part == "shakespeare" or part.startswith(("text:", "tfds:")),
+           f"dataset={ds!r}: source {part!r} is not shakespeare, text:<dir or glob> or "
+           f"tfds:<name>")
+    need(not c.validation, f"validation={c.validation!r} does nothing with a mixture "
+         f"(dataset='mix:...'): each source holds out its validation_fraction; remove it")
+  need(c.eval_tokens >= 0, f"eval_tokens={c.eval_tokens} must be >= 0 (0 = whole split)")
+  need(c.tokenize_workers is None or c.tokenize_workers >= 1,
+       f"tokenize_workers={c.tokenize_workers} must be >= 1 (None = the host's cores)")
   need(0.0 < c.validation_fraction < 1.0,
        f"validation_fraction={c.validation_fraction} must be in (0, 1)")
   need(c.data_workers >= 0, f"data_workers={c.data_workers} must be >= 0")
@@ -247,7 +264,7 @@ def _check(c):
   readers = {"validation": ("text", "tfds"), "validation_fraction": ("text", "tfds"),
              "text_key": ("text", "tfds"), "text_split": ("text",), "tfds_data_dir": ("tfds",)}
   for f, kinds in readers.items():
-    need(c[f] == base[f] or kind in kinds,
+    need(c[f] == base[f] or kind in kinds or kind == "mix",
          f"{f}={c[f]!r} does nothing with dataset={ds!r} (only {' and '.join(kinds)}: datasets "
          f"read it): remove it" + (" (the shakespeare validation split is fixed: the last 2 plays)"
                                    if kind == "shakespeare" and f.startswith("validation") else ""))

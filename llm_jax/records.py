@@ -230,13 +230,13 @@ def _arrow_batches(path: str, columns):
                        f"dataset again with Dataset.save_to_disk") from None
 
 
-def _parquet_batches(path: str, columns):
+def _parquet_batches(path: str, columns, row_groups=None):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
     pf = pq.ParquetFile(path)
     _check_columns(path, pf.schema_arrow.names, columns)
-    yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=row_groups)
   except (pa.ArrowInvalid, OSError) as e:
     raise RecordsError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); "
                        f"download or write it again") from None
@@ -249,13 +249,21 @@ def _check_columns(path: str, names, columns) -> None:
                        f"the column that holds it")
 
 
-def _table_batches(path: str, columns, split):
-  """(file, record batch) of a Parquet file, an Arrow file or a save_to_disk directory."""
+def _table_batches(path: str, columns, split, row_groups=None):
+  """(file, record batch) of a Parquet file (its `row_groups`: all when None), an Arrow file or
+  a save_to_disk directory."""
   k = kind(path)
   files = _arrow_files(path, split) if k == "hf_dir" else [path]
   for f in files:
-    for batch in (_parquet_batches(f, columns) if k == "parquet" else _arrow_batches(f, columns)):
+    for batch in (_parquet_batches(f, columns, row_groups) if k == "parquet"
+                  else _arrow_batches(f, columns)):
       yield f, batch
+
+
+def data_files(path: str, split: str | None = None) -> list[str]:
+  """The files holding `path`'s records: its data-*.arrow files for a save_to_disk directory,
+  else [path]."""
+  return _arrow_files(path, split) if kind(path) == "hf_dir" else [path]
 
 
 def iter_records(path: str, columns=None, split: str | None = None
@@ -287,9 +295,10 @@ def read_records(path: str, columns=None, split: str | None = None) -> list[tupl
 
 
 def iter_texts(path: str, key: str, split: str | None = None,
-               batch_rows: int = BATCH_ROWS) -> Iterator[list[str]]:
+               batch_rows: int = BATCH_ROWS, row_groups=None) -> Iterator[list[str]]:
   """Lists of the strings under `key`, batch by batch (a corpus: never held whole). A record
-  without the field, or whose value is not a string, is a RecordsError naming it."""
+  without the field, or whose value is not a string, is a RecordsError naming it. row_groups:
+  of a Parquet file, those only (a share of one file for one worker)."""
   k = kind(path)
   if k in ("jsonl", "json"):
     batch = []
@@ -303,7 +312,7 @@ def iter_texts(path: str, key: str, split: str | None = None,
       yield batch
     return
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  for f, b in _table_batches(path, [key], split):
+  for f, b in _table_batches(path, [key], split, row_groups):
     column = b.column(0)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
       raise RecordsError(f"{f}: column {key!r} holds {column.type}, not strings; set "

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from llm_jax import errors
 from llm_jax import optimizer as optimizer_lib
 from llm_jax import sharding as sharding_lib
 
@@ -44,8 +45,22 @@ def config_changes(saved: dict, cfg) -> tuple[list, list, list]:
   for k, v in sorted(cfg.to_dict().items()):
     if k not in saved or saved[k] == v or (isinstance(v, tuple) and list(v) == saved[k]):
       continue
+    if k == "dataset" and _only_weights_changed(saved[k], v):
+      other.append((k, saved[k], v))  # the batch of each step follows from the step: it resumes
+      continue
     (model if k in MODEL_FIELDS else data if k in DATA_FIELDS else other).append((k, saved[k], v))
   return model, data, other
+
+
+def _only_weights_changed(was, now) -> bool:
+  """Both mixtures of the same sources in the same order (dataset='mix:...'), weights aside."""
+  from llm_jax import sources  # pylint: disable=g-import-not-at-top
+  if not (isinstance(was, str) and was.startswith("mix:") and now.startswith("mix:")):
+    return False
+  try:
+    return [d for _, d in sources.parse_mixture(was)] == [d for _, d in sources.parse_mixture(now)]
+  except errors.UserError:
+    return False
 
 
 def lines(changes) -> list[str]:
@@ -296,6 +311,10 @@ def _optimizer_fields(changes, trainer) -> list:
 def warn_changes(plan: Plan, step: int, trainer) -> None:
   for line in lines(plan.changed):
     logging.warning("resuming with a changed field: %s", line)
+  for k, was, now in plan.changed:
+    if k == "dataset":
+      logging.warning("the mixture's weights changed: from step %d each step draws its rows by "
+                      "the new weights (the data position is kept)", step)
   if plan.data_changed:
     logging.warning("resuming with changed data fields (%s): the data order restarts from the "
                     "beginning of the training split", "; ".join(lines(plan.data_changed)))

@@ -542,6 +542,10 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
             f"({data.steps_per_epoch} steps/epoch), mesh {dict(trainer.mesh.shape)}, "
             f"{jax.device_count()} x {jax.devices()[0].device_kind}, workdir {workdir}"
             + (f", resumed at step {start}" if start else ""), flush=True)
+      if len(data.weights) > 1:
+        print("llm_jax: mixture: " + "; ".join(
+            f"source {i} ({n}) weight {w:.3f}, its share of each step logged as data/share_{i}"
+            for i, (n, w) in enumerate(zip(data.source_names, data.weights))), flush=True)
     running_min = math.inf
     bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True,
                mininterval=1.0, desc="train")
@@ -603,6 +607,9 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         m = metrics_lib.mfu(tps / jax.device_count(), fpt, peak)
         if m is not None:
           last["train/mfu"] = m
+        # A mixture: each source's share of this step's rows (step s reads batch s - 1).
+        for i, share in enumerate(data.source_shares(step - 1).values()):
+          last[f"data/share_{i}"] = share
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}",
                         tok_s=f"{tps:,.0f}", **({"mfu": f"{m:.1%}"} if m is not None else {}),

@@ -82,6 +82,21 @@ def _write(path, content):
   return path
 
 
+def _parquet(path, rows):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pq.write_table(pa.Table.from_pylist(rows), path)
+  return path
+
+
+def _zst_cut(path, text):
+  """A .zst file cut in the middle of its frame."""
+  import zstandard  # pylint: disable=g-import-not-at-top
+  data = zstandard.ZstdCompressor().compress(text.encode())
+  return _write(path, data[:len(data) // 2])
+
+
 def _text_dir(tmp, name, files):
   """A dataset directory of `files` ({name: str or bytes}) beside one good text file."""
   d = os.path.join(tmp, name)
@@ -256,6 +271,26 @@ def _cases():
               f"{t}/c.jsonl", '{"text": "fine"}\n')), ["text_split='paragraph'", ".jsonl"])),
       ("text_key_without_jsonl", lambda t, r: (train_new(t, r, text_key="content"),
                                                ["text_key='content'"])),
+      ("parquet_without_text_column", lambda t, r: (
+          train_new(t, r, validation="", dataset="text:" + _parquet(
+              f"{t}/p.parquet", [{"body": "Kalo mine ruvi sato.", "id": 1}])),
+          ["p.parquet", "text_key='text'", "body, id"])),
+      ("jsonl_zst_truncated", lambda t, r: (
+          train_new(t, r, validation="", dataset="text:" + _zst_cut(
+              f"{t}/c.jsonl.zst", '{"text": "Kalo mine ruvi sato."}\n' * 4000)),
+          ["c.jsonl.zst", "corrupt or truncated", "at byte"])),
+      ("mixture_weight_not_a_number", lambda t, r: (
+          train_new(t, r, validation="", dataset=f"mix:abc*{r['fields']['dataset']},1*shakespeare"),
+          ["dataset=", "'abc'", "not a number"])),
+      ("mixture_weights_sum_to_zero", lambda t, r: (
+          train_new(t, r, validation="", dataset=f"mix:0*{r['fields']['dataset']},0*shakespeare"),
+          ["dataset=", "sum to 0"])),
+      ("mixture_with_validation_glob", lambda t, r: (
+          train_new(t, r, dataset=f"mix:1*{r['fields']['dataset']},1*shakespeare"),
+          ["validation=", "mixture"])),
+      ("mixture_source_empty", lambda t, r: (
+          train_new(t, r, validation="", dataset=f"mix:1*{r['fields']['dataset']},1*text:"
+                    + _write(f"{t}/z/z.jsonl", "")), ["z.jsonl", "empty"])),
       ("tfds_data_dir_with_text_dataset", lambda t, r: (train_new(t, r, tfds_data_dir=t),
                                                         ["tfds_data_dir"])),
       ("tfds_dataset_unknown", lambda t, r: (

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from llm_jax import config, corpus, data, tokenizer
+from llm_jax import config, corpus, data, sources, tokenizer
 
 BASE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py")
 WORDS = ("thou art the king of all that moves and breathes upon this earth where "
@@ -274,25 +274,36 @@ def test_second_build_reuses_tokenizer_and_tokens(corpus_dir, tmp_path, monkeypa
   def fail(*a, **k):
     raise AssertionError("retrained")
   monkeypatch.setattr(data.tokenizer_lib, "train_tokenizer", fail)
-  monkeypatch.setattr(data, "_write_stream", fail)
+  monkeypatch.setattr(data.tokens_lib, "run_job", fail)
   second = data.build(cfg, str(tmp_path / "run2"), 0, 1)  # new workdir, same cache
   assert second.tokenizer.model_proto == first.tokenizer.model_proto
   np.testing.assert_array_equal(second.train_tokens, first.train_tokens)
+
+
+def split_texts(c):
+  """(train, validation) documents of a FileCorpus, read as the tokenizing workers read them."""
+  train, val = [], []
+  for job in c.jobs():
+    for t, v in job.batches(sources.ReadStats()):
+      train += t
+      val += v
+  return train, val
 
 
 def test_single_file_and_paragraph_splits(tmp_path):
   docs = make_docs(3, 30)
   book = "\n\n".join(docs)
   (tmp_path / "book.txt").write_text(book)
-  assert corpus.read_documents([str(tmp_path / "book.txt")], "paragraph", "text") == docs
-  assert corpus.read_documents([str(tmp_path / "book.txt")], "line", "text") == [
-      line for line in book.split("\n") if line]
-  c = corpus.text_corpus(str(tmp_path / "cache"), str(tmp_path / "book.txt"), validation="",
-                         fraction=0.2, text_split="paragraph", text_key="text")
-  assert (len(c.train), len(c.validation)) == (24, 6)
-  assert sorted(c.train.texts(0, 24) + c.validation.texts(0, 6)) == sorted(docs)
+  kw = dict(validation="", fraction=0.2, text_key="text")
+  train, val = split_texts(corpus.text_corpus(str(tmp_path / "book.txt"), text_split="paragraph",
+                                              **kw))
+  assert (len(train), len(val)) == (24, 6)  # every 5th paragraph, from the first
+  assert val == docs[::5] and sorted(train + val) == sorted(docs)
+  train, val = split_texts(corpus.text_corpus(str(tmp_path / "book.txt"), text_split="line", **kw))
+  assert train + val != [] and sorted(train + val) == sorted(x for x in book.split("\n") if x)
   # One document: its last validation_fraction, cut at a line break, is held out.
-  (train,), (val,) = corpus.split_documents([book], 0.1, "book.txt")
+  (train,), (val,) = split_texts(corpus.text_corpus(str(tmp_path / "book.txt"), text_split="file",
+                                                    validation="", fraction=0.1, text_key="text"))
   assert book.startswith(train) and book.endswith(val)
   assert book[len(train):len(book) - len(val)].strip() == ""
   assert 0.05 < len(val) / len(book) < 0.15
@@ -300,23 +311,28 @@ def test_single_file_and_paragraph_splits(tmp_path):
 
 def test_processes_sharing_the_cache_build_a_dataset_once(tmp_path, capsys):
   """Two builds of one dataset at once (a sweep's runs sharing LLM_JAX_CACHE): the second waits
-  for the first and reads what it built, instead of failing on tfds's rename or building twice."""
+  for the first and reads what it built, instead of failing on the rename or building twice."""
   docs = make_docs(4, 20)
   (tmp_path / "book.txt").write_text("\n\n".join(docs))
+  cfg = make_cfg(tmp_path, dataset=f"text:{tmp_path}/book.txt", text_split="paragraph",
+                 validation_fraction=0.25)
+  data.build(cfg, None, 0, 1)  # the tokenizer, so that both threads below only tokenize
+  capsys.readouterr()
+  cfg = make_cfg(tmp_path, dataset=f"text:{tmp_path}/book.txt", text_split="paragraph",
+                 validation_fraction=0.25, data_dir=str(tmp_path / "cache2"))
   barrier, results = threading.Barrier(2), [None, None]
 
   def build(i):
     barrier.wait()
-    c = corpus.text_corpus(str(tmp_path / "cache"), str(tmp_path / "book.txt"), validation="",
-                           fraction=0.25, text_split="paragraph", text_key="text")
-    results[i] = sorted(c.train.texts(0, len(c.train)) + c.validation.texts(0, len(c.validation)))
+    d = data.build(cfg, None, 0, 1)
+    results[i] = np.concatenate([d.train_tokens, d.validation_tokens])
 
   threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
   for t in threads:
     t.start()
   for t in threads:
     t.join()
-  assert results[0] == results[1] == sorted(docs)
+  np.testing.assert_array_equal(results[0], results[1])
   assert capsys.readouterr().out.count("(once) into") == 1  # built by one of them
 
 

@@ -136,29 +136,44 @@ def _train_args(text, tmp_path):
           + [f"--config.{k}={v}" for k, v in fields.items()])
 
 
+def _complete_caches(tokens_dir) -> list:
+  return [p for p in os.listdir(tokens_dir) if os.path.exists(tokens_dir / p / "meta.json")] \
+      if os.path.isdir(tokens_dir) else []
+
+
 def test_kill_9_mid_token_cache_leaves_nothing_that_loads_and_the_rebuild_is_whole(text, tmp_path):
-  rc, _, out = _stop_in_phase(tmp_path, "llm_jax.data:_write_stream:after",
+  """Killed after the first unit's shards: no cache a run would trust, the finished unit kept in
+  <key>.partial, nothing half-written; the next run continues from it to the same bytes as a
+  build never interrupted."""
+  rc, _, out = _stop_in_phase(tmp_path, "llm_jax.tokens:run_job:after",
                               _train_args(text, tmp_path), sig=signal.SIGKILL)
   assert rc == -signal.SIGKILL, out[-3000:]
   tokens = tmp_path / "data" / "tokens"
-  assert [p.startswith(".tmp-") for p in os.listdir(tokens)] == [True]  # the cut-short build
+  assert not _complete_caches(tokens)
+  partial = [p for p in os.listdir(tokens) if p.endswith(".partial")]
+  assert len(partial) == 1
+  left = os.listdir(tokens / partial[0])
+  assert "unit-00000.json" in left and not [p for p in left if p.startswith(".tmp-")], left
   cfg = config.load(BASE_CONFIG, **{**TINY, **text, "data_dir": str(tmp_path / "data")})
   got = data_lib.build(cfg, str(tmp_path / "run"))  # the next run, with no cleanup
   fresh = data_lib.build(config.load(BASE_CONFIG, **{**TINY, **text,
                                                      "data_dir": str(tmp_path / "fresh")}),
                          str(tmp_path / "fresh_run"))
-  built = [p for p in os.listdir(tokens) if not p.startswith(".tmp-")]
-  assert len(built) == 1
-  for split in ("train.bin", "validation.bin"):  # the same bytes as a build never interrupted
-    want = next((tmp_path / "fresh" / "tokens").iterdir()) / split
-    assert (tokens / built[0] / split).read_bytes() == want.read_bytes()
+  built = _complete_caches(tokens)
+  assert len(built) == 1 and not [p for p in os.listdir(tokens) if p.endswith(".partial")]
+  want_dir = tmp_path / "fresh" / "tokens" / _complete_caches(tmp_path / "fresh" / "tokens")[0]
+  names = sorted(p for p in os.listdir(want_dir) if p.endswith((".bin", ".docs")))
+  assert names and names == sorted(p for p in os.listdir(tokens / built[0])
+                                   if p.endswith((".bin", ".docs")))
+  for name in names:  # the same bytes as a build never interrupted
+    assert (tokens / built[0] / name).read_bytes() == (want_dir / name).read_bytes()
   assert got.steps_per_epoch == fresh.steps_per_epoch
 
 
 @pytest.mark.parametrize("phase,pause", [
-    ("dataset", "llm_jax.corpus:LlmJaxText._generate_examples:before"),  # in tfds's build
-    ("tokenizer", "llm_jax.data:tokenizer_sample:after"),  # read; SentencePiece not yet run
-    ("tokens", "llm_jax.data:_write_stream:after"),  # the train split written, not validation
+    ("dataset", "llm_jax.sources:plan_units:after"),  # files listed and checked, none tokenized
+    ("tokenizer", "llm_jax.data:_corpus_sample:after"),  # read; SentencePiece not yet run
+    ("tokens", "llm_jax.tokens:run_job:after"),  # the first unit tokenized, not the second
 ])
 def test_signal_in_a_training_build_phase_exits_zero_and_keeps_nothing_partial(
     text, tmp_path, phase, pause):
@@ -166,14 +181,16 @@ def test_signal_in_a_training_build_phase_exits_zero_and_keeps_nothing_partial(
   assert rc == 0 and took < BOUND_S, (rc, took, out[-3000:])
   assert "stopped by SIGTERM during --mode=train" in out, out[-3000:]
   data = _tree(tmp_path / "data")
-  if phase == "dataset":  # tfds writes under incomplete.* and renames: no prepared dataset
-    assert not [p for p in data if p.endswith("dataset_info.json") or "incomplete" in p], data
+  assert not [p for p in data if ".tmp-" in p], data  # nothing half-written anywhere
+  assert not _complete_caches(tmp_path / "data" / "tokens")
+  if phase == "dataset":
+    assert not [p for p in data if p.startswith("tokens")], data
   elif phase == "tokenizer":  # neither the cached tokenizer nor the workdir's
     assert not [p for p in data if p.endswith(".model")], data
     assert not os.path.exists(tmp_path / "run" / "tokenizer.model")
-  else:  # the tokenizer is whole; the cut-short token cache left nothing, not even a .tmp-*
+  else:  # the tokenizer is whole; of the token cache only whole finished units, to resume from
     assert [p for p in data if p.startswith("tokenizers") and p.endswith(".model")], data
-    assert not [p for p in data if p.startswith("tokens" + os.sep)], data
+    assert [p for p in data if p.endswith(os.path.join(".partial", "unit-00000.json"))], data
   assert not checkpoint.saved_steps(str(tmp_path / "run"))
 
 
@@ -181,13 +198,13 @@ def test_signal_in_a_study_stops_it_cleanly_and_writes_no_report(text, tmp_path)
   out = tmp_path / "depth"
   fields = {**TINY, **text, "data_dir": str(tmp_path / "data")}
   rc, took, log = _stop_in_phase(
-      tmp_path, "llm_jax.data:_write_stream:after",
+      tmp_path, "llm_jax.tokens:run_job:after",
       [f"--config={BASE_CONFIG}", f"--out={out}", "--layers=1"]
       + [f"--config.{k}={v}" for k, v in fields.items()], study="experiments.depth")
   assert rc == 0 and took < BOUND_S, (rc, took, log[-3000:])
   assert "stopped by SIGTERM" in log, log[-3000:]
   assert not (out / "report.md").exists()
-  assert not [p for p in _tree(tmp_path / "data") if p.startswith("tokens" + os.sep)]
+  assert not _complete_caches(tmp_path / "data" / "tokens")
 
 
 def test_signal_during_beam_search_ends_the_process(imported, tmp_path):
