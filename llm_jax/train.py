@@ -127,7 +127,8 @@ def make_train_step(cfg, model, tx):
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       (acc, ce_sum), _ = jax.lax.scan(body, (zeros, 0.0), (batch, jnp.arange(n_micro)))
       grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, state.params)
-      return finish(state, grads, ce_sum / n_micro, state.step + 1)
+      state, out = finish(state, grads, ce_sum / n_micro, state.step + 1)
+      return state, {**out, "tokens": jnp.sum(_weights(batch))}  # the tokens the loss trained
   else:
     # optax.MultiSteps: one call per micro-batch [b, T]; step counts optimizer steps, so it
     # advances when MultiSteps applied an update.
@@ -136,7 +137,8 @@ def make_train_step(cfg, model, tx):
       rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro_step)
       ce, grads = micro_grads(state.params, base, batch, rng)
       updated = micro_step == cfg.gradient_accumulation_steps - 1
-      return finish(state, grads, ce, state.step + updated.astype(state.step.dtype))
+      state, out = finish(state, grads, ce, state.step + updated.astype(state.step.dtype))
+      return state, {**out, "tokens": jnp.sum(_weights(batch))}
 
   return train_step
 
@@ -260,14 +262,15 @@ class Trainer:
     if self._scan:
       batch = sharding_lib.global_batch(local_batch, self.mesh, batch_axis=1)
       return self._train_step(state, batch)
-    losses = []
+    losses, tokens = [], []
     for i in range(self.cfg.gradient_accumulation_steps):
       micro = sharding_lib.global_batch({k: v[i] for k, v in local_batch.items()}, self.mesh)
       state, out = self._train_step(state, micro)
       losses.append(out["loss"])
+      tokens.append(out["tokens"])
     # The step's loss is the mean over its micro-batches, as with "scan"; grad_norm is the last
     # micro-batch's (MultiSteps keeps the accumulated gradient inside its state).
-    return state, {**out, "loss": sum(losses) / len(losses)}
+    return state, {**out, "loss": sum(losses) / len(losses), "tokens": sum(tokens)}
 
   def loss_of(self, params, local_batch) -> float:
     """Mean cross-entropy of `params` on the first micro-batch of a step's batch (no dropout).
@@ -275,7 +278,8 @@ class Trainer:
     Runs the eval step (same shapes as evaluation batches, so no extra compile).
     """
     first = {k: v[0] for k, v in local_batch.items()}
-    first["weights"] = np.ones(first["targets"].shape, np.float32)
+    if "weights" not in first:  # (an SFT batch's weights are its prompt mask)
+      first["weights"] = np.ones(first["targets"].shape, np.float32)
     out = jax.device_get(self._eval_step(params, sharding_lib.global_batch(first, self.mesh)))
     return float(out["nll"] / max(out["tokens"], 1.0))
 
@@ -377,6 +381,9 @@ def build_data(cfg, workdir: str, tokenizer=None):
   caches instead of racing to write the same files (and perhaps train different tokenizers)."""
   from jax.experimental import multihost_utils
   from llm_jax import data as data_lib
+  if cfg.objective == "sft":  # conversations: masked, packed (chat.py)
+    from llm_jax import chat
+    data_lib = chat
   if jax.process_count() == 1:
     return data_lib.build(cfg, workdir, tokenizer=tokenizer)
   data = data_lib.build(cfg, workdir, tokenizer=tokenizer) if jax.process_index() == 0 else None
@@ -467,7 +474,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     running_min = math.inf
     bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True,
                mininterval=1.0, desc="train")
-    t0, steps_timed, last = time.perf_counter(), 0, {}
+    t0, steps_timed, last, trained = time.perf_counter(), 0, {}, 0.0
 
     def print_eval(step, ev, params):
       lines = _eval_samples(trainer, params, data.tokenizer, cfg, step)
@@ -488,6 +495,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
       state, out = trainer.train_step(state, batch)
+      trained = out["tokens"] + trained  # on the device: no sync per step
       steps_timed += 1
       do_eval = step == steps or (cfg.eval_steps and step % cfg.eval_steps == 0)
       do_save = ckpt.should_save(step) or step == steps
@@ -508,7 +516,10 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
                 "train/grad_norm": float(out["grad_norm"]),
                 "train/param_norm": float(out["param_norm"]),
                 "train/tokens_per_s": tps, "train/step_time_s": dt / steps_timed,
-                "train/epoch": step / data.steps_per_epoch}
+                "train/epoch": step / data.steps_per_epoch,
+                # Tokens the loss trained (an SFT run's assistant tokens), since this process
+                # started: with train/tokens_per_s, how much of the batch the prompt mask keeps.
+                "train/trained_tokens": float(jax.device_get(trained))}
         m = metrics_lib.mfu(tps / jax.device_count(), fpt, peak)
         if m is not None:
           last["train/mfu"] = m
