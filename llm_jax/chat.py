@@ -162,6 +162,20 @@ def resolve_template(tokenizer, spec: str = "", where: str = "the model") -> str
   return text
 
 
+def template_of_run(loaded, spec: str = "", required: bool = True) -> Optional[str]:
+  """The template a loaded model (loader.Loaded) talks with: `spec` (--config.chat_template),
+  else the one its run trained with (its saved config), else its tokenizer's own. None when it
+  has none and not `required` (serving then answers plain completions only)."""
+  spec = spec or loaded.saved_config.get("chat_template") or ""
+  try:
+    return resolve_template(loaded.tokenizer, spec, os.path.dirname(os.path.dirname(
+        loaded.path)))
+  except ChatError:
+    if required or spec:
+      raise
+    return None
+
+
 def missing_markers(template: str, tokenizer) -> list[str]:
   """ChatML's markers that `template` writes but the tokenizer splits into pieces."""
   return [m for m in MARKERS if m in template and len(tokenizer.encode(m)) != 1]
