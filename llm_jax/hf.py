@@ -576,12 +576,14 @@ def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
   # a full disk leaves no half-written export in out_dir, and a rerun needs no cleanup.
   with files.building_dir(out_dir, "the Hugging Face export",
                           needed=sum(int(np.prod(r.hf_shape)) * itemsize for r in rules)) as tmp:
-    written = _write_export(mc, params, tok, tmp, family, rules, shards, names, itemsize)
+    written = _write_export(mc, params, tok, tmp, family, rules, shards, names, itemsize,
+                            chat_template)
   logging.info("exported %s model to %s: %s", family, out_dir, ", ".join(written))
   return written
 
 
-def _write_export(mc, params, tok, out_dir, family, rules, shards, names, itemsize) -> list[str]:
+def _write_export(mc, params, tok, out_dir, family, rules, shards, names, itemsize,
+                  chat_template: str = "") -> list[str]:
   """export's writing into `out_dir` (None: gather only, on a process that does not write)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   writer = out_dir is not None
