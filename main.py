@@ -13,6 +13,9 @@
     python main.py --config=configs/large.py --mode=compile --config.compile_topology=v5p-128
     python main.py --config=configs/default.py --workdir=runs/default --mode=serve     # OpenAI API
     python main.py --mode=tasks --workdir=runs/default        # downstream tasks (lm-eval scoring)
+    python main.py --config=configs/finetune.py --workdir=runs/sft --config.init_from=runs/default \
+        --config.objective=sft --config.dataset=chats.jsonl          # chat tuning (README)
+    python main.py --mode=chat --workdir=runs/sft [--conversation=conv.json]   # talk to it
     python main.py --config=configs/small.py --mode=compile --config.compile_topology=h100  # .[cuda]
     python main.py --config=configs/default.py --config.learning_rate=3e-4 ...          # any field
 
@@ -41,7 +44,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, f"Config file (default
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics.")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "eval", "sample", "estimate", "compile", "import", "export",
-                           "serve", "tasks"],
+                           "serve", "tasks", "chat"],
                           "What to do.")
 _COMPILE = flags.DEFINE_bool("compile", False,
                              "With --mode=estimate: also print --mode=compile's report (one train "
@@ -50,6 +53,9 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt(s) for --mode=sample
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None,
                                    "File of prompts for --mode=sample, separated by blank lines.")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "--mode=sample: read prompts in a loop.")
+_CONVERSATION = flags.DEFINE_string("conversation", None,
+                                    "--mode=chat: reply to this JSON conversation ({\"messages\": "
+                                    "[...]}) and print the reply alone on stdout.")
 # Multi-host (one process per host, the same command everywhere; see launch.sh).
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs outside SLURM "
@@ -173,8 +179,8 @@ def _flags_parser(argv):
 def _flag_warnings(mode: str) -> list[str]:
   """Flags given for another mode: they would do nothing here."""
   used = {"compile": ("estimate",), "prompt": ("sample",), "prompt_file": ("sample",),
-          "interactive": ("sample",),
-          "workdir": ("train", "eval", "sample", "import", "export", "serve", "tasks")}
+          "interactive": ("sample",), "conversation": ("chat",),
+          "workdir": ("train", "eval", "sample", "import", "export", "serve", "tasks", "chat")}
   return [f"--{name} does nothing in --mode={mode} (it is for --mode={'/'.join(modes)})"
           for name, modes in used.items() if flags.FLAGS[name].present and mode not in modes]
 
@@ -372,7 +378,7 @@ def _run(argv) -> int:
     print(f"warning: {w}", file=sys.stderr, flush=True)
   if problems:
     raise config.ConfigError(problems)
-  if mode in ("eval", "sample", "export", "serve", "tasks"):
+  if mode in ("eval", "sample", "export", "serve", "tasks", "chat"):
     from llm_jax import workdir as workdir_lib
     workdir_lib.check_readable(_need_workdir())
   prompts = []
@@ -412,6 +418,9 @@ def _run(argv) -> int:
   if mode == "tasks":
     from llm_jax.evals import harness
     return harness.run(cfg, workdir, _overrides())
+  if mode == "chat":
+    from llm_jax import chat_mode
+    return chat_mode.run(cfg, workdir, _CONVERSATION.value, _stop_id, _overrides())
   return sample(cfg, workdir, prompts, interactive=_INTERACTIVE.value, overrides=_overrides())
 
 

@@ -112,7 +112,7 @@ def get_config():
   c.loss_explosion_factor = 10.0  # +: stop when loss exceeds this times its running minimum (0 = off)
 
   # --- Data (+) ---
-  c.dataset = "shakespeare"  # +: shakespeare | text:<dir, file or glob> (.txt .jsonl[.gz|.zst] .parquet .arrow, save_to_disk dirs) | tfds:<name>[/<config>] | mix:<w>*<dataset>,<w>*<dataset>,...
+  c.dataset = "shakespeare"  # +: shakespeare | text:<dir, file or glob> (.txt .jsonl[.gz|.zst] .parquet .arrow, save_to_disk dirs) | tfds:<name>[/<config>] | mix:<w>*<dataset>,<w>*<dataset>,...; objective=sft: conversation files (a file, directory or glob of .jsonl/.json/.parquet/.arrow, or a save_to_disk folder)
   c.validation = ""  # +: text: a glob of validation files; tfds: a split name ("" = validation, test, or validation_fraction)
   c.validation_fraction = 0.05  # +: share of documents held out when no validation glob is given
   c.text_key = "text"  # +: text field of .jsonl records, column of Parquet/Arrow files, feature of tfds datasets
@@ -126,6 +126,11 @@ def get_config():
   c.data_workers = 0  # +: grain worker processes (0 = in the main process)
   c.tokenize_workers = placeholder(int)  # +: processes tokenizing a text: corpus once into the cache (None = the host's cores)
   c.prefetch = 2  # +: batches prepared ahead of the train step
+
+  # --- Chat (+): conversations, the chat template, --mode=chat (README "Chat tuning") ---
+  c.objective = "lm"  # +: what training minimises: lm (next token of text) | sft (assistant turns of conversations: dataset = conversation files)
+  c.chat_template = ""  # +: "" = the model's own (an import's tokenizer_config.json; ChatML for models trained here) | chatml | a .jinja file | a tokenizer_config.json | the template text
+  c.train_on_prompt = False  # +: sft: also train on system and user tokens (no prompt mask)
 
   # --- Decoding (P: Inference Parameters, C: Sampling Strategies) ---
   c.do_sample = True  # P: sample (True) or greedy / beam search (False)

@@ -26,7 +26,7 @@ GRAD_ACCUM = ("scan", "multisteps")
 TOKENIZER_TYPES = ("unigram", "bpe")
 TEXT_SPLITS = ("file", "paragraph", "line")
 QUANT_TYPES = ("nf4", "int4")
-OBJECTIVES = ("lm", "dpo")
+OBJECTIVES = ("lm", "sft", "dpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
@@ -155,7 +155,8 @@ def _check(c):
                      ("activation", ACTIVATIONS), ("position_embedding", POSITION_EMBEDDINGS),
                      ("rope_scaling", ROPE_SCALINGS),
                      ("remat_policy", REMAT_POLICIES), ("grad_accum", GRAD_ACCUM),
-                     ("tokenizer_type", TOKENIZER_TYPES), ("text_split", TEXT_SPLITS)):
+                     ("tokenizer_type", TOKENIZER_TYPES), ("text_split", TEXT_SPLITS),
+                     ("objective", OBJECTIVES)):
     need(c[f] in allowed, f"{f}={c[f]!r} is not one of {', '.join(allowed)}")
 
   for f in ("dropout", "attention_dropout", "hidden_dropout", "lora_dropout"):
@@ -234,7 +235,11 @@ def _check(c):
 
   # Data.
   ds = c.dataset
-  need(ds == "shakespeare" or ds.startswith(("text:", "tfds:", "mix:")),
+  chat = c.objective == "sft"  # dataset: conversation files (chat.py reads them)
+  need(chat or not c.train_on_prompt,
+       f"train_on_prompt=True does nothing with objective={c.objective!r}: it is for "
+       f"objective='sft' (conversations); remove it")
+  need(chat or ds == "shakespeare" or ds.startswith(("text:", "tfds:", "mix:")),
        f"dataset={ds!r} is not shakespeare, text:<dir or glob>, tfds:<name>[/<config>] or "
        f"mix:<weight>*<dataset>,...")
   if ds.startswith("mix:"):
@@ -258,10 +263,11 @@ def _check(c):
   need(c.data_workers >= 0, f"data_workers={c.data_workers} must be >= 0")
   need(c.prefetch >= 0, f"prefetch={c.prefetch} must be >= 0")
   # Fields that only some datasets read: set for another, they would do nothing.
-  kind = ds.split(":", 1)[0]
+  kind = "chat" if chat else ds.split(":", 1)[0]
   base = {"validation": "", "validation_fraction": 0.05, "text_key": "text", "text_split": "file",
           "tfds_data_dir": None}
-  readers = {"validation": ("text", "tfds"), "validation_fraction": ("text", "tfds"),
+  readers = {"validation": ("text", "tfds", "chat"),
+             "validation_fraction": ("text", "tfds", "chat"),
              "text_key": ("text", "tfds"), "text_split": ("text",), "tfds_data_dir": ("tfds",)}
   for f, kinds in readers.items():
     need(c[f] == base[f] or kind in kinds or kind == "mix",
@@ -482,6 +488,7 @@ _READ_BY = {
     "tasks": {"checkpoint_step"} | set(_DECODING),
     "compile": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
     "serve": {"checkpoint_step"},  # requests carry their own decoding knobs
+    "chat": {"checkpoint_step"} | set(_DECODING),
 }
 # eval_batches caps the periodic evaluations only: --mode=eval always covers the whole split.
 

@@ -38,7 +38,7 @@ _TOKEN_CACHE_VERSION = 2
 # Characters sampled from the train split to train the tokenizer: enough for a stable vocabulary,
 # few enough that unigram training takes seconds (~3 s of CPU at vocab 2048 on 500k chars).
 _TOKENIZER_MIN_CHARS = 500_000
-_TOKENIZER_CHARS_PER_PIECE = 256
+_TOKENIZER_CHARS_PER_PIECE = 256  # (recipe 2: the chat markers are user-defined symbols)
 
 
 def load_corpus(cfg, root: str, ds: str | None = None):
@@ -136,7 +136,7 @@ def get_tokenizer(cfg, corpus, root: str, workdir: str | None) -> tokenizer_lib.
     check_vocab(tok, cfg, path)
     return tok
   recipe = json.dumps([corpus.key, cfg.vocab_size, cfg.tokenizer_type, cfg.byte_fallback,
-                       _TOKENIZER_MIN_CHARS, _TOKENIZER_CHARS_PER_PIECE, 1])
+                       _TOKENIZER_MIN_CHARS, _TOKENIZER_CHARS_PER_PIECE, 2])
   cached = os.path.join(root, "tokenizers",
                         hashlib.sha256(recipe.encode()).hexdigest()[:16] + ".model")
   if os.path.exists(cached):

@@ -492,7 +492,8 @@ def export_workdir(cfg, workdir: str, out_dir: str, asked=()) -> list[str]:
   mc = model_lib.ModelConfig.from_config(loader.with_model_fields(cfg, items["config"], asked))
   export_family(dataclasses.replace(mc, lora_r=0))
   loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=asked, merge=True)
-  return export(loaded.model_cfg, loaded.params, loaded.tokenizer, out_dir)
+  return export(loaded.model_cfg, loaded.params, loaded.tokenizer, out_dir,
+                chat_template=items["config"].get("chat_template") or "")
 
 
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -543,8 +544,9 @@ def _to_host(x) -> np.ndarray:
 
 
 def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
-           max_shard_bytes: int = 5 * 2**30) -> list[str]:
-  """Writes the model (`params` of `mc`, tokenizer `tok`) to `out_dir` in Hugging Face format.
+           max_shard_bytes: int = 5 * 2**30, chat_template: str = "") -> list[str]:
+  """Writes the model (`params` of `mc`, tokenizer `tok`) to `out_dir` in Hugging Face format
+  (chat_template: the run's --config.chat_template; "" = the tokenizer's own, see chat.py).
 
   Tensors are gathered to the host one param (one layer's slice of a scanned param) at a time
   and written in files of at most `max_shard_bytes` (with model.safetensors.index.json when there
@@ -574,12 +576,14 @@ def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
   # a full disk leaves no half-written export in out_dir, and a rerun needs no cleanup.
   with files.building_dir(out_dir, "the Hugging Face export",
                           needed=sum(int(np.prod(r.hf_shape)) * itemsize for r in rules)) as tmp:
-    written = _write_export(mc, params, tok, tmp, family, rules, shards, names, itemsize)
+    written = _write_export(mc, params, tok, tmp, family, rules, shards, names, itemsize,
+                            chat_template)
   logging.info("exported %s model to %s: %s", family, out_dir, ", ".join(written))
   return written
 
 
-def _write_export(mc, params, tok, out_dir, family, rules, shards, names, itemsize) -> list[str]:
+def _write_export(mc, params, tok, out_dir, family, rules, shards, names, itemsize,
+                  chat_template: str = "") -> list[str]:
   """export's writing into `out_dir` (None: gather only, on a process that does not write)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   writer = out_dir is not None
@@ -606,11 +610,22 @@ def _write_export(mc, params, tok, out_dir, family, rules, shards, names, itemsi
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
     written.append("model.safetensors.index.json")
   _write_json(out_dir, "config.json", hf_config(mc, family, tok))
-  gen_eos = tok.eos_ids if len(tok.eos_ids) > 1 else tok.eos_id
+  # The chat template (a model trained here: ChatML over its marker tokens) and the end-of-turn
+  # ids, so that transformers renders and stops as --mode=chat does.
+  from llm_jax import chat  # pylint: disable=g-import-not-at-top
+  try:
+    template = chat.resolve_template(tok, chat_template)
+  except chat.ChatError:
+    template = None  # an import without one exports without one
+  eos = chat.end_of_turn_ids(tok, template) if template and not chat.missing_markers(
+      template, tok) else tok.eos_ids
+  eos = sorted(set(eos), key=eos.index)
+  gen_eos = eos if len(eos) > 1 else eos[0]
   _write_json(out_dir, "generation_config.json",
               {"bos_token_id": tok.bos_id, "eos_token_id": gen_eos, "pad_token_id": tok.pad_id})
   written += ["config.json", "generation_config.json"]
-  written += hf_tokenizer.write_hf_files(tok, out_dir, mc.max_position_embeddings)
+  written += hf_tokenizer.write_hf_files(tok, out_dir, mc.max_position_embeddings,
+                                         chat_template=template if template else None)
   return written
 
 

@@ -170,8 +170,10 @@ def sentencepiece_to_tokenizer_json(proto: bytes, bos_id: int | None = None) -> 
   if ns.add_dummy_prefix:
     dec.append(decoders.Strip(" ", 1, 0))
   tk.decoder = decoders.Sequence(dec)
+  # User-defined pieces (the chat markers) are always one token in sentencepiece: added tokens
+  # here, special so that decoding with skip_special_tokens drops them as it drops EOS.
   tk.add_special_tokens([tokenizers.AddedToken(p, special=True, normalized=False)
-                         for p, _, t in pieces if t in (_CONTROL, _UNKNOWN)])
+                         for p, _, t in pieces if t in (_CONTROL, _UNKNOWN, _USER_DEFINED)])
   if bos_id is not None:
     bos = pieces[bos_id][0]
     tk.post_processor = processors.TemplateProcessing(
@@ -183,8 +185,10 @@ def _token(tok, i):
   return None if i is None else tok.id_to_piece(i)
 
 
-def write_hf_files(tok, out_dir: str, model_max_length: int | None = None) -> list[str]:
-  """Writes the tokenizer files of `tok` into `out_dir`; returns their names."""
+def write_hf_files(tok, out_dir: str, model_max_length: int | None = None,
+                   chat_template: str | None = None) -> list[str]:
+  """Writes the tokenizer files of `tok` into `out_dir` (with `chat_template` in
+  tokenizer_config.json, so apply_chat_template renders as chat.py does); returns their names."""
   if tok.kind == "tokenizers":
     tokenizer_json = tok.tokenizer_json
   else:
@@ -199,6 +203,8 @@ def write_hf_files(tok, out_dir: str, model_max_length: int | None = None) -> li
   tcfg.update({f"{name}_token": _token(tok, i) for name, i in (
       ("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id), ("unk", tok.unk_id))})
   tcfg["add_bos_token"] = tok.add_bos
+  if chat_template:
+    tcfg["chat_template"] = chat_template
   if model_max_length:
     tcfg["model_max_length"] = model_max_length
   tokenizer_lib.save_bytes(os.path.join(out_dir, "tokenizer_config.json"),

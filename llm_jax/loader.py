@@ -235,6 +235,10 @@ def load(source: str, cfg, *, step: int | None = None, asked=(), mesh=None, merg
     params, note = base.params, base.quantization
     if run_cfg.quant and not stores_quantized(base.saved_config):
       params, note = _quantize_base(params, run_cfg, mesh, rules)
+    run_tok = _tokenizer(workdir, None, cfg) if os.path.exists(
+        cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")) else base.tokenizer
+    if run_tok.vocab_size > base.tokenizer.vocab_size:  # chat markers the run added (chat.py)
+      params = fit_vocab(params, base.tokenizer.vocab_size, run_tok.vocab_size, run_cfg)
     adapters, tok = _restore(workdir, step, run_cfg, mesh, rules)
     params = lora.combine(params, adapters)
     if merge:
@@ -311,6 +315,60 @@ def _with_token_ids(cfg, tokenizer, vocab_size: int):
   return cfg
 
 
+def fit_vocab(params, old_n: int, new_n: int, model_cfg):
+  """params whose embedding (and untied head) hold model_cfg.padded_vocab rows, ids old_n ..
+  new_n - 1 (tokens added to the tokenizer) initialised to the mean of rows 0 .. old_n - 1.
+  Deterministic: a LoRA run's base is refitted the same way every time it is loaded."""
+  params = dict(params)
+
+  def fit(table, axis):
+    if not isinstance(table, jax.Array) or table.ndim != 2:
+      raise errors.UserError("the chat template adds tokens, but the base's output head is "
+                             "quantized (quantize_embeddings=True): unset quantize_embeddings")
+    rows = jnp.moveaxis(table, axis, 0)
+    mean = jnp.mean(rows[:old_n].astype(jnp.float32), axis=0).astype(rows.dtype)
+    grown = jnp.zeros((max(model_cfg.padded_vocab, rows.shape[0]),) + rows.shape[1:], rows.dtype)
+    grown = grown.at[:rows.shape[0]].set(rows).at[old_n:new_n].set(mean)
+    out = jnp.moveaxis(grown, 0, axis)
+    sharding = getattr(table, "sharding", None)
+    return jax.device_put(out, sharding) if isinstance(sharding, jax.sharding.NamedSharding) \
+        else out
+
+  params["embed"] = {**params["embed"], "embedding": fit(params["embed"]["embedding"], 0)}
+  if "lm_head" in params:
+    params["lm_head"] = {**params["lm_head"], "kernel": fit(params["lm_head"]["kernel"], 1)}
+  return params
+
+
+def _chat_tokens(cfg, tok, asked):
+  """For a new SFT run: (cfg, tokenizer) with the chat template's markers added as tokens when
+  the tokenizer lacks them (vocab_size grown to hold them) and, with LoRA, those markers'
+  embedding rows trained (lora_trainable_tokens) unless the command line set that field. A
+  model trained here never saw its markers in pretraining, so they are trained too."""
+  from llm_jax import chat  # pylint: disable=import-outside-toplevel  (data-side; late)
+  template = chat.resolve_template(tok, cfg.chat_template, f"init_from={cfg.init_from}")
+  missing = chat.missing_markers(template, tok)
+  new = chat.add_markers(tok, missing) if missing else tok
+  if cfg.chat_template and new.hf_config is not None:  # the template travels with the tokenizer
+    new.hf_config = {**new.hf_config, "chat_template": template}
+  markers = missing if not tok.is_own else [m for m in chat.MARKERS if m in template]
+  ids = [new.encode(m)[0] for m in markers]
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.vocab_size = max(cfg.vocab_size, new.vocab_size)
+    if (cfg.lora_r and ids and "lora_trainable_tokens" not in asked
+        and not cfg.lora_trainable_tokens):
+      cfg.lora_trainable_tokens = ",".join(map(str, ids))
+      logging.warning("lora_trainable_tokens=%s: the chat markers %s train beside the adapters "
+                      "(set --config.lora_trainable_tokens to choose others)",
+                      cfg.lora_trainable_tokens, ", ".join(markers))
+  if missing:
+    logging.warning("added the chat template's %s to the tokenizer as ids %s (embedding rows "
+                    "initialised to the mean of the others)", ", ".join(missing),
+                    [new.encode(m)[0] for m in missing])
+  return config_lib.finalize(cfg), new
+
+
 def start_finetune(cfg, workdir: str, mesh, asked=()):
   """For a training run with init_from: (its config, the loaded base or None, the base reference).
 
@@ -348,13 +406,22 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
   if source is None:
     return cfg, None, reference
   base = load(source, cfg, mesh=mesh, merge=True, with_fingerprint=bool(cfg.lora_r))
+  tok = base.tokenizer
+  if own is None and cfg.objective == "sft":
+    cfg, tok = _chat_tokens(cfg, tok, asked)
+  elif own is not None:
+    tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer.model"))
+  if tok.vocab_size > base.tokenizer.vocab_size:
+    model_cfg = dataclasses.replace(base.model_cfg, vocab_size=cfg.vocab_size)
+    base = dataclasses.replace(base, tokenizer=tok, model_cfg=model_cfg, params=fit_vocab(
+        base.params, base.tokenizer.vocab_size, tok.vocab_size, model_cfg))
   if own is None and cfg.lora_r and cfg.lora_trainable_tokens:
-    cfg = _with_token_ids(cfg, base.tokenizer, cfg.vocab_size)
+    cfg = _with_token_ids(cfg, tok, cfg.vocab_size)
   if reference:
     check_base(reference, base.fingerprint, workdir)
   if own is None:
     os.makedirs(workdir, exist_ok=True)
-    _save_tokenizer(base.tokenizer, workdir)
+    _save_tokenizer(tok, workdir)
   return cfg, base, base_reference(base) if cfg.lora_r else None
 
 

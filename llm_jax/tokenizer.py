@@ -29,6 +29,9 @@ import sentencepiece as spm
 from llm_jax import errors
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# The chat template's markers (chat.CHATML): user-defined symbols of every tokenizer trained here,
+# so they are single tokens that text never splits differently (ids 4 and 5).
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")
 MODEL_TYPES = ("unigram", "bpe")
 N_BYTE_PIECES = 256
 # Sentences longer than this (bytes) are cut before training: sentencepiece skips longer ones.
@@ -94,6 +97,19 @@ class Tokenizer:
     return _add_specials(ids, isinstance(text, str), self.bos_id if add_bos else None,
                          self.eos_id if add_eos else None)
 
+  def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """(ids, starts): encode(text) and the character offset in `text` where each token starts
+    (a byte piece of a multi-byte character starts where the character does)."""
+    pieces = self._sp.encode(text, return_type="proto").pieces
+    char_at = np.zeros(len(text.encode("utf-8")) + 1, np.int64)  # byte offset -> char index
+    pos = 0
+    for i, ch in enumerate(text):
+      n = len(ch.encode("utf-8"))
+      char_at[pos:pos + n] = i
+      pos += n
+    char_at[pos] = len(text)
+    return [p.id for p in pieces], [int(char_at[min(p.begin, pos)]) for p in pieces]
+
   def decode(self, ids) -> str | list[str]:
     """Text of one id sequence, or a list of texts for a batch ([B, T] array or list of lists).
 
@@ -157,6 +173,11 @@ class HFTokenizer:
       ids = [e.ids for e in self._tk.encode_batch(list(text), add_special_tokens=False)]
     return _add_specials(ids, isinstance(text, str), self.bos_id if add_bos else None,
                          self.eos_id if add_eos else None)
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """As `Tokenizer.encode_offsets`."""
+    enc = self._tk.encode(text, add_special_tokens=False)
+    return list(enc.ids), [int(a) for a, _ in enc.offsets]
 
   def decode(self, ids) -> str | list[str]:
     """As `Tokenizer.decode`: special tokens decode to nothing."""
@@ -272,8 +293,19 @@ def _cut(sentence: str) -> Iterable[str]:
       yield sentence[i:i + step]
 
 
+def with_user_symbols(proto: bytes, symbols) -> bytes:
+  """A sentencepiece model with `symbols` appended as user-defined pieces (always one token)."""
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(proto)
+  for s in symbols:
+    m.pieces.add(piece=s, score=0.0, type=4)  # ModelProto.SentencePiece.USER_DEFINED
+  return m.SerializeToString()
+
+
 def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, model_type: str = "unigram",
-                    byte_fallback: bool = True, num_threads: int | None = None) -> Tokenizer:
+                    byte_fallback: bool = True, num_threads: int | None = None,
+                    user_defined_symbols: Sequence[str] = CHAT_MARKERS) -> Tokenizer:
   """Trains a SentencePiece model on `sentences` (already sampled: all of them are used).
 
   Raises ValueError naming vocab_size when the text cannot fill `vocab_size` pieces, or when
@@ -296,6 +328,7 @@ def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, model_type: st
         character_coverage=0.9995 if byte_fallback else 1.0,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, split_digits=True, max_sentence_length=MAX_SENTENCE_BYTES,
+        user_defined_symbols=list(user_defined_symbols),
         num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
     msg = str(e)
@@ -310,7 +343,8 @@ def train_tokenizer(sentences: Iterable[str], *, vocab_size: int, model_type: st
       need = int(required.group(2))
       hint = " or set byte_fallback=False" if byte_fallback else ""
       raise errors.UserError(
-          f"vocab_size={vocab_size} is too small: the 4 special ids"
+          f"vocab_size={vocab_size} is too small: the 4 special ids, "
+          f"{len(user_defined_symbols)} chat markers"
           f"{f', {N_BYTE_PIECES} byte pieces (byte_fallback)' if byte_fallback else ''} and "
           f"the text's characters need {need}; raise vocab_size to at least {need}{hint}") from e
     raise

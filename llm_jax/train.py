@@ -152,7 +152,8 @@ def make_train_step(cfg, model, tx, ref_model=None):
           lambda: micro_grads(state.params, base, first, rng)[0]))
       (acc, sums), _ = jax.lax.scan(body, (zeros, no_sums), (batch, jnp.arange(n_micro)))
       grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, state.params)
-      return finish(state, grads, _means(sums, n_micro), state.step + 1)
+      state, out = finish(state, grads, _means(sums, n_micro), state.step + 1)
+      return state, {**out, "tokens": jnp.sum(_weights(batch))}  # the tokens the loss trained
   else:
     # optax.MultiSteps: one call per micro-batch [b, T]; step counts optimizer steps, so it
     # advances when MultiSteps applied an update.
@@ -161,7 +162,9 @@ def make_train_step(cfg, model, tx, ref_model=None):
       rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro_step)
       sums, grads = micro_grads(state.params, base, batch, rng)
       updated = micro_step == cfg.gradient_accumulation_steps - 1
-      return finish(state, grads, _means(sums, 1), state.step + updated.astype(state.step.dtype))
+      state, out = finish(state, grads, _means(sums, 1),
+                          state.step + updated.astype(state.step.dtype))
+      return state, {**out, "tokens": jnp.sum(_weights(batch))}
 
   return train_step
 
@@ -318,10 +321,11 @@ class Trainer:
       state, out = self._train_step(state, micro)
       outs.append(out)
     # The step's loss (and a preference loss's metrics) is the mean over its micro-batches, as
-    # with "scan"; grad_norm is the last micro-batch's (MultiSteps keeps the accumulated
-    # gradient inside its state).
+    # with "scan", its tokens their sum; grad_norm is the last micro-batch's (MultiSteps keeps
+    # the accumulated gradient inside its state).
     return state, {**out, **{k: sum(o[k] for o in outs) / len(outs) for k in out
-                             if k not in ("grad_norm", "param_norm")}}
+                             if k not in ("grad_norm", "param_norm", "tokens")},
+                   "tokens": sum(o["tokens"] for o in outs)}
 
   def loss_of(self, params, local_batch) -> float:
     """The objective's mean loss of `params` on the first micro-batch of a step's batch (no
@@ -334,7 +338,8 @@ class Trainer:
       first["pair_weights"] = np.ones(first["targets"].shape[:2], np.float32)
       out = jax.device_get(self._eval_step(params, sharding_lib.global_batch(first, self.mesh)))
       return float(out["loss"] / max(out["pairs"], 1.0))
-    first["weights"] = np.ones(first["targets"].shape, np.float32)
+    if "weights" not in first:  # (an SFT batch's weights are its prompt mask)
+      first["weights"] = np.ones(first["targets"].shape, np.float32)
     out = jax.device_get(self._eval_step(params, sharding_lib.global_batch(first, self.mesh)))
     return float(out["nll"] / max(out["tokens"], 1.0))
 
@@ -448,6 +453,9 @@ def build_data(cfg, workdir: str, tokenizer=None):
   caches instead of racing to write the same files (and perhaps train different tokenizers)."""
   from jax.experimental import multihost_utils
   from llm_jax import data as data_lib
+  if cfg.objective == "sft":  # conversations: masked, packed (chat.py)
+    from llm_jax import chat
+    data_lib = chat
   if jax.process_count() == 1:
     return data_lib.build(cfg, workdir, tokenizer=tokenizer)
   data = data_lib.build(cfg, workdir, tokenizer=tokenizer) if jax.process_index() == 0 else None
@@ -549,7 +557,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     running_min = math.inf
     bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True,
                mininterval=1.0, desc="train")
-    t0, steps_timed, last = time.perf_counter(), 0, {}
+    t0, steps_timed, last, trained = time.perf_counter(), 0, {}, 0.0
 
     def print_eval(step, ev, params):
       lines = _eval_samples(trainer, params, data.tokenizer, cfg, step)
@@ -579,6 +587,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
       state, out = trainer.train_step(state, batch)
+      trained = out["tokens"] + trained  # on the device: no sync per step
       steps_timed += 1
       do_eval = step == steps or (cfg.eval_steps and step % cfg.eval_steps == 0)
       do_save = ckpt.should_save(step) or step == steps
@@ -603,7 +612,10 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
                 "train/grad_norm": float(out["grad_norm"]),
                 "train/param_norm": float(out["param_norm"]),
                 "train/tokens_per_s": tps, "train/step_time_s": dt / steps_timed,
-                "train/epoch": step / data.steps_per_epoch}
+                "train/epoch": step / data.steps_per_epoch,
+                # Tokens the loss trained (an SFT run's assistant tokens), since this process
+                # started: with train/tokens_per_s, how much of the batch the prompt mask keeps.
+                "train/trained_tokens": float(jax.device_get(trained))}
         m = metrics_lib.mfu(tps / jax.device_count(), fpt, peak)
         if m is not None:
           last["train/mfu"] = m

@@ -125,6 +125,10 @@ def _cases():
   def train_new(tmp, run, **overrides):
     return ["--mode=train", f"--workdir={tmp}/new"] + _flags(run["fields"], **overrides)
 
+  def sft(tmp, run, dataset, **overrides):
+    return train_new(tmp, run, init_from=run["workdir"], objective="sft", dataset=dataset,
+                     validation="", **overrides)
+
   def on_run(mode, run, *extra, **overrides):
     return [f"--mode={mode}", f"--workdir={run['workdir']}", *extra] + _flags(run["fields"],
                                                                               **overrides)
@@ -364,7 +368,58 @@ def _cases():
               "--config.dpo_label_smoothing=0.1"), ["dpo_label_smoothing=0.1", "ipo"])),
       ("dpo_field_without_dpo", lambda t, r: (est("--config.dpo_beta=0.5"),
                                               ["dpo_beta=0.5", "objective"])),
+      # Conversations (objective=sft, llm_jax/chat.py) and --mode=chat: refused before training.
+      ("sft_no_assistant_turn", lambda t, r: (
+          sft(t, r, _chats(t, [[USER]] * 3)), [f"{t}/chats.jsonl:1", "assistant"])),
+      ("sft_unknown_role", lambda t, r: (
+          sft(t, r, _chats(t, [[USER, ANSWER], [USER, {"role": "robot", "content": "x"}]])),
+          [f"{t}/chats.jsonl:2", "'robot'", "system, user, assistant"])),
+      ("sft_template_fails", lambda t, r: (
+          sft(t, r, _chats(t, [[ANSWER]] * 3), chat_template=_write(
+              f"{t}/t.jinja", "{% if messages[0]['role'] != 'user' %}{{ raise_exception("
+              "'the first message must be the user') }}{% endif %}")),
+          [f"{t}/chats.jsonl:", "the first message must be the user"])),
+      ("sft_not_a_conversation", lambda t, r: (
+          sft(t, r, _write(f"{t}/chats.jsonl", '{"text": "plain text"}\n')),
+          [f"{t}/chats.jsonl:1", "'text'", "messages"])),
+      ("sft_no_conversation_files", lambda t, r: (sft(t, r, f"{t}/none/*.jsonl"),
+                                                  [f"{t}/none/*.jsonl"])),
+      ("sft_chat_template_not_a_file", lambda t, r: (
+          sft(t, r, _chats(t, [[USER, ANSWER]] * 4), chat_template=f"{t}/nope.jinja"),
+          [f"chat_template='{t}/nope.jinja'"])),
+      ("sft_imported_model_without_template", lambda t, r: (
+          ["--mode=train", f"--workdir={t}/new", f"--config={BASE}",
+           f"--config.init_from={_imported(t)}", "--config.objective=sft",
+           f"--config.dataset={_chats(t, [[USER, ANSWER]] * 4)}",
+           f"--config.data_dir={r['fields']['data_dir']}"],
+          ["has no chat template", "--config.chat_template=chatml"])),
+      ("train_on_prompt_without_sft", lambda t, r: (train_new(t, r, train_on_prompt=True),
+                                                    ["train_on_prompt=True", "objective"])),
+      ("chat_conversation_missing", lambda t, r: (
+          ["--mode=chat", f"--workdir={r['workdir']}", f"--conversation={t}/conv.json"]
+          + _flags(r["fields"]), [f"--conversation={t}/conv.json"])),
+      ("chat_conversation_ends_with_the_reply", lambda t, r: (
+          ["--mode=chat", f"--workdir={r['workdir']}", "--conversation=" + _write(
+              f"{t}/conv.json", json.dumps({"messages": [USER, ANSWER]}))] + _flags(r["fields"]),
+          [f"{t}/conv.json", "user message"])),
   ]
+
+
+USER = {"role": "user", "content": "Kalo mine?"}
+ANSWER = {"role": "assistant", "content": "Ruvi sato."}
+
+
+def _chats(tmp, conversations):
+  return _write(f"{tmp}/chats.jsonl", "".join(json.dumps({"messages": c}) + "\n"
+                                              for c in conversations))
+
+
+def _imported(tmp):
+  """An imported Hugging Face model (the GPT-2 fixture: its tokenizer has no chat template)."""
+  code = main.cli(["main.py", "--mode=import", f"--workdir={tmp}/gpt2",
+                   f"--config.hf_path={ROOT}/tests/fixtures/hf/gpt2"])
+  assert code == 0
+  return f"{tmp}/gpt2"
 
 
 _HELD = []  # listening sockets kept open for the test session

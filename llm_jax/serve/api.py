@@ -35,7 +35,7 @@ import uvicorn
 from fastapi import responses
 from starlette import exceptions as starlette_exceptions
 
-from llm_jax.serve import chat_template
+from llm_jax import chat
 from llm_jax.serve import engine as engine_lib
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -467,8 +467,8 @@ def build_app(server: Server) -> fastapi.FastAPI:
                      "max_completion_tokens")
     messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
     try:
-      text = chat_template.render(server.chat_template, messages, tok)
-    except chat_template.TemplateError as e:
+      text = chat.render(server.chat_template, messages, tok)
+    except chat.TemplateError as e:
       raise ApiError(400, str(e), "messages") from None
     ids = tok.encode(text) or [tok.eos_id]  # the template writes its own BOS
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -575,9 +575,12 @@ def run(cfg, workdir: str, overrides=()) -> int:
   loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=overrides)
   context = sampling.max_new_tokens_for(0, loaded.model_cfg, loaded.cfg.max_seq_len)
   server_metrics = Metrics()
+  template = chat.template_of_run(loaded, cfg.chat_template, required=False)
   eng = engine_lib.Engine(loaded.params, loaded.model_cfg, loaded.tokenizer,
                           slots=cfg.serve_slots, context=context,
-                          max_queue=cfg.serve_max_queue, metrics=server_metrics)
+                          max_queue=cfg.serve_max_queue, metrics=server_metrics,
+                          end_ids=chat.end_of_turn_ids(loaded.tokenizer, template)
+                          if template else None)
   if loaded.quantization:
     print(f"# {loaded.quantization}", flush=True)
   print(f"# checkpoint {loaded.step} from {workdir}: {cfg.serve_slots} slots over a context of "
@@ -591,6 +594,6 @@ def run(cfg, workdir: str, overrides=()) -> int:
                   max_tokens=min(cfg.serve_max_tokens or context, context),
                   max_n=cfg.serve_max_n, max_body_bytes=cfg.serve_max_body_bytes,
                   api_key=cfg.serve_api_key or os.environ.get(API_KEY_ENV) or None,
-                  chat_template=chat_template.template_of(loaded.tokenizer),
+                  chat_template=template,
                   metrics=server_metrics)
   return serve(server, cfg.serve_host, cfg.serve_port)

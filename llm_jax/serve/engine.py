@@ -217,12 +217,15 @@ class Engine:
   """
 
   def __init__(self, params, model_cfg, tokenizer, *, slots: int, context: int, max_queue: int,
-               metrics=None):
+               metrics=None, end_ids=None):
+    """end_ids: the ids that end a sequence (default the tokenizer's EOS ids; a chat model's
+    end-of-turn token too, chat.end_of_turn_ids)."""
     self.params, self.model_cfg, self.tok = params, model_cfg, tokenizer
     self.slots, self.context, self.max_queue = slots, context, max_queue
     self.buckets = buckets(context)
-    self.terminal_ids = sampling._terminal_ids(tokenizer.eos_ids, None)  # pylint: disable=protected-access
-    self.eos = set(int(i) for i in tokenizer.eos_ids)
+    end_ids = list(end_ids or tokenizer.eos_ids)
+    self.terminal_ids = sampling._terminal_ids(end_ids, None)  # pylint: disable=protected-access
+    self.eos = set(int(i) for i in end_ids)
     self.metrics = metrics
     self._state = self._fresh_state()
     self._running: list[Optional[Sequence]] = [None] * slots
