@@ -367,7 +367,8 @@ def _rope_problems(c) -> list[str]:
     if c[f] is not None and f not in rope_params(kind):
       readers = [k for k in ROPE_PARAMS if f in rope_params(k)]
       p.append(f"{f}={c[f]!r} does nothing with rope_scaling={kind!r} (only "
-               f"{' / '.join(readers)} read it): remove it, or set rope_scaling to "
+               f"{' / '.join(readers)} read{'s' if len(readers) == 1 else ''} it): remove it, "
+               f"or set rope_scaling to "
                f"{' or '.join(repr(r) for r in readers)}")
   for f in ("rope_scaling_factor", "rope_original_max_len", "rope_low_freq_factor",
             "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",

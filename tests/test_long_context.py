@@ -235,3 +235,14 @@ def test_context_fields_asked_win_over_the_checkpoints():
   got = loader.with_model_fields(cfg, saved, asked={"max_seq_len", "rope_scaling_factor"})
   assert (got.max_seq_len, got.rope_scaling, got.rope_scaling_factor,
           got.rope_original_max_len) == (512, "yarn", 4.0, 128)
+
+
+def test_backends_without_a_window_say_so():
+  """The Pallas flash kernel has no sliding window: refused before anything compiles (TPU)."""
+  cfg = config.load("configs/base.py", sliding_window=64, use_flash_attention=True)
+  with pytest.raises(config.ConfigError, match="use_flash_attention=False"):
+    config.flash_attention_backend(cfg, "tpu")
+  assert config.flash_attention_backend(config.load("configs/base.py", sliding_window=64), "tpu") == "xla"
+  q, k, v = qkv(t=4, s=4)
+  with pytest.raises(ValueError, match="Pallas"):
+    attention.attention(q, k, v, impl="pallas", is_causal=True, window=2)
