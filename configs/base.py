@@ -32,11 +32,18 @@ def get_config():
   c.max_position_embeddings = placeholder(int)  # P: learned position table size (None = max_seq_len)
   c.position_embedding = "rope"  # +: rope | sinusoidal | learned
   c.rope_theta = 10000.0  # P: RoPE base frequency
-  c.rope_scaling = "none"  # +: RoPE frequency scaling for long contexts: none | linear | llama3 (Llama 3.1+)
-  c.rope_scaling_factor = 1.0  # +: linear / llama3: divide the (low) RoPE frequencies by this
-  c.rope_low_freq_factor = 1.0  # +: llama3: wavelengths above rope_original_max_len / this are divided by the factor
-  c.rope_high_freq_factor = 4.0  # +: llama3: wavelengths below rope_original_max_len / this are kept
-  c.rope_original_max_len = 8192  # +: llama3: the context length the model was pretrained with
+  c.rope_scaling = "none"  # +: RoPE scaling for longer contexts, as Hugging Face's rope_type: none | linear | dynamic (NTK) | yarn | llama3 (README: Long context)
+  c.rope_scaling_factor = placeholder(float)  # +: every rope_scaling (HF factor): the context gained, e.g. 4 for 128 -> 512
+  c.rope_original_max_len = placeholder(int)  # +: dynamic / yarn / llama3 (HF original_max_position_embeddings): the context the model was trained at
+  c.rope_low_freq_factor = placeholder(float)  # +: llama3: wavelengths above rope_original_max_len / this are divided by the factor (Llama 3.1: 1)
+  c.rope_high_freq_factor = placeholder(float)  # +: llama3: wavelengths below rope_original_max_len / this are kept (Llama 3.1: 4)
+  c.rope_beta_fast = placeholder(float)  # +: yarn: dims turning more often than this in the trained context keep their frequency (None = 32)
+  c.rope_beta_slow = placeholder(float)  # +: yarn: dims turning less often than this are interpolated (None = 1)
+  c.rope_attention_factor = placeholder(float)  # +: yarn: cos/sin scale (None = 0.1 ln(factor) + 1, or from the mscales)
+  c.rope_mscale = placeholder(float)  # +: yarn: DeepSeek's mscale (with rope_mscale_all_dim sets the attention factor)
+  c.rope_mscale_all_dim = placeholder(float)  # +: yarn: DeepSeek's mscale_all_dim
+  c.rope_truncate = placeholder(bool)  # +: yarn: round the ramp's ends to whole dims (None = True; gpt-oss: False)
+  c.sliding_window = placeholder(int)  # +: attend to the last this-many tokens only (Mistral, Gemma); None = full causal; decoding keeps a ring-buffer cache of this size
   c.activation = "gelu"  # +: FFN activation: relu (C's formula) | gelu (tanh approx., GPT-2) | gelu_exact (erf) | swiglu | relu2 (squared ReLU)
   c.use_rms_norm = False  # P: RMSNorm instead of LayerNorm
   c.layer_norm_eps = 1e-5  # P: norm epsilon

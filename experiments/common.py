@@ -238,10 +238,12 @@ def _wall(workdir: str) -> float:
     return 0.0
 
 
-def train_or_skip(cfg, workdir: str) -> Run:
+def train_or_skip(cfg, workdir: str, overrides: dict | None = None) -> Run:
   """Trains `cfg` in `workdir` with train.run unless a finished run is there already.
 
-  An unfinished workdir (an interrupted study) resumes from its latest checkpoint.
+  An unfinished workdir (an interrupted study) resumes from its latest checkpoint. overrides:
+  the fields a command line would have given (a fine-tune's asked context fields win over its
+  base's: loader.with_model_fields).
   """
   name = os.path.basename(os.path.normpath(workdir))
   steps = cfg.num_train_steps
@@ -250,7 +252,7 @@ def train_or_skip(cfg, workdir: str) -> Run:
     return Run(name, workdir, cfg, True, _wall(workdir), _records(workdir))
   print(f"{name}: training {steps} steps in {workdir}", flush=True)
   t0 = time.perf_counter()
-  code = train.run(cfg, workdir)
+  code = train.run(cfg, workdir, overrides)
   os.makedirs(workdir, exist_ok=True)
   files.write_text(os.path.join(workdir, _WALL_FILE),
                    json.dumps({"seconds": _wall(workdir) + time.perf_counter() - t0}))

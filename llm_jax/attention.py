@@ -1,5 +1,6 @@
-"""Attention math as pure functions: scaled dot-product attention (XLA, cuDNN, Pallas), RoPE,
-sinusoidal positions, attention masks and the KV-cache write.
+"""Attention math as pure functions: scaled dot-product attention (XLA, cuDNN, Pallas), RoPE
+and its long-context scalings, sinusoidal positions, attention masks (causal, sliding window,
+segments, padding) and the KV-cache write (a ring buffer's: ring_cache.py).
 
 Everything here is a plain function of arrays, so it is tested against numpy references without
 building a module. Masks are bool, True = attend, shaped [B or 1, 1, T, S]; "slots" are key
@@ -23,18 +24,35 @@ def causal_mask(q_slots_T, kv_len):
   return (jnp.arange(kv_len)[None, :] <= q_slots_T[:, None])[None, None]
 
 
+def sliding_window(q_slots_T, k_slots_S, window):
+  """[B or 1, 1, T, S] bool: key slot s is within the `window` slots ending at the query's,
+  q - window < s (Mistral's and Gemma's definition: `window` keys, the query's own included).
+
+  Only the window's lower edge: AND it with a causal mask. Slots may be [T] / [S] or per row
+  [B, T] / [B, S] (a ring-buffer cache, a shard of the sequence); window None = no limit (None).
+  """
+  if window is None:
+    return None
+  q_slots_T, k_slots_S = jnp.asarray(q_slots_T), jnp.asarray(k_slots_S)
+  out = k_slots_S[..., None, :] > q_slots_T[..., :, None] - window
+  return out.reshape((-1, 1) + out.shape[-2:])
+
+
 def segment_mask(q_segment_ids_BT, kv_segment_ids_BS):
   """[B, 1, T, S] bool: attend only within equal segment ids (packed documents)."""
   return (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])[:, None]
 
 
-def valid_mask(kv_valid_BS, q_slots_T):
+def valid_mask(kv_valid_BS, q_slots_T, k_slots_S=None):
   """[B, 1, T, S] bool: key slot s is valid (not left padding), or is the query's own slot.
 
   The own-slot exception only matters for padding queries: they would otherwise see no key at
-  all; their outputs are never read, but must stay finite.
+  all; their outputs are never read, but must stay finite. k_slots_S: the slot of each key when
+  they are not 0 .. S-1 (a ring-buffer cache; kv_valid_BS then is per key, not per slot).
   """
-  own_TS = jnp.arange(kv_valid_BS.shape[1])[None, :] == q_slots_T[:, None]
+  if k_slots_S is None:
+    k_slots_S = jnp.arange(kv_valid_BS.shape[1])
+  own_TS = k_slots_S[None, :] == q_slots_T[:, None]
   return (kv_valid_BS[:, None, :] | own_TS[None])[:, None]
 
 
@@ -61,15 +79,22 @@ def update_cache(cache_LBSKH, new_BTKH, layer, index):
   return cache_LBSKH, jax.lax.dynamic_index_in_dim(cache_LBSKH, layer, keepdims=False)
 
 
-def rope_frequencies(head_dim, theta, scaling="none", factor=1.0, low_freq_factor=1.0,
-                     high_freq_factor=4.0, original_max_len=8192):
+def rope_frequencies(head_dim, theta, scaling="none", factor=None, low_freq_factor=None,
+                     high_freq_factor=None, original_max_len=None, beta_fast=None,
+                     beta_slow=None, truncate=None):
   """[head_dim / 2] float32 RoPE inverse frequencies theta^(-2j/H), scaled for longer contexts.
 
-  scaling "linear" divides every frequency by `factor` (position interpolation: positions / factor).
+  The scalings are transformers' (`modeling_rope_utils.py`), with its parameter names:
+  "linear" divides every frequency by `factor` (position interpolation: positions / factor).
   "llama3" (Llama 3.1+) divides only the low frequencies: a wavelength 2*pi/f longer than
   original_max_len / low_freq_factor is divided by `factor`, one shorter than
-  original_max_len / high_freq_factor is kept, and those in between blend the two smoothly, as
-  transformers' `_compute_llama3_parameters` does. Computed in float64 numpy (the config is static).
+  original_max_len / high_freq_factor is kept, and those in between blend the two smoothly
+  (`_compute_llama3_parameters`). "yarn" blends interpolated (f / factor) and original
+  frequencies by a linear ramp over the dimensions that turn between beta_slow (default 1) and
+  beta_fast (default 32) times within original_max_len (`_compute_yarn_parameters`; its
+  attention factor is `rope_attention_factor`). "dynamic" depends on the current length: see
+  `dynamic_ntk_frequencies`; here it is the unscaled table (its value up to original_max_len).
+  Computed in float64 numpy (the config is static).
   """
   inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
   if scaling == "linear":
@@ -81,17 +106,64 @@ def rope_frequencies(head_dim, theta, scaling="none", factor=1.0, low_freq_facto
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     inv_freq = np.where(wavelen > original_max_len / low_freq_factor, inv_freq / factor,
                         np.where(wavelen < original_max_len / high_freq_factor, inv_freq, blended))
-  elif scaling != "none":
-    raise ValueError(f"rope scaling {scaling!r} is not one of none, linear, llama3")
+  elif scaling == "yarn":
+    def correction_dim(rotations):  # the dimension that turns `rotations` times in the context
+      return (head_dim * math.log(original_max_len / (rotations * 2 * math.pi))
+              / (2 * math.log(theta)))
+    low, high = correction_dim(beta_fast or 32), correction_dim(beta_slow or 1)
+    if truncate is None or truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high  # transformers' guard against 0 / 0
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: the original frequency (fast dims), 0: interpolated (slow dims)
+    inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+  elif scaling not in ("none", "dynamic"):
+    raise ValueError(f"rope scaling {scaling!r} is not one of none, linear, dynamic, yarn, llama3")
   return inv_freq.astype(np.float32)
 
 
-def rope(x_BTNH, positions_BT, theta, inv_freq_h=None):
+def rope_attention_factor(scaling, factor=None, attention_factor=None, mscale=None,
+                          mscale_all_dim=None):
+  """The factor YaRN multiplies cos and sin by (so q . k by its square); 1.0 for the others.
+
+  As transformers: `attention_factor` when given, else 0.1 * mscale * ln(factor) + 1 ratios
+  (mscale / mscale_all_dim, DeepSeek's spelling) when both are given, else 0.1 ln(factor) + 1.
+  """
+  if scaling != "yarn":
+    return 1.0
+  if attention_factor is not None:
+    return float(attention_factor)
+
+  def get_mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  if mscale and mscale_all_dim:
+    return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+  return get_mscale(factor)
+
+
+def dynamic_ntk_frequencies(head_dim, theta, factor, original_max_len, seq_len):
+  """[head_dim / 2] float32 dynamic-NTK inverse frequencies for a traced current length.
+
+  transformers' `_compute_dynamic_ntk_parameters`: past original_max_len the base grows to
+  theta * (factor * L / original_max_len - (factor - 1)) ** (H / (H - 2)) with L = seq_len (the
+  largest position + 1 of the call, as its `dynamic_rope_update` takes it); up to
+  original_max_len it is theta. With a KV cache each key keeps the rotation of the step that
+  wrote it, as transformers' generate does.
+  """
+  seq_len = jnp.maximum(jnp.asarray(seq_len, jnp.float32), float(original_max_len))
+  base = theta * (factor * seq_len / original_max_len - (factor - 1)) ** (head_dim / (head_dim - 2))
+  return 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+
+
+def rope(x_BTNH, positions_BT, theta, inv_freq_h=None, attention_factor=1.0):
   """Rotary position embedding (rotate-half form), computed in float32.
 
   Pairs feature j with j + H/2 and rotates the pair by positions * theta^(-2j/H) (or by
   positions * inv_freq_h[j], from `rope_frequencies`, when given), so the dot product of a
   rotated query and key depends only on their position difference. H must be even.
+  attention_factor scales cos and sin (YaRN's, see `rope_attention_factor`).
   This is Hugging Face Llama's `rotate_half` layout: its q/k weights load without permutation.
   """
   h = x_BTNH.shape[-1]
@@ -101,6 +173,8 @@ def rope(x_BTNH, positions_BT, theta, inv_freq_h=None):
     inv_freq_h = rope_frequencies(h, theta)
   angle_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h, jnp.float32)
   sin_BT1h, cos_BT1h = jnp.sin(angle_BTh)[:, :, None], jnp.cos(angle_BTh)[:, :, None]
+  if attention_factor != 1.0:
+    sin_BT1h, cos_BT1h = sin_BT1h * attention_factor, cos_BT1h * attention_factor
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], axis=-1)
   return out.astype(x_BTNH.dtype)
@@ -180,13 +254,16 @@ def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, impl="xla", is_causal=False,
-              segment_ids_BT=None, dropout_rate=0.0, dropout_rng=None, return_probs=False):
+              segment_ids_BT=None, dropout_rate=0.0, dropout_rng=None, return_probs=False,
+              window=None):
   """Scaled dot-product attention, 1/sqrt(d_k), on the chosen backend.
 
   q: [B, T, N, H], k: [B, S, K, H], v: [B, S, K, Hv] with N % K == 0.
   mask: bool, True = attend, broadcastable to [B, 1, T, S], or None.
   is_causal: also apply the causal mask s <= t (self-attention, T == S, no cache offset).
   segment_ids_BT: also attend only within equal ids (self-attention, T == S).
+  window: with is_causal, also only the `window` keys ending at the query (`sliding_window`);
+  None = full causal. cuDNN takes it natively; the Pallas flash kernel cannot (ValueError).
   impl: "xla" | "cudnn" (GPU, bf16/fp16) | "pallas" (TPU). Cases a fused kernel cannot do
   (attention dropout; for Pallas also an explicit mask, d_v != d_k or T not a multiple of 128)
   run on XLA, which gives the same result.
@@ -197,8 +274,13 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, impl="xla", is_causal=False,
   t, s = q_BTNH.shape[1], k_BSKH.shape[1]
   if (is_causal or segment_ids_BT is not None) and t != s:
     raise ValueError(f"is_causal / segment_ids need self-attention (T == S), got T={t}, S={s}")
+  if window is not None and not is_causal:
+    raise ValueError("window needs is_causal (a cache's window goes in the mask: sliding_window)")
   if dropout_rate > 0.0 or return_probs:
     impl = "xla"
+  if impl == "pallas" and window is not None:
+    raise ValueError(f"the Pallas flash kernel has no sliding window (window={window}): use "
+                     f"use_flash_attention=False for XLA attention")
   if impl == "pallas":
     if (is_causal and mask is None and t % _PALLAS_BLOCK == 0
         and k_BSKH.shape[-1] == v_BSKH.shape[-1]):
@@ -209,10 +291,12 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, *, impl="xla", is_causal=False,
     dtype = q_BTNH.dtype  # cuDNN needs one of bf16/fp16 for q, k and v alike
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask=combine_masks(mask, seg),
-        is_causal=is_causal, implementation="cudnn")
+        is_causal=is_causal, implementation="cudnn",
+        local_window_size=None if window is None else (window - 1, 0))
   if impl != "xla":
     raise ValueError(f"attention impl={impl!r} is not one of xla, cudnn, pallas")
   causal = causal_mask(jnp.arange(t), s) if is_causal else None
-  return xla_attention(q_BTNH, k_BSKH, v_BSKH, combine_masks(mask, seg, causal),
+  local = sliding_window(jnp.arange(t), jnp.arange(s), window) if is_causal else None
+  return xla_attention(q_BTNH, k_BSKH, v_BSKH, combine_masks(mask, seg, causal, local),
                        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                        return_probs=return_probs)

@@ -18,7 +18,26 @@ from llm_jax import errors
 DTYPES = ("float32", "float16", "bfloat16")
 LR_DECAYS = ("cosine", "linear", "exponential", "constant", "wsd")
 ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swiglu", "relu2")
-ROPE_SCALINGS = ("none", "linear", "llama3")
+# Each RoPE scaling's parameters as Hugging Face names them (README: Long context): (required,
+# optional). One table for validation, the loader and the Hugging Face import and export.
+ROPE_PARAMS = {
+    "none": ((), ()),
+    "linear": (("rope_scaling_factor",), ()),
+    "dynamic": (("rope_scaling_factor", "rope_original_max_len"), ()),
+    "yarn": (("rope_scaling_factor", "rope_original_max_len"),
+             ("rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_mscale",
+              "rope_mscale_all_dim", "rope_truncate")),
+    "llama3": (("rope_scaling_factor", "rope_original_max_len", "rope_low_freq_factor",
+                "rope_high_freq_factor"), ()),
+}
+ROPE_SCALINGS = tuple(ROPE_PARAMS)
+ROPE_PARAM_FIELDS = ("rope_scaling_factor", "rope_original_max_len", "rope_low_freq_factor",
+                     "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow",
+                     "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim",
+                     "rope_truncate")
+_ROPE_HINTS = {"rope_scaling_factor": "the context gained, e.g. 4 to run at 512 what trained at 128",
+               "rope_original_max_len": "the context the model was trained at, e.g. 128",
+               "rope_low_freq_factor": "Llama 3.1: 1", "rope_high_freq_factor": "Llama 3.1: 4"}
 OPTIMIZERS = ("adamw", "lion", "adafactor", "sgd", "muon", "schedule_free_adamw")
 POSITION_EMBEDDINGS = ("rope", "sinusoidal", "learned")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -135,25 +154,20 @@ def _check(c):
     need(c.d_k % 2 == 0, f"d_k={c.d_k} is odd but position_embedding='rope' rotates pairs of "
          f"dimensions: use an even d_k (set d_k, or pick n_heads so d_model / n_heads is even)")
   need(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0 (10000 is standard)")
-  if c.rope_scaling != "none":
-    need(c.position_embedding == "rope",
-         f"rope_scaling={c.rope_scaling!r} needs position_embedding='rope' (have "
-         f"{c.position_embedding!r}): set rope_scaling='none'")
-    need(c.rope_scaling_factor > 0,
-         f"rope_scaling_factor={c.rope_scaling_factor} must be > 0 (e.g. 8 for Llama 3.1)")
-  if c.rope_scaling == "llama3":
-    need(0 < c.rope_low_freq_factor < c.rope_high_freq_factor,
-         f"rope_low_freq_factor={c.rope_low_freq_factor} and rope_high_freq_factor="
-         f"{c.rope_high_freq_factor} must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
-    need(c.rope_original_max_len > 0,
-         f"rope_original_max_len={c.rope_original_max_len} must be > 0 (Llama 3.1: 8192)")
+  p.extend(_rope_problems(c))
+  if c.sliding_window is not None:
+    need(c.sliding_window >= 1, f"sliding_window={c.sliding_window} must be a positive number "
+         f"of tokens (Mistral 7B: 4096), or None for full causal attention")
+    need(c.sliding_window <= c.max_seq_len,
+         f"sliding_window={c.sliding_window} is larger than the context max_seq_len="
+         f"{c.max_seq_len}, so it would do nothing: set sliding_window <= {c.max_seq_len}, or "
+         f"None for full causal attention")
   need(0 <= c.seed < 2**63, f"seed={c.seed} must be a non-negative integer (< 2**63)")
   need(c.layer_norm_eps > 0, f"layer_norm_eps={c.layer_norm_eps} must be > 0 (1e-5 or 1e-6)")
 
   for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lr_decay", LR_DECAYS),
                      ("optimizer", OPTIMIZERS),
                      ("activation", ACTIVATIONS), ("position_embedding", POSITION_EMBEDDINGS),
-                     ("rope_scaling", ROPE_SCALINGS),
                      ("remat_policy", REMAT_POLICIES), ("grad_accum", GRAD_ACCUM),
                      ("tokenizer_type", TOKENIZER_TYPES), ("text_split", TEXT_SPLITS),
                      ("objective", OBJECTIVES)):
@@ -386,6 +400,47 @@ def _check(c):
   return p
 
 
+def rope_params(scaling: str) -> tuple[str, ...]:
+  """The config fields a RoPE scaling reads (required, then optional)."""
+  required, optional = ROPE_PARAMS.get(scaling, ((), ()))
+  return required + optional
+
+
+def _rope_problems(c) -> list[str]:
+  """rope_scaling and its parameters: each type's required ones set, no other one set."""
+  kind, p = c.rope_scaling, []
+  if kind not in ROPE_PARAMS:
+    return [f"rope_scaling={kind!r} is not one of {', '.join(ROPE_SCALINGS)}: set one of them "
+            f"(README: Long context)"]
+  if kind != "none" and c.position_embedding != "rope":
+    p.append(f"rope_scaling={kind!r} needs position_embedding='rope' (have "
+             f"{c.position_embedding!r}): set rope_scaling='none'")
+  required = ROPE_PARAMS[kind][0]
+  for f in required:
+    if c[f] is None:
+      p.append(f"rope_scaling={kind!r} needs {f}: set --config.{f}=... ({_ROPE_HINTS[f]})")
+  for f in ROPE_PARAM_FIELDS:
+    if c[f] is not None and f not in rope_params(kind):
+      readers = [k for k in ROPE_PARAMS if f in rope_params(k)]
+      p.append(f"{f}={c[f]!r} does nothing with rope_scaling={kind!r} (only "
+               f"{' / '.join(readers)} read{'s' if len(readers) == 1 else ''} it): remove it, "
+               f"or set rope_scaling to "
+               f"{' or '.join(repr(r) for r in readers)}")
+  for f in ("rope_scaling_factor", "rope_original_max_len", "rope_low_freq_factor",
+            "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
+            "rope_mscale", "rope_mscale_all_dim"):
+    if f in rope_params(kind) and c[f] is not None and not c[f] > 0:
+      p.append(f"{f}={c[f]} must be > 0" + (f" ({_ROPE_HINTS[f]})" if f in _ROPE_HINTS else ""))
+  low, high = c.rope_low_freq_factor, c.rope_high_freq_factor
+  if kind == "llama3" and low and high and low > 0 and not low < high:
+    p.append(f"rope_low_freq_factor={low} and rope_high_freq_factor={high} must satisfy "
+             f"low < high (Llama 3.1: 1 and 4)")
+  fast, slow = c.rope_beta_fast or 32, c.rope_beta_slow or 1
+  if kind == "yarn" and fast > 0 and slow > 0 and not slow < fast:
+    p.append(f"rope_beta_fast={fast} must be > rope_beta_slow={slow} (YaRN's defaults: 32 and 1)")
+  return p
+
+
 def finalize(cfg: ml_collections.ConfigDict, given=()) -> ml_collections.ConfigDict:
   """Returns a validated copy of `cfg` with derived fields filled; raises ConfigError.
 
@@ -424,6 +479,10 @@ def flash_attention_backend(c, backend: str) -> str:
       return "xla"
     return "cudnn"
   if backend == "tpu":
+    if c.sliding_window is not None:
+      raise ConfigError([f"use_flash_attention=True with sliding_window={c.sliding_window} on TPU: "
+                         f"the Pallas flash kernel has no sliding window; set "
+                         f"use_flash_attention=False (XLA attention applies the window)"])
     return "pallas"
   logging.warning("use_flash_attention: no fused attention on backend %r; using XLA attention.",
                   backend)

@@ -55,6 +55,7 @@ def compile_decode(cfg, devices=None) -> tuple[DecodeReport, object]:
   from llm_jax import loader  # pylint: disable=g-import-not-at-top
   from llm_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from llm_jax import sampling  # pylint: disable=g-import-not-at-top
+  from llm_jax import ring_cache  # pylint: disable=g-import-not-at-top
   from llm_jax import sharding  # pylint: disable=g-import-not-at-top
   from llm_jax import topology  # pylint: disable=g-import-not-at-top
   target = topology.parse_target(cfg.compile_topology) if cfg.compile_topology else None
@@ -88,7 +89,8 @@ def compile_decode(cfg, devices=None) -> tuple[DecodeReport, object]:
   per_device = lambda tree: sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
                                 for x in jax.tree.leaves(tree)) // n_dev
   low = jax.eval_shape(lambda p: sampling._low_precision_params(p, model_cfg), params)  # pylint: disable=protected-access
-  cache = jax.eval_shape(lambda: model_lib.init_cache(model_cfg, b, cfg.block_size))
+  cache = jax.eval_shape(lambda: model_lib.init_cache(  # a window's ring, as the sampler sizes it
+      model_cfg, b, ring_cache.length(model_cfg.sliding_window, cfg.block_size)))
   gen = topology.generation_of(device.device_kind) or gpu_targets.by_device_kind(
       device.device_kind)
   hlo = compiled.as_text()

@@ -44,9 +44,17 @@ FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llam
 # The model fields an import sets from config.json (the command line may not override them).
 ARCH_FIELDS = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "d_k", "d_v",
                "max_position_embeddings", "position_embedding", "rope_theta", "rope_scaling",
-               "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-               "rope_original_max_len", "activation", "use_rms_norm", "layer_norm_eps",
-               "use_bias", "qkv_bias", "tie_embeddings")
+               *config_lib.ROPE_PARAM_FIELDS, "sliding_window", "activation", "use_rms_norm",
+               "layer_norm_eps", "use_bias", "qkv_bias", "tie_embeddings")
+# transformers' rope_parameters keys -> the config fields (config.ROPE_PARAMS says which type
+# reads which); "rope_type" / "type", "rope_theta" and "partial_rotary_factor" are read apart.
+HF_ROPE_KEYS = {"factor": "rope_scaling_factor",
+                "original_max_position_embeddings": "rope_original_max_len",
+                "low_freq_factor": "rope_low_freq_factor",
+                "high_freq_factor": "rope_high_freq_factor", "beta_fast": "rope_beta_fast",
+                "beta_slow": "rope_beta_slow", "attention_factor": "rope_attention_factor",
+                "mscale": "rope_mscale", "mscale_all_dim": "rope_mscale_all_dim",
+                "truncate": "rope_truncate"}
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu",
                      "gelu": "gelu_exact", "relu": "relu"}
 # Buffers some checkpoints carry that are not weights (GPT-2's causal mask, old rotary tables).
@@ -82,25 +90,73 @@ def read_config(hf_path: str) -> dict:
 
 
 def _rope_fields(hf: dict, problems: list) -> dict:
-  """RoPE theta and scaling from transformers 5's rope_parameters or 4's rope_theta/rope_scaling."""
-  params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  """RoPE theta and scaling from transformers 5's rope_parameters or 4's rope_theta/rope_scaling,
+  as transformers reads them (modeling_rope_utils.py: its defaults for an absent
+  original_max_position_embeddings or YaRN factor; dynamic NTK's original length is
+  max_position_embeddings)."""
+  params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   kind = params.get("rope_type", params.get("type", "default"))
-  out = {"rope_theta": float(theta), "rope_scaling": "none", "rope_scaling_factor": 1.0}
-  if kind == "linear":
-    out.update(rope_scaling="linear", rope_scaling_factor=float(params["factor"]))
-  elif kind == "llama3":
-    out.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]),
-               rope_low_freq_factor=float(params["low_freq_factor"]),
-               rope_high_freq_factor=float(params["high_freq_factor"]),
-               rope_original_max_len=int(params["original_max_position_embeddings"]))
-  elif kind != "default":
-    problems.append(f"rope_type={kind!r}: llm_jax has RoPE scaling default, linear and llama3 "
-                    f"only")
-  if hf.get("partial_rotary_factor", 1.0) != 1.0:
-    problems.append(f"partial_rotary_factor={hf['partial_rotary_factor']}: llm_jax rotates the "
-                    f"whole head dimension")
+  out = {"rope_theta": float(theta), "rope_scaling": "none",
+         **{f: None for f in config_lib.ROPE_PARAM_FIELDS}}
+  partial = hf.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    problems.append(f"partial_rotary_factor={partial}: llm_jax rotates the whole head dimension")
+  if kind == "default":
+    return out
+  if kind not in config_lib.ROPE_PARAMS:
+    problems.append(f"rope_type={kind!r}: llm_jax has RoPE scaling default, "
+                    f"{', '.join(k for k in config_lib.ROPE_SCALINGS if k != 'none')} only")
+    return out
+  unknown = sorted(set(params) - set(HF_ROPE_KEYS) - {"rope_type", "type", "rope_theta",
+                                                      "partial_rotary_factor"})
+  if unknown:
+    problems.append(f"rope_scaling key(s) {', '.join(map(repr, unknown))} (rope_type={kind!r}) "
+                    f"are no RoPE parameter transformers defines: remove them from config.json")
+  positions = hf.get("max_position_embeddings", 2048)
+  if kind in ("yarn", "llama3"):  # transformers' standardize_rope_params
+    params.setdefault("original_max_position_embeddings",
+                      hf.get("original_max_position_embeddings", positions))
+  if kind == "dynamic":
+    params["original_max_position_embeddings"] = positions
+  if kind == "yarn" and params.get("factor") is None:
+    params["factor"] = positions / params["original_max_position_embeddings"]
+  reads = config_lib.rope_params(kind)
+  required = config_lib.ROPE_PARAMS[kind][0]
+  out["rope_scaling"] = kind
+  for key, field in HF_ROPE_KEYS.items():
+    value = params.get(key)
+    if field not in reads:
+      if value is not None:
+        logging.warning("config.json: rope_scaling key %r does nothing with rope_type=%r "
+                        "(transformers ignores it too)", key, kind)
+      continue
+    if value is None and field in required:
+      problems.append(f"rope_scaling (rope_type={kind!r}) has no {key!r}, which "
+                      f"transformers requires: add it to config.json")
+    out[field] = None if value is None else (
+        bool(value) if field == "rope_truncate" else
+        int(value) if field == "rope_original_max_len" else float(value))
   return out
+
+
+def _sliding_window(hf: dict, mt: str, n_layers: int, context: int, problems: list):
+  """The sliding window of a Mistral / Qwen2 config.json (None: full causal within `context`)."""
+  window = hf.get("sliding_window")
+  types = hf.get("layer_types")
+  if mt == "qwen2" and types is None:
+    on = hf.get("use_sliding_window", False) and window is not None
+    types = ["sliding_attention" if on and i >= hf.get("max_window_layers", n_layers)
+             else "full_attention" for i in range(n_layers)]
+  elif mt == "mistral" and types is None:
+    types = ["sliding_attention" if window is not None else "full_attention"] * n_layers
+  if not types or window is None or set(types) == {"full_attention"}:
+    return None
+  if set(types) != {"sliding_attention"}:
+    problems.append(f"layer_types mixes sliding and full attention ({types.count('sliding_attention')}"
+                    f" of {len(types)} layers slide): llm_jax has one sliding_window for every layer")
+    return None
+  return window if window < context else None  # a window as long as the context does nothing
 
 
 def model_fields(hf: dict, max_seq_len: int | None = None) -> dict:
@@ -133,7 +189,8 @@ def model_fields(hf: dict, max_seq_len: int | None = None) -> dict:
     fields = dict(d_model=d, n_heads=n, n_kv_heads=n, n_layers=hf.get("n_layer", 12),
                   d_ff=hf.get("n_inner") or 4 * d, d_k=d // n, d_v=d // n,
                   position_embedding="learned", rope_theta=10000.0, rope_scaling="none",
-                  rope_scaling_factor=1.0, activation=_GPT2_ACTIVATIONS.get(act, "gelu"),
+                  **{f: None for f in config_lib.ROPE_PARAM_FIELDS}, sliding_window=None,
+                  activation=_GPT2_ACTIVATIONS.get(act, "gelu"),
                   use_rms_norm=False, layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                   use_bias=True, qkv_bias=True,
                   tie_embeddings=hf.get("tie_word_embeddings", True))
@@ -158,15 +215,8 @@ def model_fields(hf: dict, max_seq_len: int | None = None) -> dict:
                   layer_norm_eps=hf.get("rms_norm_eps", 1e-6), use_bias=use_bias,
                   qkv_bias=qkv_bias, tie_embeddings=hf.get("tie_word_embeddings", False),
                   **_rope_fields(hf, problems))
-    context = max_seq_len or positions
-    window = hf.get("sliding_window")
-    sliding = (mt == "mistral" or hf.get("use_sliding_window")
-               or "sliding_attention" in (hf.get("layer_types") or ()))
-    if sliding and window is not None and window < context:
-      problems.append(
-          f"sliding_window={window} is shorter than the context {context} (max_seq_len): llm_jax "
-          f"has no sliding-window attention; import with --config.max_seq_len={window} to use the "
-          f"model within its window")
+    fields["sliding_window"] = _sliding_window(hf, mt, fields["n_layers"],
+                                               max_seq_len or positions, problems)
   _problems(problems, f"config.json (model_type={mt!r}) cannot be mapped onto llm_jax's model")
   fields.update(vocab_size=hf["vocab_size"], max_position_embeddings=positions,
                 max_seq_len=max_seq_len or positions)
@@ -441,10 +491,11 @@ def import_to_workdir(raw_cfg, hf_path: str, workdir: str, overrides: dict | Non
 
 
 def export_family(mc: model_lib.ModelConfig) -> str:
-  """"gpt2", "llama" or "qwen2" for a model config; HFError naming the fields that fit neither."""
+  """"gpt2", "llama", "mistral" (a Llama with a sliding window) or "qwen2" for a model config;
+  HFError naming the fields that fit neither."""
   gpt2 = {"position_embedding": "learned", "use_rms_norm": False, "use_bias": True,
           "qkv_bias": True, "n_kv_heads": mc.n_heads, "rope_scaling": "none",
-          "activation": ("gelu", "gelu_exact", "relu")}
+          "sliding_window": None, "activation": ("gelu", "gelu_exact", "relu")}
   llama = {"position_embedding": "rope", "use_rms_norm": True, "activation": "swiglu"}
   common = {"d_k": mc.d_model // mc.n_heads if mc.d_model % mc.n_heads == 0 else -1,
             "d_v": mc.d_k}
@@ -466,12 +517,16 @@ def export_family(mc: model_lib.ModelConfig) -> str:
     return out
 
   llama_extra = {} if (not mc.use_bias or mc.has_qkv_bias) else {"qkv_bias": True}
+  if mc.sliding_window is not None and mc.use_bias:  # Mistral (a windowed Llama) has no biases
+    llama_extra["use_bias"] = False
   options = {"gpt2": misses({**gpt2, **common}),
              "llama": misses({**llama, "d_v": mc.d_k, **llama_extra})}
   if not options["gpt2"]:
     return "gpt2"
   if not options["llama"]:
-    return "qwen2" if (mc.has_qkv_bias and not mc.use_bias) else "llama"
+    if mc.has_qkv_bias and not mc.use_bias:
+      return "qwen2"
+    return "llama" if mc.sliding_window is None else "mistral"
   nearest = min(options, key=lambda k: len(options[k]))
   other = "llama" if nearest == "gpt2" else "gpt2"
   raise HFError(f"this model maps to neither GPT-2 nor Llama, so it cannot be exported. "
@@ -511,26 +566,31 @@ def hf_config(mc: model_lib.ModelConfig, family: str, tok) -> dict:
             mc.layer_norm_eps, "tie_word_embeddings": mc.tie_embeddings,
             "embd_pdrop": mc.dropout, "resid_pdrop": mc.dropout,
             "attn_pdrop": mc.attention_dropout, "dtype": _TORCH_DTYPES[mc.param_dtype], **ids}
-  rope = None
-  if mc.rope_scaling == "linear":
-    rope = {"rope_type": "linear", "factor": mc.rope_scaling_factor}
-  elif mc.rope_scaling == "llama3":
-    rope = {"rope_type": "llama3", "factor": mc.rope_scaling_factor,
-            "low_freq_factor": mc.rope_low_freq_factor,
-            "high_freq_factor": mc.rope_high_freq_factor,
-            "original_max_position_embeddings": mc.rope_original_max_len}
-  out = {"architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
+  rope, positions = None, mc.max_position_embeddings
+  if mc.rope_scaling != "none":
+    rope = {"rope_type": mc.rope_scaling}
+    for key, field in HF_ROPE_KEYS.items():
+      if field in config_lib.rope_params(mc.rope_scaling) and getattr(mc, field) is not None:
+        rope[key] = getattr(mc, field)
+    if mc.rope_scaling == "dynamic":  # transformers' dynamic NTK grows past max_position_embeddings
+      positions = rope.pop("original_max_position_embeddings")
+  arch = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+  out = {"architectures": [arch.get(family, "LlamaForCausalLM")],
          "model_type": family, "vocab_size": mc.vocab_size, "hidden_size": mc.d_model,
          "intermediate_size": mc.d_ff, "num_hidden_layers": mc.n_layers,
          "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.n_kv_heads,
-         "head_dim": mc.d_k, "max_position_embeddings": mc.max_position_embeddings,
+         "head_dim": mc.d_k, "max_position_embeddings": positions,
          "rms_norm_eps": mc.layer_norm_eps, "hidden_act": "silu",
          "tie_word_embeddings": mc.tie_embeddings, "attention_dropout": mc.attention_dropout,
          # transformers 4's spelling: transformers 5 reads it too (into rope_parameters).
          "rope_theta": mc.rope_theta, "rope_scaling": rope,
          "dtype": _TORCH_DTYPES[mc.param_dtype], **ids}
   if family == "qwen2":
-    out.update(use_sliding_window=False, sliding_window=None, max_window_layers=mc.n_layers)
+    window = mc.sliding_window is not None
+    out.update(use_sliding_window=window, sliding_window=mc.sliding_window,
+               max_window_layers=0 if window else mc.n_layers)
+  elif family == "mistral":
+    out.update(sliding_window=mc.sliding_window)
   else:
     out.update(attention_bias=mc.use_bias, mlp_bias=mc.use_bias)
   return out
@@ -556,7 +616,7 @@ def export(mc: model_lib.ModelConfig, params, tok, out_dir: str,
   if tok.vocab_size > mc.vocab_size:
     raise HFError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                   f"{mc.vocab_size}")
-  rules = _rules(mc, "llama" if family == "qwen2" else family,
+  rules = _rules(mc, "gpt2" if family == "gpt2" else "llama",
                  "transformer." if family == "gpt2" else "model.")
   itemsize = np.dtype(jnp.dtype(mc.param_dtype)).itemsize
   shards, size = [[]], 0

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from llm_jax import attention as attn_lib
+from llm_jax import ring_cache
 
 if TYPE_CHECKING:  # model.py imports this module, so only type checkers import it back
   from llm_jax.model import ModelConfig
@@ -97,8 +98,10 @@ class SelfAttention(nn.Module):
   writes and reads index `layer` (an int32 scalar, traced under nn.scan) of it.
   ctx (shared by all layers): "positions" [B, T] for RoPE, "mask" (bool [B|1, 1, T, S] or None),
   "segment_ids" [B, T] or None, "cache_index" (scalar slot of this call's first token, decoding
-  only). Without a cache the attention is causal over this call's tokens; with one, the caller's
-  mask already encodes which cache slots each query may see.
+  only), "rope_inv_freq" (optional: the RoPE frequencies of this call, cfg.rope_inv_freq_at).
+  Without a cache the attention is causal over this call's tokens (within cfg.sliding_window);
+  with one, the caller's mask already encodes which cache slots each query may see, and a cache
+  no longer than cfg.sliding_window is a ring buffer (ring_cache.py).
   """
   cfg: "ModelConfig"
   deterministic: bool = True
@@ -124,15 +127,21 @@ class SelfAttention(nn.Module):
       q_BTNH = head_norm(cfg, "query_norm")(q_BTNH)
       k_BTKH = head_norm(cfg, "key_norm")(k_BTKH)
     if cfg.position_embedding == "rope":
-      inv_freq_h = cfg.rope_inv_freq
-      q_BTNH = attn_lib.rope(q_BTNH, ctx["positions"], cfg.rope_theta, inv_freq_h)
-      k_BTKH = attn_lib.rope(k_BTKH, ctx["positions"], cfg.rope_theta, inv_freq_h)
+      inv_freq_h, factor = ctx.get("rope_inv_freq"), cfg.rope_cos_sin_factor
+      if inv_freq_h is None:
+        inv_freq_h = cfg.rope_inv_freq_at(ctx["positions"])
+      q_BTNH = attn_lib.rope(q_BTNH, ctx["positions"], cfg.rope_theta, inv_freq_h, factor)
+      k_BTKH = attn_lib.rope(k_BTKH, ctx["positions"], cfg.rope_theta, inv_freq_h, factor)
 
+    window = None
     if cache is None:
       k_BSKH, v_BSKH, is_causal, segment_ids = k_BTKH, v_BTKH, True, ctx["segment_ids"]
-    else:
-      k_cache, k_BSKH = attn_lib.update_cache(cache["k"], k_BTKH, layer, ctx["cache_index"])
-      v_cache, v_BSKH = attn_lib.update_cache(cache["v"], v_BTKH, layer, ctx["cache_index"])
+      window = cfg.sliding_window
+    else:  # the caller's mask holds the window (and a ring's layout: model.py)
+      write = (ring_cache.update if ring_cache.is_ring(cfg.sliding_window, cache["k"].shape[2])
+               else attn_lib.update_cache)
+      k_cache, k_BSKH = write(cache["k"], k_BTKH, layer, ctx["cache_index"])
+      v_cache, v_BSKH = write(cache["v"], v_BTKH, layer, ctx["cache_index"])
       cache, is_causal, segment_ids = {"k": k_cache, "v": v_cache}, False, None
 
     rate = 0.0 if self.deterministic else cfg.attention_dropout
@@ -143,7 +152,7 @@ class SelfAttention(nn.Module):
         q_BTNH, k_BSKH.astype(cfg.compute_dtype), v_BSKH.astype(cfg.compute_dtype), ctx["mask"],
         impl=cfg.attention_impl, is_causal=is_causal, segment_ids_BT=segment_ids,
         dropout_rate=rate, dropout_rng=self.make_rng("dropout") if rate > 0 else None,
-        return_probs=want_probs)
+        return_probs=want_probs, window=window)
     if want_probs:
       out_BTNH, probs_BNTS = out_BTNH
       self.sow("intermediates", "attention_probs", probs_BNTS)

@@ -10,6 +10,8 @@ Model fields are read back: the checkpoint decides every field that changes what
 compute (FUNCTION_FIELDS, e.g. rope_theta, layer_norm_eps) or their shapes (SHAPE_FIELDS). A
 different value asked for on the command line (`asked`) is ignored with a warning, or refused
 naming the fields when it is a shape; values that only the config file differs in are replaced.
+The context a model runs at (CONTEXT_FIELDS, ROPE_FIELDS: max_seq_len, sliding_window, RoPE
+scaling) is the checkpoint's too unless asked: then the asked value wins (context extension).
 
 A LoRA run's checkpoint holds its adapters, and a `base` item: the base checkpoint's directory and
 a fingerprint of its params (random projections of every leaf, computed where the params live).
@@ -43,10 +45,13 @@ SHAPE_FIELDS = ("vocab_size", "vocab_multiple", "d_model", "n_heads", "n_kv_head
                 "d_ff", "d_k", "d_v", "max_position_embeddings", "scan_layers", "qkv_bias",
                 "qk_norm")
 # Taken from the checkpoint; asking for another value warns (the weights were trained with it).
-FUNCTION_FIELDS = ("position_embedding", "rope_theta", "rope_scaling", "rope_scaling_factor",
-                   "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
-                   "activation", "use_rms_norm", "layer_norm_eps", "use_bias", "tie_embeddings",
-                   "max_seq_len")
+FUNCTION_FIELDS = ("position_embedding", "rope_theta", "activation", "use_rms_norm",
+                   "layer_norm_eps", "use_bias", "tie_embeddings")
+# Taken from the checkpoint unless asked: asking for another value extends (or narrows) the
+# context the weights run at, which is what RoPE scaling is for (README: Long context). The
+# scaling's fields go together: asking for any of them takes all of them from the command line.
+CONTEXT_FIELDS = ("max_seq_len", "sliding_window")
+ROPE_FIELDS = ("rope_scaling",) + config_lib.ROPE_PARAM_FIELDS
 # A LoRA run's adapters: their shapes, and their scale.
 LORA_SHAPE_FIELDS = ("lora_r", "lora_targets", "lora_train_embeddings", "lora_trainable_tokens")
 LORA_FUNCTION_FIELDS = ("lora_alpha",)
@@ -102,6 +107,23 @@ def with_model_fields(cfg, saved: dict, asked=(), *, lora: bool = False, quant: 
   if quant:
     function += QUANT_FIELDS
   values, refused = cfg.to_dict(), []
+  rope_asked = any(f in asked for f in ROPE_FIELDS)
+  kind = saved.get("rope_scaling", "none")
+  # A checkpoint from before a field existed had it off (None); parameters its scaling does not
+  # read are None too (older checkpoints stored defaults there, e.g. factor 1.0).
+  theirs = {f: (saved.get(f) if f in config_lib.rope_params(kind) else None)
+            for f in config_lib.ROPE_PARAM_FIELDS}
+  theirs.update(rope_scaling=kind, sliding_window=saved.get("sliding_window"))
+  if "max_seq_len" in saved:
+    theirs["max_seq_len"] = saved["max_seq_len"]
+  for field, value in theirs.items():
+    if _same(value, cfg[field]):
+      continue
+    if field in asked or (field in ROPE_FIELDS and rope_asked):
+      logging.info("%s=%r as asked (the checkpoint has %r): the context the model runs at "
+                   "changes, its weights do not", field, cfg[field], value)
+    else:
+      values[field] = value
   for field in shape + function:
     if field not in saved or _same(saved[field], cfg[field]):
       continue

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from llm_jax import attention as attn_lib
 from llm_jax import config as config_lib
 from llm_jax import layers
+from llm_jax import ring_cache
 
 PADDED_LOGIT = -1e9  # logits of padded vocab ids: exp() underflows to exactly 0 in float32
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -49,10 +50,17 @@ class ModelConfig:
   tie_embeddings: bool = True
   qkv_bias: Optional[bool] = None  # None = use_bias
   rope_scaling: str = "none"
-  rope_scaling_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
+  rope_scaling_factor: Optional[float] = None
+  rope_low_freq_factor: Optional[float] = None
+  rope_high_freq_factor: Optional[float] = None
+  rope_original_max_len: Optional[int] = None
+  rope_beta_fast: Optional[float] = None
+  rope_beta_slow: Optional[float] = None
+  rope_attention_factor: Optional[float] = None
+  rope_mscale: Optional[float] = None
+  rope_mscale_all_dim: Optional[float] = None
+  rope_truncate: Optional[bool] = None
+  sliding_window: Optional[int] = None
   qk_norm: bool = False
   dropout: float = 0.0
   attention_dropout: float = 0.0
@@ -95,8 +103,26 @@ class ModelConfig:
   def rope_inv_freq(self):
     """[d_k / 2] RoPE inverse frequencies with this config's scaling (see attention.py)."""
     return attn_lib.rope_frequencies(
-        self.d_k, self.rope_theta, self.rope_scaling, self.rope_scaling_factor,
-        self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_len)
+        self.d_k, self.rope_theta, self.rope_scaling, factor=self.rope_scaling_factor,
+        low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+        original_max_len=self.rope_original_max_len, beta_fast=self.rope_beta_fast,
+        beta_slow=self.rope_beta_slow, truncate=self.rope_truncate)
+
+  def rope_inv_freq_at(self, positions_BT):
+    """[d_k / 2] inverse frequencies for a call at these positions: dynamic NTK's depend on its
+    largest position (attention.dynamic_ntk_frequencies), the others' are static."""
+    if self.rope_scaling == "dynamic":
+      return attn_lib.dynamic_ntk_frequencies(
+          self.d_k, self.rope_theta, self.rope_scaling_factor, self.rope_original_max_len,
+          jnp.max(positions_BT) + 1)
+    return self.rope_inv_freq
+
+  @property
+  def rope_cos_sin_factor(self):
+    """What RoPE multiplies cos and sin by: YaRN's attention factor, else 1."""
+    return attn_lib.rope_attention_factor(
+        self.rope_scaling, self.rope_scaling_factor, self.rope_attention_factor,
+        self.rope_mscale, self.rope_mscale_all_dim)
 
   @property
   def padded_vocab(self):
@@ -179,17 +205,27 @@ class Transformer(nn.Module):
                                name="pos_embed")(pos_BT)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
 
-    # Masks are built once here and shared by every layer.
+    # Masks (and RoPE tables) are built once here and shared by every layer.
     if decoding:
       q_slots_T = start + jnp.arange(t)
       s = cache["k"].shape[2]
-      mask = attn_lib.causal_mask(q_slots_T, s)
-      if kv_valid_BS is not None:
-        mask = mask & attn_lib.valid_mask(kv_valid_BS, q_slots_T)
+      if ring_cache.is_ring(cfg.sliding_window, s):
+        k_slots_S = ring_cache.key_slots(start, t, s)
+        mask = ((k_slots_S >= 0) & (k_slots_S[None, :] <= q_slots_T[:, None]))[None, None]
+        valid_BS = None if kv_valid_BS is None else jnp.take(
+            kv_valid_BS, jnp.clip(k_slots_S, 0, kv_valid_BS.shape[1] - 1), axis=1)
+      else:
+        k_slots_S, valid_BS = jnp.arange(s), kv_valid_BS
+        mask = attn_lib.causal_mask(q_slots_T, s)
+      mask = attn_lib.combine_masks(
+          mask, attn_lib.sliding_window(q_slots_T, k_slots_S, cfg.sliding_window))
+      if valid_BS is not None:
+        mask = mask & attn_lib.valid_mask(valid_BS, q_slots_T, k_slots_S)
     else:
       mask = None if kv_valid_BS is None else attn_lib.valid_mask(kv_valid_BS, jnp.arange(t))
+    inv_freq = cfg.rope_inv_freq_at(positions_BT) if cfg.position_embedding == "rope" else None
     ctx = {"positions": positions_BT, "mask": mask, "segment_ids": segment_ids_BT,
-           "cache_index": cache_index}
+           "cache_index": cache_index, "rope_inv_freq": inv_freq}
 
     block_cls = _block_class(cfg)
     carry = (x_BTD, cache, jnp.zeros((), jnp.int32))
@@ -236,7 +272,11 @@ def build(cfg: ModelConfig):
 
 
 def init_cache(cfg: ModelConfig, batch, max_len, dtype=None):
-  """Zeroed KV cache {"k": [L, B, S, K, H], "v": [L, B, S, K, Hv]} (dtype None = compute dtype)."""
+  """Zeroed KV cache {"k": [L, B, S, K, H], "v": [L, B, S, K, Hv]} (dtype None = compute dtype).
+
+  S = max_len; with a sliding window, one of at most its length is a ring buffer (ring_cache.py;
+  the sampler asks for ring_cache.length(window, slots)).
+  """
   dtype = cfg.compute_dtype if dtype is None else dtype
   shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads)
   return {"k": jnp.zeros(shape + (cfg.d_k,), dtype), "v": jnp.zeros(shape + (cfg.d_v,), dtype)}

@@ -46,6 +46,7 @@ from jax import lax
 
 from llm_jax import errors
 from llm_jax import model as model_lib
+from llm_jax import ring_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,9 +254,11 @@ def _forward_step(params, model_cfg, st):
         cache_index=t + step - 1, kv_valid_BS=st["kv_valid"])
     return logits_R1V[:, 0], cache
   # Uncached: the whole fixed-size buffer (prompt, generated, filler); the causal mask hides
-  # the slots after the one read.
+  # the slots after the one read. Their positions stop at the one read, so a call's largest
+  # position (dynamic NTK's length) is the current one's, as with a cache.
   buf_RS = jnp.concatenate([st["prompt"], st["tokens"]], axis=1)
-  positions_RS = jnp.maximum(jnp.cumsum(st["kv_valid"], axis=1) - 1, 0)
+  positions_RS = jnp.clip(jnp.cumsum(st["kv_valid"], axis=1) - 1, 0,
+                          (st["prompt_len"] + step - 1)[:, None])
   logits_RSV = model.apply({"params": params}, buf_RS, positions_BT=positions_RS,
                            kv_valid_BS=st["kv_valid"])
   return lax.dynamic_index_in_dim(logits_RSV, t + step - 1, axis=1, keepdims=False), None
@@ -401,7 +404,8 @@ def _start(params, prompt_BT, valid_BT, rng, terminal_ids, length_penalty=None, 
               pool_tokens=jnp.full((b, k, n), terminal_ids[0], jnp.int32),
               pool_logps=jnp.zeros((b, k, n), jnp.float32))
   if scfg.use_cache:
-    cache = model_lib.init_cache(model_cfg, b, t + n)
+    # A sliding window's cache is a ring of its size: memory bounded however long (ring_cache).
+    cache = model_lib.init_cache(model_cfg, b, ring_cache.length(model_cfg.sliding_window, t + n))
     positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
     logits_BTV, cache = model_lib.build(model_cfg).apply(
         {"params": params}, prompt_BT, positions_BT=positions_BT, cache=cache, cache_index=0,

@@ -106,6 +106,19 @@ def _text_dir(tmp, name, files):
   return d
 
 
+def _hf_without(tmp, key):
+  """The Llama fixture with `key` removed from its config.json's RoPE parameters."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  d = os.path.join(tmp, "hf_llama")
+  shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf", "llama"), d)
+  with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
+    cfg = json.load(f)
+  rope = cfg.get("rope_parameters") or cfg["rope_scaling"]
+  rope.pop(key)
+  _write(os.path.join(d, "config.json"), json.dumps(cfg))
+  return d
+
+
 def _unwritable(tmp):
   """A directory this process cannot write in (root ignores permission bits: a sysfs path)."""
   d = os.path.join(tmp, "readonly")
@@ -168,6 +181,25 @@ def _cases():
           ["batch_size=30", "gradient_accumulation_steps=4"])),
       ("max_new_tokens_zero", lambda t, r: (est("--config.max_new_tokens=0"),
                                             ["max_new_tokens=0"])),
+      # Long context: RoPE scaling and the sliding window.
+      ("rope_scaling_unknown", lambda t, r: (est("--config.rope_scaling=ntk"),
+                                             ["rope_scaling='ntk'", "dynamic", "yarn"])),
+      ("rope_scaling_parameter_missing", lambda t, r: (
+          est("--config.rope_scaling=yarn", "--config.rope_scaling_factor=4"),
+          ["rope_scaling='yarn'", "--config.rope_original_max_len="])),
+      ("rope_scaling_parameter_unknown", lambda t, r: (est("--config.rope_beta_fats=8"),
+                                                       ["rope_beta_fats", "rope_beta_fast"])),
+      ("rope_scaling_parameter_of_another_type", lambda t, r: (
+          est("--config.rope_scaling=linear", "--config.rope_scaling_factor=2",
+              "--config.rope_beta_fast=8"),
+          ["rope_beta_fast=8.0", "rope_scaling='linear'", "'yarn'"])),
+      ("sliding_window_larger_than_context", lambda t, r: (
+          est("--config.sliding_window=512"), ["sliding_window=512", "max_seq_len=256"])),
+      ("sliding_window_not_positive", lambda t, r: (est("--config.sliding_window=0"),
+                                                    ["sliding_window=0", "positive"])),
+      ("hf_rope_parameter_missing", lambda t, r: (
+          ["--mode=import", f"--config.hf_path={_hf_without(t, 'low_freq_factor')}",
+           f"--workdir={t}/new"], ["'low_freq_factor'", "rope_type='llama3'"])),
       ("greedy_with_several_sequences", lambda t, r: (
           est("--config.num_return_sequences=2", "--config.do_sample=False"),
           ["num_return_sequences=2", "do_sample"])),

@@ -282,11 +282,9 @@ LLAMA = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
 
 @pytest.mark.parametrize("change, needle", [
     ({"model_type": "gemma"}, "model_type='gemma'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "rope_type='yarn'"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2}}, "rope_type='dynamic'"),
-    ({"model_type": "mistral", "sliding_window": 128}, "sliding_window=128"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64},
-     "sliding_window=64"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4}}, "rope_type='longrope'"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64,
+      "max_window_layers": 1}, "layer_types mixes sliding and full attention"),
     ({"attention_bias": True}, "attention_bias=True"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"use_parallel_residual": True}, "use_parallel_residual=True"),
@@ -306,9 +304,10 @@ def test_config_mapping_reads_both_transformers_spellings():
   assert v4 == v5
   assert (v4["rope_theta"], v4["rope_scaling"], v4["rope_scaling_factor"], v4["d_k"],
           v4["n_kv_heads"]) == (5e5, "linear", 2.0, 32, 2)
-  # Mistral within its window (or with the context capped to it) imports.
+  # Mistral imports with its sliding window (none needed when the context fits in it).
   mistral = {**LLAMA, "model_type": "mistral", "sliding_window": 128}
-  assert hf.model_fields(mistral, max_seq_len=128)["max_seq_len"] == 128
+  assert hf.model_fields(mistral)["sliding_window"] == 128
+  assert hf.model_fields(mistral, max_seq_len=128)["sliding_window"] is None
   gpt2 = hf.model_fields({"model_type": "gpt2", "activation_function": "gelu", "n_embd": 64,
                           "n_head": 4, "vocab_size": 100})
   assert (gpt2["activation"], gpt2["d_ff"], gpt2["max_position_embeddings"]) == (
