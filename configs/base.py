@@ -185,8 +185,10 @@ def get_config():
   c.hf_export_dir = placeholder(str)  # +: --mode=export: write the model here in Hugging Face format (config, safetensors, tokenizer)
 
   # --- Parallelism (+) ---
-  c.mesh_shape = (-1, 1, 1)  # +: devices along (data, fsdp, tensor); -1 = the rest
-  c.dcn_mesh_shape = (1, 1, 1)  # +: hosts/slices along (data, fsdp, tensor)
+  c.mesh_shape = (-1, 1, 1, 1)  # +: devices along (data, fsdp, tensor, context); -1 = the rest (3 entries: context 1)
+  c.dcn_mesh_shape = (1, 1, 1, 1)  # +: hosts/slices along (data, fsdp, tensor, context)
+  c.context_parallel_impl = "all_gather"  # +: attention over a sequence sharded on the context axis: all_gather (K/V gathered, O(S) memory per device) | ring (K/V blocks passed round, O(S / context))
+  c.context_load_balance = True  # +: with context > 1, each device holds a front and a back chunk of the sequence, so causal attention's work is even
   c.logical_axis_rules = ""  # +: overrides of sharding.RULES, e.g. "vocab:none,embed:fsdp+tensor" ('+' joins axes, none = replicated)
 
   # --- Ahead-of-time compile (+): --mode=compile, "will it fit" before paying for the slice ---

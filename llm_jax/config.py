@@ -47,6 +47,7 @@ TEXT_SPLITS = ("file", "paragraph", "line")
 QUANT_TYPES = ("nf4", "int4")
 OBJECTIVES = ("lm", "sft", "dpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
+CONTEXT_PARALLEL_IMPLS = ("all_gather", "ring")
 
 
 class ConfigError(errors.UserError):
@@ -375,11 +376,23 @@ def _check(c):
       sharding._parse_rules(c.logical_axis_rules)  # pylint: disable=protected-access
     except ValueError as e:
       p.append(str(e))
+  shapes_ok = True
   for f in ("mesh_shape", "dcn_mesh_shape"):
     shape = tuple(c[f])
-    need(len(shape) == 3 and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
-         and list(shape).count(-1) <= 1,
-         f"{f}={shape} must be 3 integers (data, fsdp, tensor), each >= 1 or one of them -1")
+    ok = (len(shape) in (3, 4) and all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
+          and list(shape).count(-1) <= 1)
+    shapes_ok &= ok
+    need(ok, f"{f}={shape} must be 4 integers (data, fsdp, tensor, context) or 3 (context 1), "
+         f"each >= 1 or one of them -1")
+  need(c.context_parallel_impl in CONTEXT_PARALLEL_IMPLS,
+       f"context_parallel_impl={c.context_parallel_impl!r} must be one of "
+       f"{', '.join(CONTEXT_PARALLEL_IMPLS)}")
+  if shapes_ok:
+    from llm_jax import sharding  # late: the rest of validation needs no jax
+    degree = sharding.context_degree(c)
+    if degree is not None:
+      for msg in context_problems(c, degree):
+        p.append(msg)
   for f in ("num_fewshot", "tasks_limit", "tasks_every"):
     need(c[f] >= 0, f"{f}={c[f]} must be >= 0")
   need(c.tasks_batch_size >= 1, f"tasks_batch_size={c.tasks_batch_size} must be >= 1")
@@ -438,6 +451,32 @@ def _rope_problems(c) -> list[str]:
   fast, slow = c.rope_beta_fast or 32, c.rope_beta_slow or 1
   if kind == "yarn" and fast > 0 and slow > 0 and not slow < fast:
     p.append(f"rope_beta_fast={fast} must be > rope_beta_slow={slow} (YaRN's defaults: 32 and 1)")
+  return p
+
+
+def context_problems(c, degree: int) -> list[str]:
+  """What stops context parallelism over `degree` devices (the mesh's context axis) for `c`:
+  the training sequence must split into `degree` shards (2 * degree chunks with load balancing),
+  and the fused attention kernels cannot take a sharded sequence. Checked here when mesh_shape
+  names the degree, and again by sharding.make_mesh when its -1 resolves to it."""
+  if degree <= 1:
+    return []
+  p = []
+  chunks = degree * (2 if c.context_load_balance else 1)
+  if c.block_size % chunks:
+    lb = (f" x 2 chunks per device (context_load_balance=True: a front and a back chunk)"
+          if c.context_load_balance else "")
+    p.append(f"block_size={c.block_size} does not split over context parallelism {degree}{lb}: "
+             f"use a block_size that is a multiple of {chunks}, or change the context entry "
+             f"of mesh_shape")
+  if c.use_flash_attention:
+    p.append(f"use_flash_attention=True cannot take a sequence sharded over context {degree} "
+             f"(the cuDNN and Pallas kernels attend within one device's shard): set "
+             f"--config.use_flash_attention=False (context_parallel_impl={c.context_parallel_impl} "
+             f"attends over the shards), or context 1 in mesh_shape")
+  if c.sliding_window:
+    p.append(f"sliding_window={c.sliding_window} is not yet taken by the context-parallel "
+             f"attention (context {degree} in mesh_shape): set context 1, or sliding_window=None")
   return p
 
 

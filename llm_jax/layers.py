@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from llm_jax import attention as attn_lib
 from llm_jax import ring_cache
+from llm_jax import context_parallel
 
 if TYPE_CHECKING:  # model.py imports this module, so only type checkers import it back
   from llm_jax.model import ModelConfig
@@ -148,11 +149,22 @@ class SelfAttention(nn.Module):
     # The probabilities are formed and sown only when the caller makes "intermediates" mutable
     # (experiments/attention.py); training and sampling never do, so they keep the fused kernels.
     want_probs = self.is_mutable_collection("intermediates")
-    out_BTNH = attn_lib.attention(
-        q_BTNH, k_BSKH.astype(cfg.compute_dtype), v_BSKH.astype(cfg.compute_dtype), ctx["mask"],
-        impl=cfg.attention_impl, is_causal=is_causal, segment_ids_BT=segment_ids,
-        dropout_rate=rate, dropout_rng=self.make_rng("dropout") if rate > 0 else None,
-        return_probs=want_probs, window=window)
+    index_T, mask = ctx.get("context_index"), ctx["mask"]
+    if index_T is not None and cache is None and not (rate > 0 or want_probs):
+      out_BTNH = context_parallel.attention(
+          q_BTNH, k_BSKH.astype(cfg.compute_dtype), v_BSKH.astype(cfg.compute_dtype), index_T,
+          segment_ids, impl=cfg.context_parallel_impl, load_balance=cfg.context_load_balance)
+    else:
+      if index_T is not None and cache is None:
+        # Dropout or probabilities on a context-parallel layout: plain attention (the
+        # partitioner gathers), causal by the tokens' original order rather than their slots.
+        index_T = jnp.asarray(index_T)
+        mask, is_causal = (index_T[None, :] <= index_T[:, None])[None, None], False
+      out_BTNH = attn_lib.attention(
+          q_BTNH, k_BSKH.astype(cfg.compute_dtype), v_BSKH.astype(cfg.compute_dtype), mask,
+          impl=cfg.attention_impl, is_causal=is_causal, segment_ids_BT=segment_ids,
+          dropout_rate=rate, dropout_rng=self.make_rng("dropout") if rate > 0 else None,
+          return_probs=want_probs, window=window)
     if want_probs:
       out_BTNH, probs_BNTS = out_BTNH
       self.sow("intermediates", "attention_probs", probs_BNTS)

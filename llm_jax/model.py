@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from llm_jax import attention as attn_lib
 from llm_jax import config as config_lib
+from llm_jax import context_parallel
 from llm_jax import layers
 from llm_jax import ring_cache
 
@@ -68,6 +69,8 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "xla"
+  context_parallel_impl: str = "all_gather"
+  context_load_balance: bool = True
   remat_policy: str = "none"
   scan_layers: bool = False
   # How the weights are applied (see `build`): LoRA adapters (lora.py) and quantized kernels
@@ -187,6 +190,16 @@ class Transformer(nn.Module):
     start = cache_index if decoding else 0
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    # Context parallelism (a training-shaped call under a mesh whose rules put "length" on a
+    # context axis > 1): tokens, positions and segment ids go into the load-balanced slot order
+    # here, the last hidden states come back before the logits (context_parallel.py).
+    cp = (None if decoding or kv_valid_BS is not None
+          else context_parallel.layout(t, cfg.context_load_balance))
+    if cp is not None and cfg.context_load_balance:
+      order_T = cp[0]
+      tokens_BT, positions_BT = tokens_BT[:, order_T], positions_BT[:, order_T]
+      if segment_ids_BT is not None:
+        segment_ids_BT = segment_ids_BT[:, order_T]
 
     embed = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.compute_dtype,
                      param_dtype=cfg.weight_dtype,
@@ -225,7 +238,8 @@ class Transformer(nn.Module):
       mask = None if kv_valid_BS is None else attn_lib.valid_mask(kv_valid_BS, jnp.arange(t))
     inv_freq = cfg.rope_inv_freq_at(positions_BT) if cfg.position_embedding == "rope" else None
     ctx = {"positions": positions_BT, "mask": mask, "segment_ids": segment_ids_BT,
-           "cache_index": cache_index, "rope_inv_freq": inv_freq}
+           "cache_index": cache_index, "rope_inv_freq": inv_freq,
+           "context_index": None if cp is None else cp[0]}
 
     block_cls = _block_class(cfg)
     carry = (x_BTD, cache, jnp.zeros((), jnp.int32))
@@ -239,6 +253,8 @@ class Transformer(nn.Module):
       for i in range(cfg.n_layers):
         carry, _ = block_cls(cfg, deterministic, name=f"blocks_{i}")(carry, ctx)
     x_BTD, cache, _ = carry
+    if cp is not None and cfg.context_load_balance:
+      x_BTD = nn.with_logical_constraint(x_BTD[:, cp[1]], ACTIVATION_AXES)
 
     x_BTD = layers.norm(cfg, "final_norm")(x_BTD)
     if cfg.tie_embeddings:

@@ -2,12 +2,14 @@
 vocab-parallel cross-entropy (shard_map) and multi-host start-up.
 
 The model names every parameter and activation axis logically ("embed", "mlp", "vocab", ...);
-`logical_rules(cfg)` maps those names onto the mesh axes (data, fsdp, tensor). Changing a
-parallelism strategy is changing a rule (`--config.logical_axis_rules`), never the model.
+`logical_rules(cfg)` maps those names onto the mesh axes (data, fsdp, tensor, context). Changing
+a parallelism strategy is changing a rule (`--config.logical_axis_rules`), never the model.
 
-Mesh. `mesh_shape` is the devices along (data, fsdp, tensor) inside one slice or host (ICI/NVLink),
-`dcn_mesh_shape` the slices or hosts along the same axes (the slow data-centre network); the
-mesh is their product. Put only data (or fsdp) across the DCN: tensor parallelism needs fast links.
+Mesh. `mesh_shape` is the devices along (data, fsdp, tensor, context) inside one slice or host
+(ICI/NVLink), `dcn_mesh_shape` the slices or hosts along the same axes (the slow data-centre
+network); the mesh is their product. Put only data (or fsdp) across the DCN: tensor parallelism
+needs fast links. Three entries (data, fsdp, tensor) are accepted and mean context 1. The context
+axis splits the activations' sequence ("length"); attention over it is context_parallel.py's.
 
 Cross-entropy. When the vocab axis is sharded (tensor > 1 under the default rules), XLA's
 partitioner would all-gather the [B, T, V] logits to take the logsumexp; the shard_map version
@@ -28,7 +30,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from llm_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+CONTEXT_AXIS = "context"
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
 
 # Logical axis -> mesh axis (None: replicated). "embed" over fsdp gives ZeRO-3 style sharding of
@@ -36,9 +39,11 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axi
 # "mlp", "heads", "kv_heads" and "vocab" over tensor give Megatron-style tensor parallelism.
 # Activations use "batch", "length" and "embed"/"vocab": an axis already used by an earlier
 # name in the same array (fsdp by "batch") is skipped, so activations are not split over embed.
+# "length" over context shards the activations over the sequence (context parallelism); no
+# parameter has a length axis, so the context axis holds the weights replicated.
 RULES = (
     ("batch", BATCH_AXES),
-    ("length", None),
+    ("length", CONTEXT_AXIS),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -94,10 +99,23 @@ def logical_rules(cfg=None) -> tuple:
 # ------------------------------------------------------------------------------------- Mesh
 
 
+def full_shape(shape) -> tuple[int, ...]:
+  """A mesh_shape / dcn_mesh_shape as one entry per MESH_AXES: (data, fsdp, tensor) -> context 1."""
+  shape = tuple(int(s) for s in shape)
+  return shape + (1,) * (len(MESH_AXES) - len(shape)) if len(shape) == 3 else shape
+
+
+def context_degree(cfg) -> int | None:
+  """Devices along the context axis (ici x dcn), or None while mesh_shape's -1 sits there."""
+  ici, dcn = full_shape(cfg.mesh_shape), full_shape(cfg.dcn_mesh_shape)
+  i = MESH_AXES.index(CONTEXT_AXIS)
+  return None if -1 in (ici[i], dcn[i]) else ici[i] * dcn[i]
+
+
 def _shapes(cfg, n_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(ici shape per slice/host, dcn shape) with mesh_shape's -1 resolved against n_devices."""
-  ici = [int(s) for s in cfg.mesh_shape]
-  dcn = [int(s) for s in cfg.dcn_mesh_shape]
+  ici = list(full_shape(cfg.mesh_shape))
+  dcn = list(full_shape(cfg.dcn_mesh_shape))
   n_dcn = math.prod(dcn)
   where = (f"mesh_shape={tuple(cfg.mesh_shape)} x dcn_mesh_shape={tuple(dcn)}")
   if n_devices % n_dcn:
@@ -138,7 +156,8 @@ def _hybrid_devices(ici, dcn, devices):
 
 
 def make_mesh(cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """The (data, fsdp, tensor) mesh of cfg over `devices` (default: every device of every process).
+  """The (data, fsdp, tensor, context) mesh of cfg over `devices` (default: every device of every
+  process).
 
   Also checks that micro_batch_size splits over the data-parallel axes, so a bad combination is
   one message before anything compiles.
@@ -152,6 +171,13 @@ def make_mesh(cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.
     raise UserError(f"micro_batch_size={mb} is not divisible by the data-parallel size "
                      f"data x fsdp = {dp} of mesh {dict(zip(MESH_AXES, shape))}: set "
                      f"--config.micro_batch_size to a multiple of {dp} or change mesh_shape")
+  context = shape[MESH_AXES.index(CONTEXT_AXIS)]
+  if context > 1 and all(hasattr(cfg, "get") and cfg.get(f) is not None for f in (
+      "block_size", "context_load_balance", "use_flash_attention", "context_parallel_impl")):
+    from llm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    problems = config_lib.context_problems(cfg, context)
+    if problems:  # the -1 of mesh_shape resolved to this context degree
+      raise UserError(f"mesh {dict(zip(MESH_AXES, shape))}: {problems[0]}")
   # Auto axes: Linen's logical constraints are assertions under Explicit axes (jax >= 0.11 default).
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if math.prod(dcn) > 1:

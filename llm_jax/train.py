@@ -415,7 +415,8 @@ def _check_loss(step: int, loss: float, running_min: float, factor: float) -> fl
 OOM_FIXES = (
     "a smaller --config.micro_batch_size with more --config.gradient_accumulation_steps (same "
     "batch_size), --config.remat_policy=full, --config.dtype=bfloat16, or sharding over more "
-    "devices (--config.mesh_shape)")
+    "devices (--config.mesh_shape; its 4th entry, context, splits each sequence when one row per "
+    "device is still too long)")
 OOM_ADVICE = (f"out of memory (XLA RESOURCE_EXHAUSTED). Try: {OOM_FIXES}. Check what fits first "
               f"with --mode=compile.")
 

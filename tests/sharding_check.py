@@ -127,7 +127,7 @@ def check_steps(meshes=MESHES, **overrides):
     cfg = config.load(BASE_CONFIG, **{**TINY, **overrides}, mesh_shape=shape)
     devices = jax.devices()[:int(np.prod(shape))]  # (1, 1, 1): one of the 8 devices
     trainer = train.Trainer(cfg, total_steps=10, mesh=sharding.make_mesh(cfg, devices))
-    assert tuple(trainer.mesh.shape.values()) == shape, trainer.mesh
+    assert tuple(trainer.mesh.shape.values()) == sharding.full_shape(shape), trainer.mesh
     state = trainer.init_state(0)
     params0 = jax.device_get(state.params)
     axes_of = _logical_axes(trainer)
@@ -184,8 +184,8 @@ def check_ce():
   want_grad = np.asarray(jax.jit(jax.grad(mean_loss(train.cross_entropy)))(logits))
   out = {}
   for shape in CE_MESHES:
-    mesh = jax.make_mesh(shape, sharding.MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh(sharding.full_shape(shape), sharding.MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
     sh = NamedSharding(mesh, P(sharding.BATCH_AXES, None, "tensor"))
     with nn.logical_axis_rules(sharding.RULES), jax.set_mesh(mesh):
       assert sharding.vocab_is_sharded(logits.shape)

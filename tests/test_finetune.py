@@ -74,7 +74,7 @@ def _cfg(mc, **changes):
 
 # LoRA on every projection, with dropout: deterministic applies (evaluation) never drop.
 LORA = _cfg(MODEL, lora_r=4, lora_alpha=8.0, lora_targets="all", lora_dropout=0.5)
-MESH = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+MESH = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), sharding.MESH_AXES)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # qwix's, about nnx
 
 

@@ -118,13 +118,18 @@ def _cfg(**kw):
 
 
 def test_mesh_shape_resolves_minus_one_and_dcn():
-  assert sharding.mesh_shape(_cfg(), 8) == (8, 1, 1)
-  assert sharding.mesh_shape(_cfg(mesh_shape=(1, -1, 2)), 8) == (1, 4, 2)
-  assert sharding.mesh_shape(_cfg(mesh_shape=(1, 2, 4)), 8) == (1, 2, 4)
+  # Three entries are (data, fsdp, tensor) with context 1.
+  assert sharding.mesh_shape(_cfg(), 8) == (8, 1, 1, 1)
+  assert sharding.mesh_shape(_cfg(mesh_shape=(1, -1, 2)), 8) == (1, 4, 2, 1)
+  assert sharding.mesh_shape(_cfg(mesh_shape=(1, 2, 4)), 8) == (1, 2, 4, 1)
+  assert sharding.mesh_shape(_cfg(mesh_shape=(1, 2, 1, -1)), 8) == (1, 2, 1, 4)
   # 4 hosts of 8 devices, data parallel across hosts, fsdp x tensor inside each.
-  assert sharding.mesh_shape(_cfg(mesh_shape=(1, -1, 2), dcn_mesh_shape=(4, 1, 1)), 32) == (4, 4, 2)
+  assert sharding.mesh_shape(_cfg(mesh_shape=(1, -1, 2), dcn_mesh_shape=(4, 1, 1)), 32) == (
+      4, 4, 2, 1)
   assert sharding._shapes(_cfg(mesh_shape=(1, -1, 2), dcn_mesh_shape=(4, 1, 1)), 32) == (
-      (1, 4, 2), (4, 1, 1))
+      (1, 4, 2, 1), (4, 1, 1, 1))
+  assert sharding.context_degree(_cfg(mesh_shape=(1, 2, 1, 4), dcn_mesh_shape=(1, 1, 1, 2))) == 8
+  assert sharding.context_degree(_cfg(mesh_shape=(1, 2, 1, -1))) is None
 
 
 @pytest.mark.parametrize("kw, n, match", [
@@ -144,11 +149,11 @@ def test_make_mesh_uses_auto_axes_and_checks_dcn_against_the_hosts():
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   # Two "slices" asked for, but every device is on one host and slice.
   with pytest.raises(ValueError, match="dcn_mesh_shape=\\(2, 1, 1\\) asks for 2"):
-    sharding._hybrid_devices((1, 1, 1), (2, 1, 1), devices * 2)
+    sharding._hybrid_devices((1, 1, 1, 1), (2, 1, 1), devices * 2)
 
 
 def test_micro_batch_must_split_over_data_and_fsdp(monkeypatch):
-  monkeypatch.setattr(sharding, "_shapes", lambda cfg, n: ((2, 2, 1), (1, 1, 1)))
+  monkeypatch.setattr(sharding, "_shapes", lambda cfg, n: ((2, 2, 1, 1), (1, 1, 1, 1)))
   with pytest.raises(ValueError, match="micro_batch_size=6 is not divisible by the data-parallel "
                                        "size data x fsdp = 4"):
     sharding.make_mesh(_cfg(micro_batch_size=6), jax.devices()[:1])
@@ -170,20 +175,20 @@ def test_logical_rules_override():
 
 
 def test_vocab_parallel_applies_only_when_vocab_is_sharded():
-  mesh = jax.sharding.AbstractMesh((2, 1, 4), sharding.MESH_AXES)
+  mesh = jax.sharding.AbstractMesh((2, 1, 4, 1), sharding.MESH_AXES)
   rules = sharding.RULES
   assert sharding.vocab_is_sharded((8, 16, 256), mesh, rules)
   assert not sharding.vocab_is_sharded((8, 16, 250), mesh, rules)  # 4 does not divide V
   assert not sharding.vocab_is_sharded((3, 16, 256), mesh, rules)  # nor 2 the batch
   assert not sharding.vocab_is_sharded((8, 16, 256), jax.sharding.AbstractMesh(
-      (8, 1, 1), sharding.MESH_AXES), rules)  # tensor = 1
+      (8, 1, 1, 1), sharding.MESH_AXES), rules)  # tensor = 1
   no_vocab = sharding.logical_rules(_cfg(logical_axis_rules="vocab:none"))
   assert not sharding.vocab_is_sharded((8, 16, 256), mesh, no_vocab)
   assert not sharding.vocab_is_sharded((8, 16, 256))  # no mesh in context
 
 
 def test_fit_replicates_what_the_mesh_does_not_divide():
-  mesh = jax.sharding.AbstractMesh((1, 2, 4), sharding.MESH_AXES)
+  mesh = jax.sharding.AbstractMesh((1, 2, 4, 1), sharding.MESH_AXES)
   P = jax.sharding.PartitionSpec
   assert sharding._fit(P("fsdp", "tensor", None), (32, 2, 8), mesh) == P("fsdp", None, None)
   assert sharding._fit(P(("fsdp", "tensor"),), (6,), mesh) == P("fsdp")
