@@ -266,6 +266,34 @@ def train_or_skip(cfg, workdir: str, overrides: dict | None = None) -> Run:
   return Run(name, workdir, cfg, False, _wall(workdir), _records(workdir))
 
 
+def check_tasks(cfg) -> None:
+  """The downstream tasks a study scores (cfg.tasks; the built-in play tasks when empty) read and
+  checked: bad task input is a StudyError before any run trains."""
+  from llm_jax.evals import harness  # pylint: disable=g-import-not-at-top
+  try:
+    harness.prepare(cfg)
+  except errors.UserError as e:
+    raise StudyError(str(e)) from None
+
+
+def task_scores(run: Run) -> dict:
+  """{"task core": the CORE-style aggregate, <task>: its headline metric} of the run's final
+  checkpoint: the tasks of run.cfg (the built-in ones by default; tasks_limit caps them) through
+  --mode=tasks' own harness (llm_jax.evals.harness.score)."""
+  from llm_jax.evals import harness  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(run.cfg.to_dict())
+  cfg.checkpoint_step = cfg.num_train_steps
+  try:
+    scored = harness.score(cfg, run.workdir, progress=False)
+  except errors.UserError as e:
+    raise StudyError(f"tasks of {run.workdir}: {e}") from None
+  out = {"task core": scored.core}
+  for name, r in scored.results.items():
+    if r["headline"]:
+      out[name] = r["metrics"][r["headline"]]
+  return out
+
+
 @dataclasses.dataclass
 class Model:
   """A trained model to study: its config, Trainer (model, shapes), params, tokenizer and run."""

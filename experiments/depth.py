@@ -6,8 +6,10 @@
 
 Every run has the same config but n_layers, so all see the same batches (same tokens, same order).
 Reports the final evaluation (loss, bits per character over the whole validation split), the
-wall time and step time, the parameters; plots the loss curves of all depths on one axes, and
-bits per character against wall time.
+downstream task score of the final checkpoint (the built-in tasks' centred CORE-style aggregate,
+through --mode=tasks' harness; --config.tasks / tasks_limit choose them), the wall time and step
+time, the parameters; plots the loss curves of all depths on one axes, bits per character
+against wall time, and the task score against depth.
 """
 
 import os
@@ -40,21 +42,24 @@ def configs(base, layers) -> dict:
 def study(base, out: str, layers, command_line: str = "") -> common.Result:
   started = time.time()
   cfgs = configs(base, layers)
+  common.check_tasks(next(iter(cfgs.values())))
   runs, rows = [], []
   for n, cfg in cfgs.items():
     run = common.train_or_skip(cfg, os.path.join(out, f"layers_{n}"))
     ev = run.final_eval
     total, non_embedding = param_counts(cfg)
     runs.append(run)
+    tasks = common.task_scores(run)
     rows.append({"n_layers": n, "params": total, "non-embedding params": non_embedding,
                  "eval loss": ev["loss"], "bits/char": ev["bits_per_char"],
-                 "accuracy": ev["accuracy"], "wall s": run.wall_s,
-                 "s/step": run.median("train/step_time_s"),
-                 "tokens/s": run.median("train/tokens_per_s"), "run": run.name})
+                 "accuracy": ev["accuracy"], "task core": tasks.pop("task core"),
+                 "wall s": run.wall_s, "s/step": run.median("train/step_time_s"),
+                 "tokens/s": run.median("train/tokens_per_s"), "run": run.name,
+                 "tasks": tasks})
 
   cfg0 = next(iter(cfgs.values()))
   tokens = cfg0.num_train_steps * cfg0.batch_size * cfg0.block_size
-  fig, (ax_curve, ax_cost) = common.figure(2, title=(
+  fig, (ax_curve, ax_cost, ax_tasks) = common.figure(3, title=(
       f"Depth at a fixed budget of {tokens:,} tokens (d_model {cfg0.d_model}, context "
       f"{cfg0.block_size}, batch {cfg0.batch_size})"))
   for i, (run, row) in enumerate(zip(runs, rows)):
@@ -82,21 +87,35 @@ def study(base, out: str, layers, command_line: str = "") -> common.Result:
   common.style(ax_cost, "Quality against training time", "training wall time (s)",
                "validation bits per character", legend=7)
 
+  depths = [r["n_layers"] for r in rows]
+  ax_tasks.plot(depths, [r["task core"] for r in rows], "o-", color="C2",
+                label="task score (mean centred accuracy)")
+  ax_tasks.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", label="chance")
+  ax_tasks.set_xticks(depths)
+  common.style(ax_tasks, f"Downstream tasks ({', '.join(rows[0]['tasks'])})", "n_layers",
+               "CORE-style score (0 = chance, 1 = all right)", xlog=False, legend=7)
+
   best = min(rows, key=lambda r: r["bits/char"])
+  top = max(rows, key=lambda r: r["task core"])
   intro = (f"`n_layers` in {{{', '.join(map(str, layers))}}}, everything else equal: "
            f"{cfg0.num_train_steps} steps of {cfg0.batch_size} x {cfg0.block_size} tokens "
            f"({tokens:,} tokens, the same batches for every depth), d_model {cfg0.d_model}, "
            f"{cfg0.n_heads} heads, learning rate {cfg0.learning_rate:g}. The loss is the final "
            f"evaluation over the whole validation split. Lowest bits per character: "
-           f"{best['n_layers']} layers ({best['bits/char']:.3f}).")
+           f"{best['n_layers']} layers ({best['bits/char']:.3f}). The task score is the "
+           f"CORE-style aggregate of the final checkpoint on {', '.join(rows[0]['tasks'])} "
+           f"(each task's headline accuracy centred by its chance level, then averaged; "
+           f"`--mode=tasks` scores the same): highest at {top['n_layers']} layers "
+           f"({top['task core']:.3f}).")
   columns = ["n_layers", "params", "non-embedding params", "eval loss", "bits/char", "accuracy",
-             "wall s", "s/step", "tokens/s", "run"]
+             "task core", "wall s", "s/step", "tokens/s", "run"]
   return common.write_report(
       out, title="Depth: n_layers at a fixed token budget", intro=intro, columns=columns,
       rows=rows, figures={"depth.png": fig},
       captions={"depth.png": "Left: train loss (faint) and eval loss (dots) against step, one "
                              "colour per depth. Right: final validation bits per character "
-                             "against training wall time (compile and evaluations included)."},
+                             "against training wall time (compile and evaluations included). "
+                             "Third: the final checkpoint's downstream task score."},
       runs=runs, command_line=command_line, started=started)
 
 

@@ -10,7 +10,9 @@ Shapes follow one rule, so a single number sets the size: n_heads = n_layers = d
 batches. Two fits, each a straight line in log-log space (least squares on log L):
   L(N) = a * N^-alpha   (N = parameters outside the embeddings, as Kaplan et al. 2020 count them)
   L(C) = b * C^-beta    (C = training FLOPs = llm_jax.metrics.flops_per_token * tokens)
-with L the final validation loss in nats per token. A pure power law has no irreducible-loss
+with L the final validation loss in nats per token; beside them each size's downstream task
+score (the built-in tasks' centred CORE-style aggregate of its final checkpoint, through
+--mode=tasks' harness) against N. A pure power law has no irreducible-loss
 term: over a small range of sizes it is the usual local description; over a wide one the curve
 bends towards a floor the straight line does not have.
 """
@@ -61,6 +63,7 @@ def configs(base, d_models, head_dim: int) -> dict:
 def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> common.Result:
   started = time.time()
   cfgs = configs(base, d_models, head_dim)
+  common.check_tasks(next(iter(cfgs.values())))
   runs, rows, curves = [], [], {}
   for d, cfg in cfgs.items():
     run = common.train_or_skip(cfg, os.path.join(out, f"d_{d}"))
@@ -71,11 +74,13 @@ def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> co
     steps, losses = run.series("eval/loss")
     curves[d] = (np.asarray(steps) * tokens_per_step * fpt, np.asarray(losses))
     ev = run.final_eval
+    tasks = common.task_scores(run)
     rows.append({"d_model": d, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                  "params": total, "non-embedding params": non_embedding,
                  "train FLOPs": fpt * tokens_per_step * cfg.num_train_steps,
                  "eval loss": ev["loss"], "bits/char": ev["bits_per_char"],
-                 "wall s": run.wall_s, "run": run.name})
+                 "task core": tasks.pop("task core"), "wall s": run.wall_s, "run": run.name,
+                 "tasks": tasks})
 
   n = np.array([r["non-embedding params"] for r in rows], float)
   c = np.array([r["train FLOPs"] for r in rows], float)
@@ -87,7 +92,7 @@ def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> co
 
   cfg0 = next(iter(cfgs.values()))
   tokens = cfg0.num_train_steps * cfg0.batch_size * cfg0.block_size
-  fig, (ax_n, ax_c) = common.figure(2, title=(
+  fig, (ax_n, ax_c, ax_t) = common.figure(3, title=(
       f"Model size at a fixed {tokens:,} training tokens (n_heads = n_layers = d_model / "
       f"{head_dim})"))
   ax_n.plot(n, loss, "o", color="C0", label="final validation loss")
@@ -112,6 +117,13 @@ def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> co
   common.style(ax_c, "Loss against training compute", "training FLOPs C (log scale)",
                "validation loss (nats/token, log scale)", xlog=True, ylog=True, legend=7)
 
+  ax_t.plot(n, [r["task core"] for r in rows], "o-", color="C2",
+            label="task score (mean centred accuracy)")
+  ax_t.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", label="chance")
+  common.style(ax_t, f"Downstream tasks ({', '.join(rows[0]['tasks'])})",
+               "non-embedding parameters N (log scale)",
+               "CORE-style score (0 = chance, 1 = all right)", xlog=True, legend=7)
+
   fit_text = "Too few sizes for a fit."
   if fits:
     (a, alpha), (b, beta) = fits["N"], fits["C"]
@@ -123,16 +135,20 @@ def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> co
            f"{head_dim}, each trained {cfg0.num_train_steps} steps of {cfg0.batch_size} x "
            f"{cfg0.block_size} tokens (the same {tokens:,} tokens for all), learning rate "
            f"{cfg0.learning_rate:g}. Training FLOPs count 6 N + attention per token "
-           f"(llm_jax.metrics.flops_per_token, the embeddings counted once). {fit_text}")
+           f"(llm_jax.metrics.flops_per_token, the embeddings counted once). {fit_text} The "
+           f"task score is the CORE-style aggregate of each final checkpoint on "
+           f"{', '.join(rows[0]['tasks'])} (headline accuracies centred by their chance "
+           f"levels, averaged; `--mode=tasks` scores the same).")
   columns = ["d_model", "n_layers", "n_heads", "params", "non-embedding params", "train FLOPs",
-             "eval loss", "bits/char", "wall s", "run"]
+             "eval loss", "bits/char", "task core", "wall s", "run"]
   return common.write_report(
       out, title="Scale: loss against model size and compute", intro=intro, columns=columns,
       rows=rows, figures={"scale.png": fig},
       captions={"scale.png": "Left: final validation loss against non-embedding parameters, "
                              "log-log, with the fitted power law. Right: the validation loss of "
                              "each size during training against the FLOPs spent so far, the "
-                             "final points and their power-law fit."},
+                             "final points and their power-law fit. Third: the final "
+                             "checkpoints' downstream task score against N."},
       runs=runs, command_line=command_line, started=started, extra={"fits": fits})
 
 

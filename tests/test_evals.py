@@ -273,6 +273,32 @@ def test_scorer_log_likelihoods_equal_a_plain_forward_pass(fx):
   assert scorer._score._cache_size() == scorer.compiles == 2  # pylint: disable=protected-access
 
 
+def test_shared_contexts_score_as_plain_rows(fx):
+  """Each context run once on its KV cache for all its continuations (engine.score_shared) gives
+  every request the plain rows' log-likelihood and greedy flag: groups of 2 to 5 choices, contexts
+  of 1 to 60 tokens, one-token continuations, and requests cut from the left (plain rows)."""
+  from llm_jax import loader  # pylint: disable=import-outside-toplevel
+  from llm_jax.evals import engine  # pylint: disable=import-outside-toplevel
+  loaded = loader.load(fx["workdir"], config.load(BASE, **fx["fields"]))
+  scorer = engine.Scorer(loaded, batch_size=8, progress=False)
+  rng = np.random.default_rng(5)
+  pairs = []
+  for n, j in ((1, 2), (7, 4), (20, 4), (33, 5), (60, 3), (12, 4), (3, 1), (50, 4)):
+    ctx = rng.integers(3, 128, size=n).tolist()
+    for _ in range(j):
+      pairs.append((ctx, rng.integers(3, 128, size=int(rng.integers(1, 20))).tolist()))
+  order = rng.permutation(len(pairs))
+  pairs = [pairs[i] for i in order]
+  plain = scorer.score_tokens(pairs)
+  n_plain = len(scorer.shapes)
+  shared = scorer.score_shared(pairs)
+  for (ll, greedy), (ll_s, greedy_s) in zip(plain, shared):
+    assert ll_s == pytest.approx(ll, abs=1e-4)
+    assert greedy_s == greedy
+  assert scorer.shared_shapes and len(scorer.shapes) >= n_plain
+  assert scorer._shared._cache_size() == len(scorer.shared_shapes)  # pylint: disable=protected-access
+
+
 def test_rolling_windows_are_lm_evals(fx):
   """Our rolling windows are lm-eval's get_rolling_token_windows + make_disjoint_window."""
   from lm_eval import utils as lm_utils  # pylint: disable=import-outside-toplevel

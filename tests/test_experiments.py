@@ -80,13 +80,20 @@ def root(tmp_path_factory):
                  for _ in range(8)]
         (tmp / "text" / split / f"doc{i:03d}.txt").write_text("KING:\n" + "\n".join(lines)
                                                                + "\n")
+    # a downstream task the tiny models can read (the built-in ones outgrow their 16 tokens)
+    with open(tmp / "mini_task.jsonl", "w", encoding="utf-8") as f:
+      for i in range(6):
+        f.write(json.dumps({"context": " ".join(r.choice(WORDS, 4)).capitalize(),
+                            "choices": [str(w) for w in r.choice(WORDS, 3, replace=False)],
+                            "label": i % 3}) + "\n")
     return str(tmp)
   return pathlib.Path(run_once.once(tmp_path_factory, "experiments_corpus", make))
 
 
 def _fields(root):
   return dict(TINY, dataset=f"text:{root}/text/train", validation=f"{root}/text/val/*.txt",
-              data_dir=str(root / "cache"), tokenizer_path=str(root / "tokenizer.model"))
+              data_dir=str(root / "cache"), tokenizer_path=str(root / "tokenizer.model"),
+              tasks=f"mini={root}/mini_task.jsonl")
 
 
 def _base(root, **overrides):
@@ -221,6 +228,15 @@ def _hand_param_count(d, layers, vocab_padded, d_ff):
   return vocab_padded * d + layers * (attn + mlp + 2 * 2 * d) + 2 * d
 
 
+def _check_task_scores(outputs):
+  """Each row's task score is its final checkpoint's accuracy on the mini task (3 choices)
+  centred by chance 1/3, and the report's table shows it."""
+  for r in outputs.rows:
+    (acc,) = r["tasks"].values()
+    assert 0 <= acc <= 1 and r["task core"] == pytest.approx((acc - 1 / 3) / (1 - 1 / 3))
+  assert "task core" in outputs.report
+
+
 # --- depth ------------------------------------------------------------------------------------
 
 
@@ -235,7 +251,10 @@ def test_depth_table_and_figure(depth_out):
     records = [json.loads(l) for l in path.read_text().splitlines()]
     finals.append([x for x in records if x["step"] == STEPS and "eval/loss" in x][-1])
     assert _number(r["eval loss"]) == pytest.approx(finals[-1]["eval/loss"], rel=1e-3)
-  curves, cost = _readable(depth_out, "depth.png", 2)
+  _check_task_scores(depth_out)
+  curves, cost, tasks = _readable(depth_out, "depth.png", 3)
+  points, _ = _series(tasks)  # and the chance line
+  assert points["x"] == [1, 2] and points["y"] == [r["task core"] for r in depth_out.rows]
   lines = _series(curves)
   assert len(lines) == 4  # train and eval per depth
   evals = [l for l in lines if l["label"].endswith("eval")]
@@ -336,7 +355,10 @@ def test_scale_counts_flops_and_power_law(scale_out):
   assert fits["N"][1] == pytest.approx(alpha, rel=1e-6)
   assert fits["C"][1] == pytest.approx(beta, rel=1e-6)
   assert f"N^-{alpha:.4f}" in scale_out.report and f"C^-{beta:.4f}" in scale_out.report
-  ax_n, ax_c = _readable(scale_out, "scale.png", 2)
+  _check_task_scores(scale_out)
+  ax_n, ax_c, ax_t = _readable(scale_out, "scale.png", 3)
+  points, _ = _series(ax_t)  # and the chance line
+  assert points["x"] == n and points["y"] == [r["task core"] for r in rows]
   assert ax_n["xscale"] == ax_n["yscale"] == ax_c["xscale"] == ax_c["yscale"] == "log"
   points, fit = _series(ax_n)
   assert points["x"] == n and points["y"] == loss

@@ -222,13 +222,26 @@ def write_report(out_dir: str, report: dict, records: dict, md: str) -> None:
     json.dump(report, f, indent=2)
 
 
-def run(cfg, workdir: str, overrides=None) -> int:
-  """--mode=tasks (the module docstring)."""
+@dataclasses.dataclass
+class Scored:
+  """What `score` gives: the model it loaded, its scorer, and the results."""
+  loaded: object
+  scorer: engine.Scorer
+  results: dict  # task -> its result (evaluate)
+  records: dict  # task -> per-item records
+  core: float | None
+  seconds: float
+
+
+def score(cfg, workdir: str, given=None, progress: bool = True) -> Scored:
+  """The tasks of cfg (the built-in ones when cfg.tasks is empty) scored on the checkpoint of
+  `workdir` (cfg.checkpoint_step's, else the latest): every task read and checked before the
+  model loads (bad input: TaskError, nothing compiled)."""
   from llm_jax import loader  # pylint: disable=import-outside-toplevel
-  given = dict(overrides or {})
+  given = dict(given or {})
   prepared = prepare(cfg)  # bad task input stops here: no model loaded, nothing compiled
   loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=given)
-  scorer = engine.Scorer(loaded, batch_size=cfg.tasks_batch_size)
+  scorer = engine.Scorer(loaded, batch_size=cfg.tasks_batch_size, progress=progress)
   _check_lengths(scorer, prepared)
   scfg = None
   if any(p.task.kind == "generate" for p in prepared):
@@ -236,19 +249,26 @@ def run(cfg, workdir: str, overrides=None) -> int:
     for p in prepared:
       if p.task.kind == "generate":
         scorer.check_generation(p.task.until, scfg.max_new_tokens, f"task {p.task.name!r}")
-  if loaded.quantization:
+  if loaded.quantization and progress:
     print(f"# {loaded.quantization}", flush=True)
   start = time.perf_counter()
   results, records = evaluate(scorer, prepared, scfg, jax.random.key(cfg.seed))
-  core = scoring.core_score(results)
+  return Scored(loaded, scorer, results, records, scoring.core_score(results),
+                time.perf_counter() - start)
+
+
+def run(cfg, workdir: str, overrides=None) -> int:
+  """--mode=tasks (the module docstring)."""
+  s = score(cfg, workdir, overrides)
+  loaded, scorer, results, core = s.loaded, s.scorer, s.results, s.core
   md = table(results, core)
   truncated = sum(r["truncated"] for r in results.values())
   report = {"workdir": os.path.abspath(workdir), "step": loaded.step,
             "command": " ".join(sys.argv), "num_fewshot": cfg.num_fewshot, "tasks": results,
             "core": core, "compiles": scorer.compiles, "truncated": truncated,
-            "seconds": time.perf_counter() - start}
+            "seconds": s.seconds}
   out_dir = os.path.join(workdir, "tasks", f"step_{loaded.step}")
-  write_report(out_dir, report, records, md)
+  write_report(out_dir, report, s.records, md)
   print(f"tasks of checkpoint {loaded.step} in {workdir} ({cfg.num_fewshot}-shot, "
         f"{scorer.compiles} compiled shapes, {report['seconds']:.1f}s)\n{md}", flush=True)
   if truncated:
