@@ -13,9 +13,12 @@ times 8 (and its accumulation steps over 8, the same global batch), mesh (1, 8, 
 
 The largest micro batch that fits is searched, not swept: the compile-only GPU compiler reports
 its memory even past the HBM, and the peak grows about linearly with the micro batch, so after
-the config's micro batch a second point gives the line's guess, then compiles at the guess and
-one above it confirm or move the bounds (a secant search kept inside the known fit/no-fit
-bounds; about 4 compiles a case, the H200's first guess from the H100's points). Each compile
+the config's micro batch the analytic activation estimate's slope (sizing.activation_bytes)
+gives the first guess, then the line through the compiled points nearest the limit (once both
+exist, the largest that fits and the smallest that does not: regula falsi) the next ones, each
+kept inside the known bounds, so a guess that fits is followed by the one above it (about 3-4
+compiles a case; the H200's first guess comes from the H100's points). "Fits" is the report's
+rule: the peak within 95% of the GPU's memory (gpu_targets.USABLE_FRACTION). Each compile
 is appended to OUT/cases.jsonl as it finishes, and a rerun with the same OUT reuses them
 (--fresh starts over), so a cut-off run resumes.
 """
@@ -41,7 +44,8 @@ from llm_jax import topology  # noqa: E402
 GIB = 1024**3
 CONFIGS = ("small", "medium", "large")
 TARGETS = ("h100", "h200", "8xh100")
-MAX_COMPILES = 6  # per search: the config's micro batch, a second point, then the guesses
+MAX_COMPILES = 6  # per search: the first, then the guesses
+XLA_PLAN = 0.8 * 0.95  # XLA's scheduler plans for 80% of a GPU's memory, x its 0.95 slop
 
 
 def _mesh(target: str) -> tuple:
@@ -146,8 +150,17 @@ def _peak(row):
   return row.get("peak_bytes") if not row.get("error") and not row.get("oom") else None
 
 
+def activation_slope(name, remat) -> float:
+  """Bytes per GPU per extra sequence of micro batch: sizing.activation_bytes' estimate (the
+  search's first guess, before two compiles give a line)."""
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  one, two = (sizing.activation_bytes(config_lib.load(path, micro_batch_size=m, remat_policy=remat))
+              for m in (1, 2))
+  return float(two - one)
+
+
 def search_limit(cache, name, target, remat, scan, mb0, seed_points=(),
-                 max_compiles=MAX_COMPILES) -> dict:
+                 max_compiles=MAX_COMPILES, slope_hint=None, first=None) -> dict:
   """The largest micro batch per GPU that fits (`fits`), the smallest that does not (`stops`),
   from a secant search between known bounds; `points` every (mb, peak GiB) compiled."""
   gpu = topology.parse_target(target).gpu
@@ -184,14 +197,17 @@ def search_limit(cache, name, target, remat, scan, mb0, seed_points=(),
     slope = (p2 - p1) / (m2 - m1)
     return math.floor(m1 + (hbm - p1) / slope) if slope > 0 else None
 
-  row = run(mb0)
+  first = first or mb0
+  row = run(first)
   if row.get("error"):
     return dict(error=row["error"])
   for _ in range(max_compiles - 1):
     if hi is not None and hi <= lo + 1:
       break
     g = guess()
-    if g is None:  # no line yet: double, or halve when the config's micro batch does not fit
+    if g is None and slope_hint and first in pts:  # one point: the slope given
+      g = math.floor(first + (hbm - pts[first]) / slope_hint)
+    if g is None:  # no line: double, or halve when the config's micro batch does not fit
       g = 2 * mb0 if lo >= mb0 else max(1, mb0 // 2)
     # Inside the bounds, so never a micro batch already compiled; a guess that fits is followed
     # by the one above it, one that does not by the one below.
@@ -213,6 +229,9 @@ def main():
   p.add_argument("--fresh", action="store_true", help="forget OUT/cases.jsonl")
   p.add_argument("--max-compiles", type=int, default=MAX_COMPILES,
                  help="per search for the largest micro batch that fits")
+  p.add_argument("--h200-at-config-mb", action="store_true",
+                 help="compile the H200 at the config's micro batch too (default: its search "
+                      "starts at the H100 line's guess, the row borrows the H100's compile)")
   p.add_argument("--cached-only", action="store_true",
                  help="compile nothing: the table of what OUT/cases.jsonl holds")
   args = p.parse_args()
@@ -229,17 +248,51 @@ def main():
       for scan in scans:
         for target in args.targets.split(","):
           print(f"{name} {target} remat={remat} scan_layers={scan}", flush=True)
-          # The H200 is the H100's compute with more memory: the H100's points seed its guess.
-          seed = []
-          if target == "h200":
-            seed = [(r["micro_batch"], r["peak_bytes"]) for r in cache.rows.values()
-                    if (r["config"], r["target"], r["remat"], r["scan_layers"]) ==
-                    (name, "h100", remat, scan) and _peak(r)]
+          # The same variant's H100 compiles: the H200 (the H100's compute with more memory)
+          # starts from their line, 8xh100 from their slope (the activations per GPU).
+          h100 = sorted((r["micro_batch"], r["peak_bytes"]) for r in cache.rows.values()
+                        if (r["config"], r["target"], r["remat"], r["scan_layers"]) ==
+                        (name, "h100", remat, scan) and _peak(r))
+          seed, slope, first = [], activation_slope(name, remat), mb0
+          if len(h100) >= 2 and target != "h100":
+            slope = (h100[-1][1] - h100[0][1]) / (h100[-1][0] - h100[0][0])
+            at_mb0 = dict(h100).get(mb0)
+            if target == "h200":
+              seed = h100
+              # Borrow the H100's compile at the config's micro batch only where it is below
+              # what XLA plans for on the H100 (beyond, XLA rematerialises for that limit).
+              if not args.h200_at_config_mb and at_mb0 and at_mb0 < XLA_PLAN * gpu_targets.GPUS[
+                  "h100"].hbm_bytes:
+                gpu = gpu_targets.GPUS["h200"]
+                m, peak = h100[-1]
+                first = max(1, math.floor(m + (gpu_targets.usable_bytes(
+                    gpu.device_kind, gpu.hbm_bytes) - peak) / slope))
           lim = ({} if args.no_limit else
-                 search_limit(cache, name, target, remat, scan, mb0, seed, args.max_compiles))
-          row = cache.get(name, target, remat, scan, mb0)
+                 search_limit(cache, name, target, remat, scan, mb0, seed, args.max_compiles,
+                              slope, first))
+          if lim and not lim.get("error"):  # the bounds from every compile of this case
+            rows = [r for r in cache.rows.values() if (r["config"], r["target"], r["remat"],
+                    r["scan_layers"]) == (name, target, remat, scan) and not r.get("error")]
+            fit = [r["micro_batch"] for r in rows if _fits(r)]
+            over = [r["micro_batch"] for r in rows if not _fits(r)]
+            lim = dict(fits=max(fit, default=0), stops=min(over, default=None),
+                       points=sorted((r["micro_batch"], round(r["peak_bytes"] / GIB, 2))
+                                     for r in rows if _peak(r)))
+          key = cache.key(name, target, remat, scan, mb0)
+          if key not in cache.rows and first != mb0 and cache.key(
+              name, "h100", remat, scan, mb0) in cache.rows:
+            # Below XLA's own memory plan the H200's program is the H100's (checked on small:
+            # the same peak): its row at the config's micro batch is the H100's compile.
+            row = dict(cache.rows[cache.key(name, "h100", remat, scan, mb0)], target=target,
+                       borrowed="h100", hbm_bytes=gpu_targets.GPUS["h200"].hbm_bytes,
+                       device_kind=gpu_targets.GPUS["h200"].device_kind)
+          else:
+            row = cache.get(name, target, remat, scan, mb0)
           results.append(dict(row, limit=lim, **({} if row.get("error") else
                                                   {"fits": _fits(row)})))
+  n_params = {r["config"]: r["n_params"] for r in cache.rows.values() if r.get("n_params")}
+  for r in results:
+    r.setdefault("n_params", n_params.get(r["config"], 0))
   table = markdown(results)
   print("\n" + table)
   with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -268,7 +321,8 @@ def markdown(results) -> str:
   for r in results:
     mesh = "1 GPU" if topology.parse_target(r["target"]).n_devices == 1 else "FSDP 8"
     head = (f"| {r['config']} ({r.get('n_params', 0) / 1e6:,.0f}M) | {r['target']} ({mesh}) | "
-            f"{r['remat']} | {r['scan_layers']} | {r['micro_batch']} | ")
+            f"{r['remat']} | {r['scan_layers']} | {r['micro_batch']}"
+            f"{' (h100 compile)' if r.get('borrowed') else ''} | ")
     if r.get("missing"):
       lines.append(head + "not compiled (time budget) | | | | |")
       continue
