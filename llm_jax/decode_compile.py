@@ -46,7 +46,9 @@ class DecodeReport:
 
   @property
   def fits(self) -> bool | None:
-    return None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes
+    from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
+    return None if self.hbm_bytes is None else self.peak_bytes <= gpu_targets.usable_bytes(
+        self.device_kind, self.hbm_bytes)
 
 
 def compile_decode(cfg, devices=None) -> tuple[DecodeReport, object]:
@@ -122,7 +124,9 @@ def format_decode_report(cfg, r: DecodeReport) -> str:
   hbm = f"{r.hbm_bytes / GIB:.2f} GiB" if r.hbm_bytes else "unknown"
   share = f"  ({r.peak_bytes / r.hbm_bytes:.1%} of {hbm} HBM)" if r.hbm_bytes else ""
   lines.append(f"  {'peak (args+outputs-aliased+temps+code)':<40}{fmt(r.peak_bytes)}{share}")
-  lines.append("  " + {True: "FITS", False: f"DOES NOT FIT in {hbm} of HBM",
+  from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
+  lines.append("  " + {True: "FITS", False: f"DOES NOT FIT in {hbm} of HBM" + (
+      gpu_targets.usable_note(r.hbm_bytes) if gpu_targets.by_device_kind(r.device_kind) else ""),
                        None: f"no HBM figure for {r.device_kind}: nothing to compare against"}[r.fits])
   lines += ["", "Read per decode step, per device (what bounds it at batch "
             f"{r.batch})", f"  {'params in ' + cfg.dtype:<40}{fmt(r.param_bytes)}",

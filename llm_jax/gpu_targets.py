@@ -33,6 +33,12 @@ GPUS_PER_HOST = (1, 2, 4, 8)
 DNN_VERSION = (9, 8)
 RUNTIME_VERSION = {"xla_cuda12": (12, 9), "xla_cuda13": (13, 0)}
 PLUGINS = tuple(RUNTIME_VERSION)
+# The most of a GPU's memory a JAX program can have: XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (JAX
+# preallocates .75 by default); the rest holds the CUDA context and the cuBLAS and cuDNN
+# workspaces, none of which a compile-only memory figure counts. (XLA's own scheduler plans for
+# less: 80% of the device's memory, less the program's arguments and outputs, x 0.95; above that
+# it rematerialises what it can and says so.)
+USABLE_FRACTION = 0.95
 # The custom calls XLA's GPU backend gives cuDNN's fused attention (forward, backward).
 CUDNN_FMHA = "__cudnn$fmha"
 
@@ -134,6 +140,20 @@ def parse(name: str) -> Target | None:
 
 def by_device_kind(device_kind: str) -> Gpu | None:
   return next((g for g in GPUS.values() if g.device_kind == device_kind), None)
+
+
+def usable_bytes(device_kind: str, hbm_bytes: int | None) -> int | None:
+  """What a program may take of `hbm_bytes` on a device of `device_kind`: USABLE_FRACTION of
+  it on a GPU target, all of it elsewhere (the TPU compiler enforces its own limit)."""
+  if hbm_bytes is None or by_device_kind(device_kind) is None:
+    return hbm_bytes
+  return int(hbm_bytes * USABLE_FRACTION)
+
+
+def usable_note(hbm_bytes: int) -> str:
+  return (f" (a JAX program gets at most {USABLE_FRACTION:.0%} of a GPU's memory, "
+          f"{hbm_bytes * USABLE_FRACTION / GIB:.2f} GiB, with XLA_PYTHON_CLIENT_MEM_FRACTION="
+          f"{USABLE_FRACTION:g}; the CUDA context and cuDNN/cuBLAS workspaces take the rest)")
 
 
 # ------------------------------------------------------------------------ the CUDA plugin

@@ -194,11 +194,14 @@ class CompileReport:
 
   @property
   def fits(self) -> bool | None:
+    """The peak within the HBM; on a GPU target within what JAX can have of it
+    (gpu_targets.usable_bytes)."""
+    from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
     if self.oom:
       return False
     if self.hbm_bytes is None:
       return None
-    return self.peak_bytes <= self.hbm_bytes
+    return self.peak_bytes <= gpu_targets.usable_bytes(self.device_kind, self.hbm_bytes)
 
   @property
   def step_time(self) -> tuple[float, float | None] | None:
@@ -499,6 +502,8 @@ def format_report(cfg, r: CompileReport) -> str:
                  f"{_fmt_bytes(r.peak_bytes)}{share}")
     verdict = {True: "FITS", False: f"DOES NOT FIT in {hbm} of HBM",
                None: f"no HBM figure for {r.device_kind}: nothing to compare against"}[r.fits]
+    if r.fits is False and gpu_targets.by_device_kind(r.device_kind):
+      verdict += gpu_targets.usable_note(r.hbm_bytes)
     if r.fits is False and topology.generation_of(r.device_kind):
       verdict += (" (the TPU compiler accepted the program, so it is at the very edge: expect "
                   "an out-of-memory error when it loads or runs)")

@@ -89,6 +89,29 @@ def test_missing_plugin_says_how_to_install(monkeypatch):
   assert '.[cuda]' in str(e.value) and "h100" in str(e.value)
 
 
+def _report(device_kind, hbm, peak):
+  return sizing.CompileReport(
+      target="t", n_devices=1, device_kind=device_kind, mesh={}, attention_impl="cudnn",
+      compile_s=0.0, memory={"arguments": peak, "outputs": 0, "aliased (donated, counted once)": 0,
+                             "temporaries": 0, "generated code": 0},
+      hbm_bytes=hbm, oom=None, flops_xla=None, flops_note="", flops_model=1.0,
+      bytes_accessed=None, hbm_bytes_per_s=None, peak_flops=None, collectives={},
+      tokens_per_step=1)
+
+
+def test_a_gpu_program_fits_in_what_jax_can_have_of_the_memory():
+  # JAX can be given at most 95% of a GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=.95): a compile-only
+  # peak at 97% of the H100's HBM does not fit; on a TPU (its compiler enforces its own limit)
+  # the whole HBM counts.
+  h100 = gpu_targets.GPUS["h100"]
+  hbm = h100.hbm_bytes
+  assert _report(h100.device_kind, hbm, int(0.94 * hbm)).fits is True
+  over = _report(h100.device_kind, hbm, int(0.97 * hbm))
+  assert over.fits is False
+  assert "95%" in sizing.format_report(config.load(BASE), over)
+  assert _report("TPU v5", hbm, int(0.97 * hbm)).fits is True
+
+
 def test_target_config_adds_the_versions_xla_needs():
   text = gpu_targets.target_config(gpu_targets.GPUS["h100"])
   assert "dnn_version_info { major: 9 minor: 8 }" in text
