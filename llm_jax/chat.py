@@ -385,16 +385,11 @@ class _Rows(data_lib._TrainBatches):  # pylint: disable=protected-access
 
   def __init__(self, rows: dict, steps_per_epoch, accum, per_proc, process_index, process_count,
                seed):
-    self.arrays, self.n_rows, self.spe = rows, len(rows["inputs"]), steps_per_epoch
-    self.A, self.b, self.p, self.P, self.seed = accum, per_proc, process_index, process_count, seed
-    self.T = rows["inputs"].shape[1]
-    self._perm = (None, None)
-
-  def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k != "_perm"}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state, _perm=(None, None))
+    # One "stream" of exactly as many rows as there are packed rows: data.py's row order.
+    n, t = rows["inputs"].shape
+    super().__init__([range(n * t + 1)], [1.0], t, steps_per_epoch, accum, per_proc,
+                     process_index, process_count, seed, False)
+    self.arrays = rows
 
   def __call__(self, step: int) -> dict:
     rows = self.rows(step)

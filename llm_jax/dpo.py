@@ -220,8 +220,10 @@ class _PairBatches(data_lib._TrainBatches):  # pylint: disable=protected-access
 
   def __init__(self, tokens, weights, ref, steps_per_epoch, accum, per_proc, process_index,
                process_count, seed):
-    super().__init__("", "int32", 0, tokens.shape[-1] - 1, len(tokens), steps_per_epoch, accum,
-                     per_proc, process_index, process_count, seed, False)
+    # One "stream" of exactly len(tokens) rows: the text batches' row order over the pairs.
+    t = tokens.shape[-1] - 1
+    super().__init__([range(len(tokens) * t + 1)], [1.0], t, steps_per_epoch, accum, per_proc,
+                     process_index, process_count, seed, False)
     self.tokens, self.weights, self.ref = tokens, weights, ref
 
   def __call__(self, step: int) -> dict:

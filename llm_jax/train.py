@@ -551,7 +551,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
             f"({data.steps_per_epoch} steps/epoch), mesh {dict(trainer.mesh.shape)}, "
             f"{jax.device_count()} x {jax.devices()[0].device_kind}, workdir {workdir}"
             + (f", resumed at step {start}" if start else ""), flush=True)
-      if len(data.weights) > 1:
+      if len(getattr(data, "weights", ())) > 1:  # a mixture (conversations and pairs are not)
         print("llm_jax: mixture: " + "; ".join(
             f"source {i} ({n}) weight {w:.3f}, its share of each step logged as data/share_{i}"
             for i, (n, w) in enumerate(zip(data.source_names, data.weights))), flush=True)
@@ -621,7 +621,8 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         if m is not None:
           last["train/mfu"] = m
         # A mixture: each source's share of this step's rows (step s reads batch s - 1).
-        for i, share in enumerate(data.source_shares(step - 1).values()):
+        shares = data.source_shares(step - 1) if hasattr(data, "source_shares") else {}
+        for i, share in enumerate(shares.values()):
           last[f"data/share_{i}"] = share
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}",
