@@ -29,6 +29,7 @@ import numpy as np
 from experiments import common
 from llm_jax import data as data_lib
 from llm_jax import metrics as metrics_lib
+from llm_jax import model as model_lib
 
 _PROBE_WORDS = flags.DEFINE_list(
     "probe_words", None, "embeddings: words whose nearest neighbours are listed (default: "
@@ -118,7 +119,8 @@ def study(base, out: str, *, probe_words=PROBE_WORDS, label_tokens: int = 40,
   cfg = common.finalize(base)
   model = common.trained_model(cfg, out, workdir)
   tok, v = model.tokenizer, cfg.vocab_size
-  init_params = model.trainer.init_state(cfg.seed).params  # the run's own initialisation
+  # The run's own initialisation (train.Trainer's init draws the same from the seed).
+  init_params = model_lib.init_params(model.model_cfg, jax.random.key(cfg.seed))
   trained = weight_matrices(model.params, v)
   trained = {n: trained[n] for n in sorted(trained, key=_order)}
   initial = weight_matrices(init_params, v)

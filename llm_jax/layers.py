@@ -10,15 +10,12 @@ projections that write into the residual stream scaled by 1/sqrt(2 * n_layers).
 
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from llm_jax import attention as attn_lib
-
-if TYPE_CHECKING:  # model.py imports this module, so only type checkers import it back
-  from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 
 INIT_STD = 0.02
 
@@ -66,7 +63,7 @@ class Mlp(nn.Module):
 
   SwiGLU uses d_ff as its hidden width (so it has 1.5x the FFN parameters of relu/gelu).
   """
-  cfg: "ModelConfig"
+  cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
@@ -100,7 +97,7 @@ class SelfAttention(nn.Module):
   only). Without a cache the attention is causal over this call's tokens; with one, the caller's
   mask already encodes which cache slots each query may see.
   """
-  cfg: "ModelConfig"
+  cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact

@@ -56,7 +56,7 @@ ALLOWED = {
         "every shape field of the Hugging Face files first",
     "llm_jax/lora.py:_parse:ValueError":
         "the einsum strings are the model's own (layers.py), not input",
-    "llm_jax/model.py:ModelConfig.__post_init__:ValueError":
+    "llm_jax/model_config.py:ModelConfig.__post_init__:ValueError":
         "config validation checks the same (even d_k with RoPE) before a ModelConfig is made",
     "llm_jax/model.py:Transformer.__call__:ValueError":
         "calling contract of the model (cache_index with a cache): only sampling and serving call "
