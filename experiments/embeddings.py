@@ -12,8 +12,8 @@ Three views of the trained parameters:
   * the nearest neighbours (cosine similarity of embedding rows) of a few probe words;
   * the singular values of every weight matrix (attention projections flattened to
     [d_model, heads * head_dim], FFN kernels, the embedding) against the same matrix at its
-    random initialisation, which is the run's own: Trainer.init_state(seed) rebuilds it
-    exactly. Training concentrates a matrix's energy in a few directions: the top singular
+    random initialisation, which is the run's own: model.init_params(model_cfg, seed) draws
+    exactly what Trainer.init_state(seed) drew. Training concentrates a matrix's energy in a few directions: the top singular
     values grow, the effective rank exp(entropy of sigma / sum sigma) (Roy & Vetterli 2007)
     and the stable rank ||W||_F^2 / sigma_max^2 fall.
 """
