@@ -207,11 +207,12 @@ def _decode(ids, vocab_size: int, decode_row):
   if arr.ndim != 1:
     raise ValueError(f"decode takes ids shaped [T] or [B, T], not {arr.shape}")
   arr = arr.astype(np.int64)
-  bad = (arr < 0) | (arr >= vocab_size)
-  if bad.any():
-    raise ValueError(f"id {int(arr[bad][0])} is outside the tokenizer's vocabulary "
-                     f"[0, {vocab_size})")
-  return decode_row(arr.tolist())
+  if (arr < 0).any():
+    raise ValueError(f"id {int(arr[arr < 0][0])} is negative: token ids are >= 0")
+  # Ids past the tokenizer's vocabulary name no piece: a model whose embedding is larger than its
+  # tokenizer (Qwen2 pads it; the sampler masks only past the embedding) can generate them, and
+  # they decode to nothing, as the tokenizers library (and so transformers) decodes them.
+  return decode_row(arr[arr < vocab_size].tolist())
 
 
 def _item_bytes(item: dict) -> bytes:

@@ -71,8 +71,8 @@ ALLOWED = {
     "llm_jax/sharding.py:vocab_parallel_cross_entropy:ValueError":
         "calling contract: the loss calls it only when _vocab_plan found a vocab-sharded layout",
     "llm_jax/tokenizer.py:_decode:ValueError":
-        "decode's contract (ids shaped [T] or [B, T], inside the vocabulary): callers decode ids "
-        "the model produced (< vocab_size, padded rows masked) or prompts sampling checked",
+        "decode's contract (ids shaped [T] or [B, T], none negative): callers decode ids the "
+        "model produced or prompts sampling checked (ids past the vocabulary decode to nothing)",
 }
 
 
