@@ -25,13 +25,16 @@ import numpy as np
 from experiments import common
 from experiments import embeddings
 from llm_jax import data as data_lib
+from llm_jax import model as model_lib
 
 PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?"
 EVAL_ROWS = 8  # validation rows the per-head statistics average over
 
 
 @functools.lru_cache(maxsize=None)
-def _probs_fn(model):
+def _probs_fn(model_cfg):
+  model = model_lib.build(model_cfg)
+
   @jax.jit
   def probs(params, tokens_BT):
     _, state = model.apply({"params": params}, tokens_BT, mutable=["intermediates"])
@@ -39,12 +42,12 @@ def _probs_fn(model):
   return probs
 
 
-def attention_probs(trainer, params, tokens_BT) -> np.ndarray:
+def attention_probs(model_cfg, params, tokens_BT) -> np.ndarray:
   """[L, B, N, T, T] float32: every layer's attention probabilities for tokens_BT."""
-  inter = jax.device_get(_probs_fn(trainer.model)(params, np.asarray(tokens_BT, np.int32)))
+  inter = jax.device_get(_probs_fn(model_cfg)(params, np.asarray(tokens_BT, np.int32)))
   if "layers" in inter:  # scan_layers: one entry stacked over layers
     return np.asarray(inter["layers"]["attn"]["attention_probs"][0])
-  n_layers = trainer.model_cfg.n_layers
+  n_layers = model_cfg.n_layers
   return np.stack([inter[f"blocks_{i}"]["attn"]["attention_probs"][0] for i in range(n_layers)])
 
 
@@ -88,7 +91,7 @@ def study(base, out: str, *, prompt: str = PROMPT, workdir: str | None = None,
   rows_BT = next(data_lib.build(cfg, model.workdir).eval_batches(1))["inputs"][:EVAL_ROWS]
   prompt_T = np.zeros(rows_BT.shape[1], np.int32)
   prompt_T[:len(ids)] = ids
-  probs = attention_probs(model.trainer, model.params, np.concatenate([rows_BT, prompt_T[None]]))
+  probs = attention_probs(model.model_cfg, model.params, np.concatenate([rows_BT, prompt_T[None]]))
   maps = probs[:, -1, :, :len(ids), :len(ids)]  # [L, N, T, T] of the prompt
   rows = head_statistics(probs[:, :-1])
 

@@ -44,6 +44,7 @@ from llm_jax import errors
 from llm_jax import files
 from llm_jax import loader
 from llm_jax import metrics as metrics_lib
+from llm_jax import model as model_lib
 from llm_jax import preemption
 from llm_jax import topology
 from llm_jax import train
@@ -296,9 +297,9 @@ def task_scores(run: Run) -> dict:
 
 @dataclasses.dataclass
 class Model:
-  """A trained model to study: its config, Trainer (model, shapes), params, tokenizer and run."""
+  """A trained model to study: its config, model config, params, tokenizer and run."""
   cfg: ml_collections.ConfigDict
-  trainer: Any
+  model_cfg: model_lib.ModelConfig
   params: Any
   tokenizer: Any
   step: int
@@ -313,23 +314,24 @@ def trained_model(cfg, out: str, workdir: str | None = None) -> Model:
     workdir = os.path.join(out, "model")
     run = train_or_skip(cfg, workdir)
   try:
-    cfg, trainer, params, step, tok = load_checkpoint(cfg, workdir)
+    loaded = load_checkpoint(cfg, workdir)
   except ckpt_lib.CheckpointError as e:
     raise StudyError(f"--workdir={workdir}: {e}") from None
-  return Model(cfg, trainer, params, tok, step, workdir, run)
+  return Model(loaded.cfg, loaded.model_cfg, loaded.params, loaded.tokenizer, loaded.step,
+               workdir, run)
 
 
-def load_checkpoint(cfg, workdir: str):
-  """(cfg with the checkpoint's model fields, trainer, params, step, tokenizer) of a run's
-  latest checkpoint (cfg.checkpoint_step's), through the project's loader; the trainer gives the
-  model, its config and a fresh init."""
-  loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step)
-  trainer = train.Trainer(loaded.cfg, total_steps=loaded.cfg.warmup_steps + 1, mesh=loaded.mesh)
-  return loaded.cfg, trainer, loaded.params, loaded.step, loaded.tokenizer
+def load_checkpoint(cfg, workdir: str) -> loader.Loaded:
+  """A run's latest checkpoint (cfg.checkpoint_step's) through the project's one loader: its
+  cfg with the checkpoint's model fields, model_cfg, params, tokenizer and step. No optimizer
+  or Trainer: model_lib.build(model_cfg) is the model, model_lib.init_params a fresh init."""
+  return loader.load(workdir, cfg, step=cfg.checkpoint_step)
 
 
 @functools.lru_cache(maxsize=None)
-def _nll_fn(model):
+def _nll_fn(model_cfg):
+  model = model_lib.build(model_cfg)
+
   @jax.jit
   def nll(params, inputs_BT, targets_BT):
     logits_BTV = model.apply({"params": params}, inputs_BT)
@@ -337,9 +339,9 @@ def _nll_fn(model):
   return nll
 
 
-def token_nll(trainer, params, inputs_BT, targets_BT) -> np.ndarray:
+def token_nll(model_cfg, params, inputs_BT, targets_BT) -> np.ndarray:
   """[B, T] float32: -log p(target | inputs up to it) under the model's own forward pass."""
-  return np.asarray(jax.device_get(_nll_fn(trainer.model)(params, inputs_BT, targets_BT)))
+  return np.asarray(jax.device_get(_nll_fn(model_cfg)(params, inputs_BT, targets_BT)))
 
 
 # ------------------------------------------------------------------------------------ Figures

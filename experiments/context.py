@@ -36,12 +36,13 @@ MIB = 1024**2
 def loss_by_position(cfg, workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """([T] mean cross-entropy in nats, [T] tokens counted) at each position of the context, over
   the whole validation split."""
-  _, trainer, params, _, _ = common.load_checkpoint(cfg, workdir)
+  loaded = common.load_checkpoint(cfg, workdir)
   data = data_lib.build(cfg, workdir)
   nll_sum = np.zeros(cfg.block_size)
   count = np.zeros(cfg.block_size)
   for batch in data.eval_batches():
-    nll_BT = common.token_nll(trainer, params, batch["inputs"], batch["targets"])
+    nll_BT = common.token_nll(loaded.model_cfg, loaded.params, batch["inputs"],
+                              batch["targets"])
     nll_sum += (nll_BT * batch["weights"]).sum(0)
     count += batch["weights"].sum(0)
   return nll_sum / np.maximum(count, 1), count

@@ -12,8 +12,8 @@ Three views of the trained parameters:
   * the nearest neighbours (cosine similarity of embedding rows) of a few probe words;
   * the singular values of every weight matrix (attention projections flattened to
     [d_model, heads * head_dim], FFN kernels, the embedding) against the same matrix at its
-    random initialisation, which is the run's own: Trainer.init_state(seed) rebuilds it
-    exactly. Training concentrates a matrix's energy in a few directions: the top singular
+    random initialisation, which is the run's own: model.init_params(model_cfg, seed) draws
+    exactly what Trainer.init_state(seed) drew. Training concentrates a matrix's energy in a few directions: the top singular
     values grow, the effective rank exp(entropy of sigma / sum sigma) (Roy & Vetterli 2007)
     and the stable rank ||W||_F^2 / sigma_max^2 fall.
 """
@@ -29,6 +29,7 @@ import numpy as np
 from experiments import common
 from llm_jax import data as data_lib
 from llm_jax import metrics as metrics_lib
+from llm_jax import model as model_lib
 
 _PROBE_WORDS = flags.DEFINE_list(
     "probe_words", None, "embeddings: words whose nearest neighbours are listed (default: "
@@ -118,7 +119,8 @@ def study(base, out: str, *, probe_words=PROBE_WORDS, label_tokens: int = 40,
   cfg = common.finalize(base)
   model = common.trained_model(cfg, out, workdir)
   tok, v = model.tokenizer, cfg.vocab_size
-  init_params = model.trainer.init_state(cfg.seed).params  # the run's own initialisation
+  # The run's own initialisation (train.Trainer's init draws the same from the seed).
+  init_params = model_lib.init_params(model.model_cfg, jax.random.key(cfg.seed))
   trained = weight_matrices(model.params, v)
   trained = {n: trained[n] for n in sorted(trained, key=_order)}
   initial = weight_matrices(init_params, v)

@@ -24,7 +24,6 @@ import numpy as np
 from experiments import common
 from llm_jax import data as data_lib
 from llm_jax import loader
-from llm_jax import train
 
 _TRAINED = flags.DEFINE_integer("trained_len", 128, "extension: the context the base trains at")
 _EXTEND = flags.DEFINE_integer("extend_to", 512, "extension: the context it is run and "
@@ -76,11 +75,10 @@ def loss_by_position(cfg, workdir: str) -> np.ndarray:
   """[block_size] mean cross-entropy (nats) at each position over the validation split, of the
   model in `workdir` run with cfg's context fields."""
   loaded = loader.load(workdir, cfg, asked=_asked(cfg))
-  trainer = train.Trainer(loaded.cfg, total_steps=loaded.cfg.warmup_steps + 1, mesh=loaded.mesh)
   data = data_lib.build(loaded.cfg, workdir, tokenizer=loaded.tokenizer)
   nll_sum, count = np.zeros(cfg.block_size), np.zeros(cfg.block_size)
   for batch in data.eval_batches():
-    nll_BT = common.token_nll(trainer, loaded.params, batch["inputs"], batch["targets"])
+    nll_BT = common.token_nll(loaded.model_cfg, loaded.params, batch["inputs"], batch["targets"])
     nll_sum += (nll_BT * batch["weights"]).sum(0)
     count += batch["weights"].sum(0)
   return nll_sum / np.maximum(count, 1)

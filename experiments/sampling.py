@@ -78,7 +78,7 @@ def perplexity_of(model: common.Model, prompts, continuations, shape) -> float:
     inputs[row, :len(seq) - 1] = seq[:-1]
     targets[row, :len(seq) - 1] = seq[1:]
     weights[row, len(prompt) - 1:len(seq) - 1] = 1.0
-  nll = common.token_nll(model.trainer, model.params, inputs, targets)
+  nll = common.token_nll(model.model_cfg, model.params, inputs, targets)
   return float(np.exp((nll * weights).sum() / max(weights.sum(), 1.0)))
 
 
@@ -108,7 +108,7 @@ def study(base, out: str, *, grid=None, samples: int = 16, prompt: str = "",
   rng = jax.random.key(cfg.seed)
 
   def generate(rows, **knobs):
-    return sampling_lib.generate(model.params, model.trainer.model_cfg, [prompt_ids] * rows, cfg,
+    return sampling_lib.generate(model.params, model.model_cfg, [prompt_ids] * rows, cfg,
                                  rng, tok.eos_id, **knobs)
 
   shape = (samples, max(len(prompt_ids), 1) + n_new)  # every scoring call: one compile

@@ -1,14 +1,8 @@
-"""Hugging Face tokenizer files: read a model directory's tokenizer with its special ids, and write
-the tokenizer files of an export (tokenizer.json, tokenizer_config.json, tokenizer.model).
+"""Hugging Face tokenizer files of an export: tokenizer.json, tokenizer_config.json and
+tokenizer.model. (Reading a model directory's tokenizer is tokenizer.from_hf_dir: loading any
+tokenizer is one concept of tokenizer.py, and this module only builds on it.)
 
-Reading. `tokenizer.json` (through the `tokenizers` library) wins over a sentencepiece
-`tokenizer.model`, as in transformers. Special ids: generation_config.json first (what
-`generate` stops on; its eos_token_id may be a list), then config.json, then the token strings of
-tokenizer_config.json / special_tokens_map.json. pad falls back to the first EOS id. Whether
-documents start with BOS: tokenizer_config.json's add_bos_token, else what the tokenizer's own
-post-processor adds (Llama 3 adds <|begin_of_text|>, GPT-2 and Qwen2 add nothing).
-
-Writing. A sentencepiece model (ours, or a Llama 2 style `tokenizer.model`) is converted to an
+A sentencepiece model (ours, or a Llama 2 style `tokenizer.model`) is converted to an
 equivalent `tokenizer.json` by hand (normalizer, Unigram or BPE model with byte fallback,
 decoder), because transformers' own conversion of a bare tokenizer.model assumes Llama's settings
 (a dummy prefix, and none of ours) and, in transformers 5, differs from sentencepiece on a
@@ -22,96 +16,11 @@ import os
 from llm_jax import errors
 from llm_jax import tokenizer as tokenizer_lib
 
+from_hf_dir = tokenizer_lib.from_hf_dir  # (where hf.py and the tests have called it)
+
 # sentencepiece ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"
-
-
-def _read_json(directory: str, name: str) -> dict:
-  path = os.path.join(directory, name)
-  if not os.path.exists(path):
-    return {}
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise errors.UserError(f"{path} is not valid JSON ({e}): restore the file from the model's "
-                           f"source") from None
-
-
-def _first(*values):
-  return next((v for v in values if v is not None), None)
-
-
-def special_ids(directory: str, piece_to_id) -> dict:
-  """{"bos", "eos" (list), "pad", "unk"} ids of the model in `directory` (see module docstring)."""
-  gen = _read_json(directory, "generation_config.json")
-  cfg = _read_json(directory, "config.json")
-  tcfg = _read_json(directory, "tokenizer_config.json")
-  stm = _read_json(directory, "special_tokens_map.json")
-
-  def by_name(name):
-    value = _first(tcfg.get(f"{name}_token"), stm.get(f"{name}_token"))
-    if isinstance(value, dict):
-      value = value.get("content")
-    if not isinstance(value, str):
-      return None
-    i = piece_to_id(value)
-    return None if i is None or i < 0 else i
-
-  def by_id(name):
-    return _first(gen.get(f"{name}_token_id"), cfg.get(f"{name}_token_id"), by_name(name))
-
-  eos = by_id("eos")
-  eos = [] if eos is None else [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]
-  if not eos:
-    raise errors.UserError(
-        f"{directory}: no EOS token: none of generation_config.json, config.json "
-        f"(eos_token_id) or tokenizer_config.json (eos_token) names one; add "
-        f"eos_token_id to generation_config.json")
-  pad = by_id("pad")
-  return {"bos": by_id("bos"), "eos": eos, "pad": eos[0] if pad is None else int(pad),
-          "unk": by_name("unk")}
-
-
-def from_hf_dir(directory: str):
-  """The tokenizer of the Hugging Face model in `directory` (tokenizer.json or tokenizer.model)."""
-  tcfg = _read_json(directory, "tokenizer_config.json")
-  tj_path = os.path.join(directory, "tokenizer.json")
-  sp_path = os.path.join(directory, "tokenizer.model")
-  if os.path.exists(tj_path):
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    with open(tj_path, encoding="utf-8") as f:
-      text = f.read()
-    try:
-      tk = tokenizers.Tokenizer.from_str(text)
-    except Exception as e:  # pylint: disable=broad-except  (the library raises bare Exceptions)
-      raise errors.UserError(
-          f"{tj_path} is not a tokenizer the tokenizers library can read ({e})") \
-          from None
-    special = special_ids(directory, tk.token_to_id)
-    add_bos = tcfg.get("add_bos_token")
-    if add_bos is None:
-      with_specials = tk.encode("a").ids
-      add_bos = (special["bos"] is not None and len(with_specials) > len(tk.encode(
-          "a", add_special_tokens=False).ids) and with_specials[0] == special["bos"])
-    return tokenizer_lib.HFTokenizer(text, special, add_bos, hf_config=tcfg)
-  if os.path.exists(sp_path):
-    with open(sp_path, "rb") as f:
-      proto = f.read()
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    try:
-      sp = spm.SentencePieceProcessor(model_proto=proto)
-    except RuntimeError as e:
-      raise errors.UserError(f"{sp_path} is not a sentencepiece model ({e})") from None
-    special = special_ids(directory, lambda p: sp.piece_to_id(p) if sp.piece_to_id(p) != sp.unk_id()
-                          or p == sp.id_to_piece(sp.unk_id()) else None)
-    if special["unk"] is None and sp.unk_id() >= 0:
-      special["unk"] = sp.unk_id()
-    add_bos = tcfg.get("add_bos_token", special["bos"] is not None)  # LlamaTokenizer's default
-    return tokenizer_lib.Tokenizer(proto, special, add_bos, hf_config=tcfg)
-  raise errors.UserError(f"{directory} has no tokenizer.json or tokenizer.model: copy the model's "
-                         f"tokenizer files into it")
 
 
 # ------------------------------------------------------------------------------------ Writing

@@ -10,17 +10,14 @@ projections that write into the residual stream scaled by 1/sqrt(2 * n_layers).
 
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from llm_jax import attention as attn_lib
-from llm_jax import ring_cache
 from llm_jax import context_parallel
-
-if TYPE_CHECKING:  # model.py imports this module, so only type checkers import it back
-  from llm_jax.model import ModelConfig
+from llm_jax import ring_cache
+from llm_jax.model_config import ModelConfig
 
 INIT_STD = 0.02
 
@@ -68,7 +65,7 @@ class Mlp(nn.Module):
 
   SwiGLU uses d_ff as its hidden width (so it has 1.5x the FFN parameters of relu/gelu).
   """
-  cfg: "ModelConfig"
+  cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
@@ -104,7 +101,7 @@ class SelfAttention(nn.Module):
   with one, the caller's mask already encodes which cache slots each query may see, and a cache
   no longer than cfg.sliding_window is a ring buffer (ring_cache.py).
   """
-  cfg: "ModelConfig"
+  cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact

@@ -228,11 +228,12 @@ def _decode(ids, vocab_size: int, decode_row):
   if arr.ndim != 1:
     raise ValueError(f"decode takes ids shaped [T] or [B, T], not {arr.shape}")
   arr = arr.astype(np.int64)
-  bad = (arr < 0) | (arr >= vocab_size)
-  if bad.any():
-    raise ValueError(f"id {int(arr[bad][0])} is outside the tokenizer's vocabulary "
-                     f"[0, {vocab_size})")
-  return decode_row(arr.tolist())
+  if (arr < 0).any():
+    raise ValueError(f"id {int(arr[arr < 0][0])} is negative: token ids are >= 0")
+  # Ids past the tokenizer's vocabulary name no piece: a model whose embedding is larger than its
+  # tokenizer (Qwen2 pads it; the sampler masks only past the embedding) can generate them, and
+  # they decode to nothing, as the tokenizers library (and so transformers) decodes them.
+  return decode_row(arr[arr < vocab_size].tolist())
 
 
 def _item_bytes(item: dict) -> bytes:
@@ -261,20 +262,114 @@ def save_bytes(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
+# --------------------------------------------------------------- A Hugging Face model's tokenizer
+#
+# tokenizer.json (through the `tokenizers` library) wins over a sentencepiece tokenizer.model, as
+# in transformers. Special ids: generation_config.json first (what `generate` stops on; its
+# eos_token_id may be a list), then config.json, then the token strings of tokenizer_config.json /
+# special_tokens_map.json. pad falls back to the first EOS id. Whether documents start with BOS:
+# tokenizer_config.json's add_bos_token, else what the tokenizer's own post-processor adds (Llama 3
+# adds <|begin_of_text|>, GPT-2 and Qwen2 add nothing).
+
+
+def _read_json(directory: str, name: str) -> dict:
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f"{path} is not valid JSON ({e}): restore the file from the model's "
+                           f"source") from None
+
+
+def _first(*values):
+  return next((v for v in values if v is not None), None)
+
+
+def special_ids(directory: str, piece_to_id) -> dict:
+  """{"bos", "eos" (list), "pad", "unk"} ids of the model in `directory` (see module docstring)."""
+  gen = _read_json(directory, "generation_config.json")
+  cfg = _read_json(directory, "config.json")
+  tcfg = _read_json(directory, "tokenizer_config.json")
+  stm = _read_json(directory, "special_tokens_map.json")
+
+  def by_name(name):
+    value = _first(tcfg.get(f"{name}_token"), stm.get(f"{name}_token"))
+    if isinstance(value, dict):
+      value = value.get("content")
+    if not isinstance(value, str):
+      return None
+    i = piece_to_id(value)
+    return None if i is None or i < 0 else i
+
+  def by_id(name):
+    return _first(gen.get(f"{name}_token_id"), cfg.get(f"{name}_token_id"), by_name(name))
+
+  eos = by_id("eos")
+  eos = [] if eos is None else [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]
+  if not eos:
+    raise errors.UserError(
+        f"{directory}: no EOS token: none of generation_config.json, config.json "
+        f"(eos_token_id) or tokenizer_config.json (eos_token) names one; add "
+        f"eos_token_id to generation_config.json")
+  pad = by_id("pad")
+  return {"bos": by_id("bos"), "eos": eos, "pad": eos[0] if pad is None else int(pad),
+          "unk": by_name("unk")}
+
+
+def from_hf_dir(directory: str):
+  """The tokenizer of the Hugging Face model in `directory` (tokenizer.json or tokenizer.model)."""
+  tcfg = _read_json(directory, "tokenizer_config.json")
+  tj_path = os.path.join(directory, "tokenizer.json")
+  sp_path = os.path.join(directory, "tokenizer.model")
+  if os.path.exists(tj_path):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    with open(tj_path, encoding="utf-8") as f:
+      text = f.read()
+    try:
+      tk = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # pylint: disable=broad-except  (the library raises bare Exceptions)
+      raise errors.UserError(
+          f"{tj_path} is not a tokenizer the tokenizers library can read ({e})") \
+          from None
+    special = special_ids(directory, tk.token_to_id)
+    add_bos = tcfg.get("add_bos_token")
+    if add_bos is None:
+      with_specials = tk.encode("a").ids
+      add_bos = (special["bos"] is not None and len(with_specials) > len(tk.encode(
+          "a", add_special_tokens=False).ids) and with_specials[0] == special["bos"])
+    return HFTokenizer(text, special, add_bos, hf_config=tcfg)
+  if os.path.exists(sp_path):
+    with open(sp_path, "rb") as f:
+      proto = f.read()
+    try:
+      sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:
+      raise errors.UserError(f"{sp_path} is not a sentencepiece model ({e})") from None
+    special = special_ids(directory, lambda p: sp.piece_to_id(p) if sp.piece_to_id(p) != sp.unk_id()
+                          or p == sp.id_to_piece(sp.unk_id()) else None)
+    if special["unk"] is None and sp.unk_id() >= 0:
+      special["unk"] = sp.unk_id()
+    add_bos = tcfg.get("add_bos_token", special["bos"] is not None)  # LlamaTokenizer's default
+    return Tokenizer(proto, special, add_bos, hf_config=tcfg)
+  raise errors.UserError(f"{directory} has no tokenizer.json or tokenizer.model: copy the model's "
+                         f"tokenizer files into it")
+
+
 def load(path: str):
   """Any tokenizer from a path: our sentencepiece .model, a saved item (JSON with "kind"), a
   Hugging Face tokenizer.json (its directory's configs give the special ids) or model directory."""
   if os.path.isdir(path):
-    from llm_jax import hf_tokenizer  # pylint: disable=g-import-not-at-top
-    return hf_tokenizer.from_hf_dir(path)
+    return from_hf_dir(path)
   with open(path, "rb") as f:
     data = f.read()
   if data[:1] == b"{":
     d = json.loads(data)
     if "kind" in d:
       return from_item(d)
-    from llm_jax import hf_tokenizer  # pylint: disable=g-import-not-at-top
-    return hf_tokenizer.from_hf_dir(os.path.dirname(os.path.abspath(path)))
+    return from_hf_dir(os.path.dirname(os.path.abspath(path)))
   return Tokenizer(data)
 
 

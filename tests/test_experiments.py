@@ -47,6 +47,7 @@ from experiments import finetune
 from experiments import sampling
 from experiments import scale
 from llm_jax import checkpoint
+from llm_jax import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -403,12 +404,13 @@ def test_sampling_grid_metrics(sampling_out, root, model_dir):
       assert row["repetition rate"] == pytest.approx(np.mean(reps))
     assert row["mean length"] == pytest.approx(np.mean([len(i) for i in s["ids"]]))
   # The perplexity of the first setting's samples, from a numpy log-softmax of plain logits.
-  _, trainer, params, _, _ = common.load_checkpoint(common.finalize(_base(root)), model_dir)
+  loaded = common.load_checkpoint(common.finalize(_base(root)), model_dir)
   s = samples[0]
   seqs = np.zeros((4, 16), np.int32)  # right-padded: causal, so padding changes nothing before it
   for row, (prompt, ids) in enumerate(zip(s["prompts"], s["ids"])):
     seqs[row, :len(prompt + ids)] = prompt + ids
-  logits = np.asarray(jax.jit(trainer.model.apply)({"params": params}, seqs), np.float64)
+  logits = np.asarray(jax.jit(model_lib.build(loaded.model_cfg).apply)(
+      {"params": loaded.params}, seqs), np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   nll, n = 0.0, 0
@@ -440,7 +442,8 @@ def test_embeddings_spectra_pca_neighbours(embeddings_out, root, model_dir):
   rows = _finite_rows(embeddings_out, 2 * 6 + 1, ["sigma_max", "sigma_max init",
                                                   "effective rank", "stable rank"])
   assert [r["matrix"] for r in rows[:3]] == ["embed", "blocks_0/attn/query", "blocks_0/attn/key"]
-  _, _, params, _, tok = common.load_checkpoint(common.finalize(_base(root)), model_dir)
+  loaded = common.load_checkpoint(common.finalize(_base(root)), model_dir)
+  params, tok = loaded.params, loaded.tokenizer
   p = jax.device_get(params)
   by_name = {r["matrix"]: r for r in embeddings_out.rows}
   query = np.asarray(p["blocks_1"]["attn"]["query"]["kernel"], np.float64)  # [D, N, H]
@@ -521,7 +524,8 @@ def test_attention_maps_are_the_models_own(attention_out, root, model_dir):
 
   # Layer 0 recomputed in numpy from the parameters: embedding, LayerNorm, q/k projections,
   # RoPE, scaled dot products, causal softmax.
-  _, _, params, _, tok = common.load_checkpoint(common.finalize(_base(root)), model_dir)
+  loaded = common.load_checkpoint(common.finalize(_base(root)), model_dir)
+  params, tok = loaded.params, loaded.tokenizer
   p = jax.device_get(params)
   ids = [tok.eos_id] + tok.encode(PROMPT)
   assert len(ids) == t

@@ -126,6 +126,19 @@ def test_imported_logits_and_greedy_tokens_match_transformers(imported):
     assert tok.eos_ids == [302, 300] and tok.vocab_size < mc.vocab_size
 
 
+def test_ids_past_a_smaller_tokenizer_decode_to_nothing_as_the_tokenizers_library_does():
+  # Qwen2's embedding is larger than its tokenizer: the sampler can pick an id with no piece
+  # (--mode=sample of the imported fixture did, and ended in exit 4). The tokenizers library,
+  # and so transformers, decodes such an id to nothing.
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(FIXTURES, "qwen2")
+  tok = hf_tokenizer.from_hf_dir(directory)
+  ref = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+  ids = [40, 41, tok.vocab_size, 42, tok.vocab_size + 15]
+  assert tok.decode(ids) == ref.decode(ids) == ref.decode([40, 41, 42]) != ""
+  assert tok.decode([ids, ids[:2]]) == [tok.decode(ids), tok.decode(ids[:2])]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_tokenizers_encode_and_decode_like_transformers(name):
   check_tokenizer(os.path.join(FIXTURES, name))
