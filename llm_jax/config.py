@@ -446,7 +446,8 @@ _DECODING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
 _READ_BY = {
     "train": set(_TRAINING) | set(_DECODING) - {"max_new_tokens", "min_length", "stop_token",
                                                   "num_return_sequences"},  # eval samples: 64
-    "eval": {"checkpoint_step"},
+    "eval": {"checkpoint_step", "objective", "dpo_beta", "dpo_label_smoothing",
+             "dpo_loss_type"},  # a DPO run's eval: its loss and reward accuracy
     "sample": {"checkpoint_step"} | set(_DECODING),
     "estimate": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
     "export": {"checkpoint_step"},

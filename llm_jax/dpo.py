@@ -51,6 +51,8 @@ from llm_jax import corpus as corpus_lib
 from llm_jax import data as data_lib
 from llm_jax import errors
 from llm_jax import files
+from llm_jax import lora
+from llm_jax import model as model_lib
 from llm_jax import records
 from llm_jax import tokenizer as tokenizer_lib
 
@@ -402,24 +404,54 @@ def check(cfg) -> None:
         f"in the workdir's {REFERENCE_FILE}, 8 bytes per pair)")
 
 
-def attach_reference(trainer, data: PreferenceData, workdir: str) -> None:
-  """Full fine-tuning: data's reference log-probs, from <workdir>/REFERENCE_FILE when it holds
-  this data's, else computed from the starting params (held by `trainer` until its first state)
-  and written there. UserError when neither is possible (a resumed run whose cache is gone)."""
+def _cached(data: PreferenceData, workdir: str) -> bool:
+  """Sets data's reference log-probs from <workdir>/REFERENCE_FILE if it holds this data's."""
   path = os.path.join(workdir, REFERENCE_FILE)
   if os.path.exists(path):
     with np.load(path) as z:
       if str(z["key"]) == data.key:
         data.train_ref, data.validation_ref = z["train"], z["validation"]
-        return
+        return True
+  return False
+
+
+def _no_reference(path: str, why: str) -> errors.UserError:
+  return errors.UserError(
+      f"cannot compute the DPO reference: {path} is "
+      + ("missing" if not os.path.exists(path) else "of other pairs (the dataset changed)")
+      + f" and {why}. Train in a new --workdir (the reference is computed again from "
+      f"init_from), or restore the file")
+
+
+def eval_step(loaded, workdir: str, data: PreferenceData):
+  """--mode=eval of a DPO run: (jitted step(params, batch) -> sums, the params it takes). The
+  reference is a LoRA run's base without its adapters, else the run's cached log-probs."""
+  policy, lora_run = model_lib.build(loaded.model_cfg), bool(loaded.model_cfg.lora_r)
+  ref_model = (model_lib.build(dataclasses.replace(loaded.model_cfg, lora_r=0)) if lora_run
+               else None)
+  if not lora_run:
+    if not _cached(data, workdir):
+      raise _no_reference(os.path.join(workdir, REFERENCE_FILE),
+                          "the run's checkpoints no longer hold the params it started from")
+    data.train_ref = None  # evaluation reads the held-out pairs only
+  loss = make_loss_fn(loaded.cfg, policy, ref_model)
+
+  def step(params, batch):  # a LoRA run's params: its base and its adapters, one tree
+    return loss(params, lora.split(params)[0] if lora_run else {}, batch, None, True)[1]
+  return jax.jit(step), loaded.params
+
+
+def attach_reference(trainer, data: PreferenceData, workdir: str) -> None:
+  """Full fine-tuning: data's reference log-probs, from <workdir>/REFERENCE_FILE when it holds
+  this data's, else computed from the starting params (held by `trainer` until its first state)
+  and written there. UserError when neither is possible (a resumed run whose cache is gone)."""
+  path = os.path.join(workdir, REFERENCE_FILE)
+  if _cached(data, workdir):
+    return
   params = trainer.initial_params()
   if params is None:
-    raise errors.UserError(
-        f"cannot compute the DPO reference: {path} is "
-        + ("missing" if not os.path.exists(path) else "of other pairs (the dataset changed)")
-        + f" and this run resumes from its checkpoints, which no longer hold the params it "
-        f"started from. Train in a new --workdir (the reference is computed again from "
-        f"init_from), or restore the file")
+    raise _no_reference(path, "this run resumes from its checkpoints, which no longer hold the "
+                        "params it started from")
   print(f"llm_jax: DPO reference log-probs of {len(data.train_tokens)} + "
         f"{len(data.validation_tokens)} pairs, once, into {path}", flush=True)
   refs = []

@@ -704,19 +704,25 @@ def _eval_samples(trainer, params, tokenizer, cfg, step) -> list[str]:
 
 def evaluate_workdir(cfg, workdir: str, overrides=None) -> int:
   """--mode=eval: loss, accuracy, perplexity and bits/char of a saved checkpoint (quantized when
-  load_in_8bit / load_in_4bit ask; a LoRA run's with its base)."""
+  load_in_8bit / load_in_4bit ask; a LoRA run's with its base); with objective=dpo, the
+  preference loss and reward accuracy on the held-out pairs."""
   from llm_jax import loader
   loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=overrides or {})
-  data = build_data(loaded.cfg, workdir, tokenizer=loaded.tokenizer)
+  if cfg.objective == "dpo":
+    from llm_jax import dpo  # pylint: disable=import-outside-toplevel
+    data = dpo.build(loaded.cfg, workdir, tokenizer=loaded.tokenizer)
+    step_fn, params = dpo.eval_step(loaded, workdir, data)
+  else:
+    data = build_data(loaded.cfg, workdir, tokenizer=loaded.tokenizer)
+    step_fn, params = jax.jit(make_eval_step(model_lib.build(loaded.model_cfg))), loaded.params
   if loaded.quantization:
     print(f"# {loaded.quantization}", flush=True)
   rules = sharding_lib.logical_rules(loaded.cfg)
-  step_fn = jax.jit(make_eval_step(model_lib.build(loaded.model_cfg)))
 
   def eval_step(params, batch):
     with nn.logical_axis_rules(rules), jax.set_mesh(loaded.mesh):
       return step_fn(params, batch)
-  ev = evaluate(eval_step, loaded.params, data.eval_batches(), loaded.mesh, None,
+  ev = evaluate(eval_step, params, data.eval_batches(), loaded.mesh, None,
                 data.chars_per_token)  # the whole split
   print(f"eval of checkpoint {loaded.step} in {workdir}: " + ", ".join(
       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()), flush=True)

@@ -18,6 +18,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import types
 
@@ -245,7 +246,7 @@ def _metrics(workdir, key):
     return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
-def test_short_lora_dpo_run_raises_reward_accuracy_on_its_pairs(base_run):
+def test_short_lora_dpo_run_raises_reward_accuracy_on_its_pairs(base_run, capsys):
   workdir = str(base_run.root / "lora")
   assert train.run(_dpo_cfg(base_run, lora_r=4), workdir, overrides={}) == 0
   acc, loss = _metrics(workdir, "eval/rewards/accuracies"), _metrics(workdir, "eval/loss")
@@ -255,6 +256,18 @@ def test_short_lora_dpo_run_raises_reward_accuracy_on_its_pairs(base_run):
   for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
     assert 8 in _metrics(workdir, f"train/{k}") and 8 in _metrics(workdir, f"eval/{k}")
   assert not os.path.exists(os.path.join(workdir, dpo.REFERENCE_FILE))  # LoRA needs no cache
+  _eval_equals_the_runs_last(base_run, workdir, 8, capsys)
+
+
+def _eval_equals_the_runs_last(base_run, workdir, step, capsys, **changes):
+  """--mode=eval of the workdir reports the run's own last evaluation."""
+  capsys.readouterr()
+  assert train.evaluate_workdir(_dpo_cfg(base_run, **changes), workdir) == 0
+  out = capsys.readouterr().out
+  assert f"eval of checkpoint {step}" in out
+  for key in ("loss", "rewards/accuracies", "rewards/margins"):
+    got = float(re.search(rf"[ ,]{re.escape(key)} (-?[0-9.]+)", out).group(1))
+    assert got == pytest.approx(_metrics(workdir, f"eval/{key}")[step], abs=2e-4), key
 
 
 def _params(workdir, step):
@@ -262,7 +275,7 @@ def _params(workdir, step):
       os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "params"))
 
 
-def test_full_finetune_caches_the_reference_and_resumes_exactly(base_run):
+def test_full_finetune_caches_the_reference_and_resumes_exactly(base_run, capsys):
   cfg = _dpo_cfg(base_run, num_train_steps=6, save_steps=3, eval_steps=6, learning_rate=3e-3)
   whole = str(base_run.root / "full")
   assert train.run(cfg, whole, overrides={}) == 0
@@ -274,6 +287,7 @@ def test_full_finetune_caches_the_reference_and_resumes_exactly(base_run):
                                                  np.arange(len(ref))))
   base = dpo.pair_logps(model_lib.build(base_run.mc), base_run.params, batch)
   np.testing.assert_allclose(ref, np.asarray(base), rtol=1e-5)  # the starting model's
+  _eval_equals_the_runs_last(base_run, whole, 6, capsys)  # from the cached reference
 
   cut = str(base_run.root / "cut")
   shutil.copytree(whole, cut)
