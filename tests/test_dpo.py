@@ -304,7 +304,8 @@ def test_full_finetune_caches_the_reference_and_resumes_exactly(base_run, capsys
 # --- TRL's formats ---------------------------------------------------------------------------
 
 
-def test_trl_formats_standard_conversational_implicit_prompt_and_parquet(tmp_path):
+def test_trl_formats_standard_conversational_implicit_prompt_parquet_save_to_disk(tmp_path,
+                                                                                   base_run):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   user = {"role": "user", "content": "Who comes?"}
@@ -320,7 +321,38 @@ def test_trl_formats_standard_conversational_implicit_prompt_and_parquet(tmp_pat
   got = dpo.read_pairs(str(tmp_path / "p.parquet"))
   assert [(p.prompt, p.chosen, p.rejected) for p in got] == [("a", " b", " c"), ("d", " e", " f")]
   assert got[1].where.endswith("p.parquet:row 1")
+  import datasets  # pylint: disable=import-outside-toplevel
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+  assert [p.chosen for p in dpo.read_pairs(str(tmp_path / "saved"))] == [" b", " e"]
+  tok = base_run.tokenizer  # messages: their contents one per line, until chat templates
+  assert dpo.encode_example(tok, [user], chosen) == (
+      [tok.eos_id] + tok.encode("Who comes?\n"), tok.encode("A friend.") + [tok.eos_id])
   with pytest.raises(errors.UserError, match="x:3: 'chosen' is identical to 'rejected'"):
     dpo.pair_of({"prompt": "a", "chosen": "b", "rejected": "b"}, "x:3")
   with pytest.raises(errors.UserError, match="x:4: objective=dpo needs preference pairs.*'text'"):
     dpo.pair_of({"text": "plain"}, "x:4")
+
+
+def test_dpo_on_an_imported_hugging_face_llama_in_messages_form(tmp_path):
+  """The Llama fixture (tests/fixtures/hf/llama: sentencepiece with BOS), imported, tuned with
+  LoRA on conversational pairs: each side starts with the model's BOS, and 4 steps order them."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  from llm_jax import hf  # pylint: disable=import-outside-toplevel
+  imported = str(tmp_path / "llama")
+  hf.import_to_workdir(base.get_config(), os.path.join(ROOT, "tests", "fixtures", "hf", "llama"),
+                       imported)
+  with open(tmp_path / "prefs.jsonl", "w", encoding="utf-8") as f:
+    for i in range(8):
+      f.write(json.dumps({"prompt": [{"role": "user", "content": f"Say yes {i}"}],
+                          "chosen": [{"role": "assistant", "content": "Yes."}],
+                          "rejected": [{"role": "assistant", "content": "No, never."}]}) + "\n")
+  cfg = config.load(BASE_CONFIG, dataset=f"text:{tmp_path}/prefs.jsonl",
+                    validation=str(tmp_path / "prefs.jsonl"), init_from=imported,
+                    objective="dpo", lora_r=4, learning_rate=1e-2, warmup_steps=1,
+                    num_train_steps=4, eval_steps=4, save_steps=4, micro_batch_size=4,
+                    block_size=32, sample_every_eval=False, lora_dropout=0.0)
+  workdir = str(tmp_path / "dpo")
+  assert train.run(cfg, workdir, overrides={"block_size": 32}) == 0
+  data = dpo.build(cfg, workdir)
+  assert data.tokenizer.add_bos and (data.train_tokens[:, :, 0] == data.tokenizer.bos_id).all()
+  assert _metrics(workdir, "eval/rewards/accuracies") == {0: 0.0, 4: 1.0}
