@@ -301,7 +301,8 @@ def _check(c):
        f"whole embedding trains already; set only one of them")
 
   # Objective (train.py, dpo.py).
-  need(c.objective in OBJECTIVES, f"objective={c.objective!r} is not one of {', '.join(OBJECTIVES)}")
+  need(c.objective in OBJECTIVES,
+       f"objective={c.objective!r} is not one of {', '.join(OBJECTIVES)}")
   if c.objective == "dpo":
     need(c.dpo_beta > 0, f"dpo_beta={c.dpo_beta} must be > 0 (0.1 is usual)")
     need(0.0 <= c.dpo_label_smoothing < 0.5,

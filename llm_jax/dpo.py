@@ -404,12 +404,13 @@ def check(cfg) -> None:
         f"in the workdir's {REFERENCE_FILE}, 8 bytes per pair)")
 
 
-def _cached(data: PreferenceData, workdir: str) -> bool:
-  """Sets data's reference log-probs from <workdir>/REFERENCE_FILE if it holds this data's."""
+def _cached(data: PreferenceData, workdir: str, base: str | None = None) -> bool:
+  """Sets data's reference log-probs from <workdir>/REFERENCE_FILE if it holds this data's (and,
+  when `base` is given, was computed from that starting model)."""
   path = os.path.join(workdir, REFERENCE_FILE)
   if os.path.exists(path):
     with np.load(path) as z:
-      if str(z["key"]) == data.key:
+      if str(z["key"]) == data.key and base in (None, str(z["base"])):
         data.train_ref, data.validation_ref = z["train"], z["validation"]
         return True
   return False
@@ -441,14 +442,15 @@ def eval_step(loaded, workdir: str, data: PreferenceData):
   return jax.jit(step), loaded.params
 
 
-def attach_reference(trainer, data: PreferenceData, workdir: str) -> None:
+def attach_reference(trainer, data: PreferenceData, workdir: str, base: str | None) -> None:
   """Full fine-tuning: data's reference log-probs, from <workdir>/REFERENCE_FILE when it holds
-  this data's, else computed from the starting params (held by `trainer` until its first state)
-  and written there. UserError when neither is possible (a resumed run whose cache is gone)."""
+  this data's (from the checkpoint `base`, when a new run loaded one), else computed from the
+  starting params (held by `trainer` until its first state) and written there. UserError when
+  neither is possible (a resumed run whose cache is gone)."""
   path = os.path.join(workdir, REFERENCE_FILE)
-  if _cached(data, workdir):
-    return
   params = trainer.initial_params()
+  if _cached(data, workdir, base if params is not None else None):
+    return
   if params is None:
     raise _no_reference(path, "this run resumes from its checkpoints, which no longer hold the "
                         "params it started from")
@@ -464,6 +466,7 @@ def attach_reference(trainer, data: PreferenceData, workdir: str) -> None:
   data.train_ref, data.validation_ref = refs
   if jax.process_index() == 0:
     buf = io.BytesIO()
-    np.savez(buf, key=np.asarray(data.key), train=refs[0], validation=refs[1])
+    np.savez(buf, key=np.asarray(data.key), base=np.asarray(base), train=refs[0],
+             validation=refs[1])
     files.write_bytes(path, buf.getvalue(), "the DPO reference log-probs")
 

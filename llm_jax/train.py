@@ -510,7 +510,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
   steps = total_steps(cfg, data.steps_per_epoch)
   trainer = Trainer(cfg, steps, mesh=mesh, base=base)
   if pairs is not None and not cfg.lora_r:  # full fine-tuning: cached before the first state
-    dpo.attach_reference(trainer, data, workdir)
+    dpo.attach_reference(trainer, data, workdir, base.path if base is not None else None)
   del base  # a full fine-tune's initial params are donated to its first state
   if tasks is not None:
     tasks.start(trainer, data.tokenizer)

