@@ -323,6 +323,14 @@ def build(cfg, workdir: str, pairs=None, tokenizer=None) -> PreferenceData:
 # -------------------------------------------------------------------------------------- Losses
 
 
+def initial_loss(cfg) -> float:
+  """The loss while the policy is its reference (every log-ratio 0): log 2 for the sigmoid loss
+  (label smoothing or not), (1 / (2 beta))^2 for IPO."""
+  if cfg.dpo_loss_type == "ipo":
+    return (1.0 / (2.0 * cfg.dpo_beta)) ** 2
+  return float(np.log(2.0))
+
+
 def sequence_logps(logits_BTV, targets_BT, weights_BT):
   """Summed log-probabilities of the weighted targets of each row (float32): [B]."""
   logits_BTV = logits_BTV.astype(jnp.float32)

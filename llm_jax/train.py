@@ -394,16 +394,23 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
   return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 
-def _check_loss(step: int, loss: float, running_min: float, factor: float) -> float:
-  """Raises TrainingDiverged on a NaN/Inf or exploding loss; returns the new running minimum."""
+def _check_loss(step: int, loss: float, running_min: float, factor: float,
+                floor: float = 0.0) -> float:
+  """Raises TrainingDiverged on a NaN/Inf or exploding loss; returns the new running minimum.
+
+  `floor`: the explosion is measured against max(running minimum, floor). A preference loss
+  falls toward 0 as its margins grow, where ordinary noise is many times the minimum: its floor
+  is its value at the start (dpo.initial_loss).
+  """
   advice = ("Lower --config.learning_rate (e.g. by 3-10x), lengthen --config.warmup_steps, or "
             "clip harder with --config.max_grad_norm=1.0. No checkpoint of this state was written.")
   if not math.isfinite(loss):
     raise TrainingDiverged(f"loss is {loss} at step {step}. {advice}")
-  if factor and math.isfinite(running_min) and loss > factor * running_min:
+  if factor and math.isfinite(running_min) and loss > factor * max(running_min, floor):
+    what = "its running minimum" if running_min >= floor else "its value at the start"
     raise TrainingDiverged(f"loss exploded to {loss:.4g} at step {step}, more than "
-                           f"loss_explosion_factor={factor:g} x its running minimum "
-                           f"{running_min:.4g}. {advice}")
+                           f"loss_explosion_factor={factor:g} x {what} "
+                           f"{max(running_min, floor):.4g}. {advice}")
   return min(running_min, loss)
 
 
@@ -543,6 +550,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
             f"{jax.device_count()} x {jax.devices()[0].device_kind}, workdir {workdir}"
             + (f", resumed at step {start}" if start else ""), flush=True)
     running_min = math.inf
+    loss_floor = dpo.initial_loss(cfg) if pairs is not None else 0.0
     bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True,
                mininterval=1.0, desc="train")
     t0, steps_timed, last = time.perf_counter(), 0, {}
@@ -574,7 +582,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
       if step % cfg.log_every == 0 or do_eval or do_save or step == start + 1:
         out = jax.device_get(out)
         running_min = _check_loss(step, float(out["loss"]), running_min,
-                                  cfg.loss_explosion_factor)
+                                  cfg.loss_explosion_factor, loss_floor)
         if not math.isfinite(float(out["param_norm"])):
           raise TrainingDiverged(f"parameters became NaN/Inf at step {step}. Lower "
                                  f"--config.learning_rate or clip with --config.max_grad_norm.")
@@ -608,7 +616,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         # The logged loss is of the params before this step's update; the state about to be
         # saved is after it, so check that state itself: one forward pass on this step's batch.
         running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
-                                  cfg.loss_explosion_factor)
+                                  cfg.loss_explosion_factor, loss_floor)
       ev = None
       if do_eval:
         # The eval loss goes into the checkpoint (the best one is kept), so it comes first, but
@@ -629,7 +637,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         if not (do_save or stop) and ckpt.should_stop(step, cfg.log_every):
           stop = True  # a signal during the evaluation: save this step, not one more
           running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
-                                    cfg.loss_explosion_factor)
+                                    cfg.loss_explosion_factor, loss_floor)
       if do_save or stop:
         ckpt.save(step, state, train_iter, params=params)
       if ev is not None and not stop:  # no sampling after a signal: the save is what matters

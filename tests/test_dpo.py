@@ -356,3 +356,16 @@ def test_dpo_on_an_imported_hugging_face_llama_in_messages_form(tmp_path):
   data = dpo.build(cfg, workdir)
   assert data.tokenizer.add_bos and (data.train_tokens[:, :, 0] == data.tokenizer.bos_id).all()
   assert _metrics(workdir, "eval/rewards/accuracies") == {0: 0.0, 4: 1.0}
+
+
+def test_a_falling_preference_loss_is_not_an_explosion():
+  """DPO's loss nears 0 as margins grow, where noise is many times the minimum: explosions are
+  measured from its starting value (log 2; IPO's (1 / (2 beta))^2) instead."""
+  cfg = types.SimpleNamespace(dpo_loss_type="sigmoid", dpo_beta=0.1)
+  floor = dpo.initial_loss(cfg)
+  assert floor == pytest.approx(np.log(2))
+  assert train._check_loss(9, 0.2, 0.01, 10.0, floor) == 0.01  # pylint: disable=protected-access
+  with pytest.raises(train.TrainingDiverged, match="its value at the start 0.6931"):
+    train._check_loss(9, 7.0, 0.01, 10.0, floor)  # pylint: disable=protected-access
+  assert dpo.initial_loss(types.SimpleNamespace(dpo_loss_type="ipo", dpo_beta=0.1)) == (
+      pytest.approx(25.0))
