@@ -370,6 +370,12 @@ def pair_logps(model, params, batch, *, deterministic=True, rng=None):
                         batch["weights"].reshape(2 * p, t).astype(jnp.float32)).reshape(p, 2)
 
 
+# What make_loss_fn's loss sums over pairs: the loss, the pair count, TRL's metrics.
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
+SUM_KEYS = ("loss", "pairs") + METRICS
+
+
 def make_loss_fn(cfg, model, ref_model):
   """loss(full params, frozen base, micro-batch, rng, deterministic) -> (mean loss, sums):
   the DPO objective for train.make_train_step. sums: the loss and TRL's metrics summed over the

@@ -116,7 +116,10 @@ def make_train_step(cfg, model, tx, ref_model=None):
 
     def loss_of_trained(params, base, batch, rng):  # differentiated w.r.t. params only
       return preference(lora_lib.combine(base, params), base, batch, rng, deterministic)
+    sum_keys = dpo.SUM_KEYS
   else:
+    sum_keys = ("loss",)
+
     def loss_of_trained(params, base, batch, rng):
       total, ce = loss_fn(lora_lib.combine(base, params), model, batch, rng, cfg.z_loss,
                           deterministic)
@@ -147,9 +150,7 @@ def make_train_step(cfg, model, tx, ref_model=None):
         return (acc, jax.tree.map(jnp.add, sums, micro_sums)), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      first = jax.tree.map(lambda x: x[0], batch)
-      no_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-          lambda: micro_grads(state.params, base, first, rng)[0]))
+      no_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys}
       (acc, sums), _ = jax.lax.scan(body, (zeros, no_sums), (batch, jnp.arange(n_micro)))
       grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, state.params)
       return finish(state, grads, _means(sums, n_micro), state.step + 1)
