@@ -351,7 +351,8 @@ def _check(c):
        f"whole embedding trains already; set only one of them")
 
   # Objective (train.py, dpo.py).
-  need(c.objective in OBJECTIVES, f"objective={c.objective!r} is not one of {', '.join(OBJECTIVES)}")
+  need(c.objective in OBJECTIVES,
+       f"objective={c.objective!r} is not one of {', '.join(OBJECTIVES)}")
   if c.objective == "dpo":
     need(c.dpo_beta > 0, f"dpo_beta={c.dpo_beta} must be > 0 (0.1 is usual)")
     need(0.0 <= c.dpo_label_smoothing < 0.5,
@@ -579,7 +580,8 @@ _DECODING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
 _READ_BY = {
     "train": set(_TRAINING) | set(_DECODING) - {"max_new_tokens", "min_length", "stop_token",
                                                   "num_return_sequences"},  # eval samples: 64
-    "eval": {"checkpoint_step"},
+    "eval": {"checkpoint_step", "objective", "dpo_beta", "dpo_label_smoothing",
+             "dpo_loss_type"},  # a DPO run's eval: its loss and reward accuracy
     "sample": {"checkpoint_step"} | set(_DECODING),
     "estimate": {"remat_policy", "grad_accum", "dropout", "attention_dropout", "hidden_dropout"},
     "export": {"checkpoint_step"},

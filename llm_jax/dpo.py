@@ -51,6 +51,8 @@ from llm_jax import corpus as corpus_lib
 from llm_jax import data as data_lib
 from llm_jax import errors
 from llm_jax import files
+from llm_jax import lora
+from llm_jax import model as model_lib
 from llm_jax import records
 from llm_jax import tokenizer as tokenizer_lib
 
@@ -323,6 +325,14 @@ def build(cfg, workdir: str, pairs=None, tokenizer=None) -> PreferenceData:
 # -------------------------------------------------------------------------------------- Losses
 
 
+def initial_loss(cfg) -> float:
+  """The loss while the policy is its reference (every log-ratio 0): log 2 for the sigmoid loss
+  (label smoothing or not), (1 / (2 beta))^2 for IPO."""
+  if cfg.dpo_loss_type == "ipo":
+    return (1.0 / (2.0 * cfg.dpo_beta)) ** 2
+  return float(np.log(2.0))
+
+
 def sequence_logps(logits_BTV, targets_BT, weights_BT):
   """Summed log-probabilities of the weighted targets of each row (float32): [B]."""
   logits_BTV = logits_BTV.astype(jnp.float32)
@@ -360,6 +370,12 @@ def pair_logps(model, params, batch, *, deterministic=True, rng=None):
                        rngs=None if deterministic else {"dropout": rng})
   return sequence_logps(logits, batch["targets"].reshape(2 * p, t),
                         batch["weights"].reshape(2 * p, t).astype(jnp.float32)).reshape(p, 2)
+
+
+# What make_loss_fn's loss sums over pairs: the loss, the pair count, TRL's metrics.
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
+SUM_KEYS = ("loss", "pairs") + METRICS
 
 
 def make_loss_fn(cfg, model, ref_model):
@@ -404,24 +420,56 @@ def check(cfg) -> None:
         f"in the workdir's {REFERENCE_FILE}, 8 bytes per pair)")
 
 
-def attach_reference(trainer, data: PreferenceData, workdir: str) -> None:
-  """Full fine-tuning: data's reference log-probs, from <workdir>/REFERENCE_FILE when it holds
-  this data's, else computed from the starting params (held by `trainer` until its first state)
-  and written there. UserError when neither is possible (a resumed run whose cache is gone)."""
+def _cached(data: PreferenceData, workdir: str, base: str | None = None) -> bool:
+  """Sets data's reference log-probs from <workdir>/REFERENCE_FILE if it holds this data's (and,
+  when `base` is given, was computed from that starting model)."""
   path = os.path.join(workdir, REFERENCE_FILE)
   if os.path.exists(path):
     with np.load(path) as z:
-      if str(z["key"]) == data.key:
+      if str(z["key"]) == data.key and base in (None, str(z["base"])):
         data.train_ref, data.validation_ref = z["train"], z["validation"]
-        return
+        return True
+  return False
+
+
+def _no_reference(path: str, why: str) -> errors.UserError:
+  return errors.UserError(
+      f"cannot compute the DPO reference: {path} is "
+      + ("missing" if not os.path.exists(path) else "of other pairs (the dataset changed)")
+      + f" and {why}. Train in a new --workdir (the reference is computed again from "
+      f"init_from), or restore the file")
+
+
+def eval_step(loaded, workdir: str, data: PreferenceData):
+  """--mode=eval of a DPO run: (jitted step(params, batch) -> sums, the params it takes). The
+  reference is a LoRA run's base without its adapters, else the run's cached log-probs."""
+  policy, lora_run = model_lib.build(loaded.model_cfg), bool(loaded.model_cfg.lora_r)
+  ref_model = (model_lib.build(dataclasses.replace(loaded.model_cfg, lora_r=0)) if lora_run
+               else None)
+  if not lora_run:
+    if not _cached(data, workdir):
+      raise _no_reference(os.path.join(workdir, REFERENCE_FILE),
+                          "the run's checkpoints no longer hold the params it started from")
+    data.train_ref = None  # evaluation reads the held-out pairs only
+  loss = make_loss_fn(loaded.cfg, policy, ref_model)
+
+  def step(params, batch):  # a LoRA run's params: its base and its adapters, one tree
+    return loss(params, lora.split(params)[0] if lora_run else {}, batch, None, True)[1]
+  return jax.jit(step), loaded.params
+
+
+def attach_reference(trainer, data: PreferenceData, workdir: str, base: str | None) -> None:
+  """Full fine-tuning: data's reference log-probs, from <workdir>/REFERENCE_FILE when it holds
+  this data's (from the checkpoint `base`, when a new run loaded one), else computed from the
+  starting params (held by `trainer` until its first state) and written there. UserError when
+  neither is possible (a resumed run whose cache is gone)."""
+  path = os.path.join(workdir, REFERENCE_FILE)
   params = trainer.initial_params()
+  if _cached(data, workdir, base if params is not None else None):
+    return
   if params is None:
-    raise errors.UserError(
-        f"cannot compute the DPO reference: {path} is "
-        + ("missing" if not os.path.exists(path) else "of other pairs (the dataset changed)")
-        + f" and this run resumes from its checkpoints, which no longer hold the params it "
-        f"started from. Train in a new --workdir (the reference is computed again from "
-        f"init_from), or restore the file")
+    raise _no_reference(path, "this run resumes from its checkpoints, which no longer hold the "
+                        "params it started from")
   print(f"llm_jax: DPO reference log-probs of {len(data.train_tokens)} + "
         f"{len(data.validation_tokens)} pairs, once, into {path}", flush=True)
   refs = []
@@ -434,6 +482,7 @@ def attach_reference(trainer, data: PreferenceData, workdir: str) -> None:
   data.train_ref, data.validation_ref = refs
   if jax.process_index() == 0:
     buf = io.BytesIO()
-    np.savez(buf, key=np.asarray(data.key), train=refs[0], validation=refs[1])
+    np.savez(buf, key=np.asarray(data.key), base=np.asarray(base), train=refs[0],
+             validation=refs[1])
     files.write_bytes(path, buf.getvalue(), "the DPO reference log-probs")
 

@@ -116,7 +116,10 @@ def make_train_step(cfg, model, tx, ref_model=None):
 
     def loss_of_trained(params, base, batch, rng):  # differentiated w.r.t. params only
       return preference(lora_lib.combine(base, params), base, batch, rng, deterministic)
+    sum_keys = dpo.SUM_KEYS
   else:
+    sum_keys = ("loss",)
+
     def loss_of_trained(params, base, batch, rng):
       total, ce = loss_fn(lora_lib.combine(base, params), model, batch, rng, cfg.z_loss,
                           deterministic)
@@ -147,9 +150,7 @@ def make_train_step(cfg, model, tx, ref_model=None):
         return (acc, jax.tree.map(jnp.add, sums, micro_sums)), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      first = jax.tree.map(lambda x: x[0], batch)
-      no_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-          lambda: micro_grads(state.params, base, first, rng)[0]))
+      no_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys}
       (acc, sums), _ = jax.lax.scan(body, (zeros, no_sums), (batch, jnp.arange(n_micro)))
       grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, state.params)
       state, out = finish(state, grads, _means(sums, n_micro), state.step + 1)
@@ -399,16 +400,23 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
   return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 
-def _check_loss(step: int, loss: float, running_min: float, factor: float) -> float:
-  """Raises TrainingDiverged on a NaN/Inf or exploding loss; returns the new running minimum."""
+def _check_loss(step: int, loss: float, running_min: float, factor: float,
+                floor: float = 0.0) -> float:
+  """Raises TrainingDiverged on a NaN/Inf or exploding loss; returns the new running minimum.
+
+  `floor`: the explosion is measured against max(running minimum, floor). A preference loss
+  falls toward 0 as its margins grow, where ordinary noise is many times the minimum: its floor
+  is its value at the start (dpo.initial_loss).
+  """
   advice = ("Lower --config.learning_rate (e.g. by 3-10x), lengthen --config.warmup_steps, or "
             "clip harder with --config.max_grad_norm=1.0. No checkpoint of this state was written.")
   if not math.isfinite(loss):
     raise TrainingDiverged(f"loss is {loss} at step {step}. {advice}")
-  if factor and math.isfinite(running_min) and loss > factor * running_min:
+  if factor and math.isfinite(running_min) and loss > factor * max(running_min, floor):
+    what = "its running minimum" if running_min >= floor else "its value at the start"
     raise TrainingDiverged(f"loss exploded to {loss:.4g} at step {step}, more than "
-                           f"loss_explosion_factor={factor:g} x its running minimum "
-                           f"{running_min:.4g}. {advice}")
+                           f"loss_explosion_factor={factor:g} x {what} "
+                           f"{max(running_min, floor):.4g}. {advice}")
   return min(running_min, loss)
 
 
@@ -519,7 +527,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
   steps = total_steps(cfg, data.steps_per_epoch)
   trainer = Trainer(cfg, steps, mesh=mesh, base=base)
   if pairs is not None and not cfg.lora_r:  # full fine-tuning: cached before the first state
-    dpo.attach_reference(trainer, data, workdir)
+    dpo.attach_reference(trainer, data, workdir, base.path if base is not None else None)
   del base  # a full fine-tune's initial params are donated to its first state
   if tasks is not None:
     tasks.start(trainer, data.tokenizer)
@@ -556,6 +564,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
             f"source {i} ({n}) weight {w:.3f}, its share of each step logged as data/share_{i}"
             for i, (n, w) in enumerate(zip(data.source_names, data.weights))), flush=True)
     running_min = math.inf
+    loss_floor = dpo.initial_loss(cfg) if pairs is not None else 0.0
     bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True,
                mininterval=1.0, desc="train")
     t0, steps_timed, last, trained = time.perf_counter(), 0, {}, 0.0
@@ -595,7 +604,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
       if step % cfg.log_every == 0 or do_eval or do_save or step == start + 1:
         out = jax.device_get(out)
         running_min = _check_loss(step, float(out["loss"]), running_min,
-                                  cfg.loss_explosion_factor)
+                                  cfg.loss_explosion_factor, loss_floor)
         if not math.isfinite(float(out["param_norm"])):
           raise TrainingDiverged(f"parameters became NaN/Inf at step {step}. Lower "
                                  f"--config.learning_rate or clip with --config.max_grad_norm.")
@@ -636,7 +645,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
         # The logged loss is of the params before this step's update; the state about to be
         # saved is after it, so check that state itself: one forward pass on this step's batch.
         running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
-                                  cfg.loss_explosion_factor)
+                                  cfg.loss_explosion_factor, loss_floor)
       ev = None
       if do_eval:
         # The eval loss goes into the checkpoint (the best one is kept), so it comes first, but
@@ -659,7 +668,7 @@ def _run_locked(cfg, workdir: str, overrides=None) -> int:
           # and stop there (a rerun runs the final evaluation it cut short).
           if not do_save:
             running_min = _check_loss(step, trainer.loss_of(params, batch), running_min,
-                                      cfg.loss_explosion_factor)
+                                      cfg.loss_explosion_factor, loss_floor)
           stop = True
       if do_save or stop:
         ckpt.save(step, state, train_iter, params=params)
@@ -749,19 +758,25 @@ def _eval_samples(trainer, params, tokenizer, cfg, step) -> list[str]:
 
 def evaluate_workdir(cfg, workdir: str, overrides=None) -> int:
   """--mode=eval: loss, accuracy, perplexity and bits/char of a saved checkpoint (quantized when
-  load_in_8bit / load_in_4bit ask; a LoRA run's with its base)."""
+  load_in_8bit / load_in_4bit ask; a LoRA run's with its base); with objective=dpo, the
+  preference loss and reward accuracy on the held-out pairs."""
   from llm_jax import loader
   loaded = loader.load(workdir, cfg, step=cfg.checkpoint_step, asked=overrides or {})
-  data = build_data(loaded.cfg, workdir, tokenizer=loaded.tokenizer)
+  if cfg.objective == "dpo":
+    from llm_jax import dpo  # pylint: disable=import-outside-toplevel
+    data = dpo.build(loaded.cfg, workdir, tokenizer=loaded.tokenizer)
+    step_fn, params = dpo.eval_step(loaded, workdir, data)
+  else:
+    data = build_data(loaded.cfg, workdir, tokenizer=loaded.tokenizer)
+    step_fn, params = jax.jit(make_eval_step(model_lib.build(loaded.model_cfg))), loaded.params
   if loaded.quantization:
     print(f"# {loaded.quantization}", flush=True)
   rules = sharding_lib.logical_rules(loaded.cfg)
-  step_fn = jax.jit(make_eval_step(model_lib.build(loaded.model_cfg)))
 
   def eval_step(params, batch):
     with nn.logical_axis_rules(rules), jax.set_mesh(loaded.mesh):
       return step_fn(params, batch)
-  ev = evaluate(eval_step, loaded.params, data.eval_batches(), loaded.mesh, None,
+  ev = evaluate(eval_step, params, data.eval_batches(), loaded.mesh, None,
                 data.chars_per_token)  # the whole split
   print(f"eval of checkpoint {loaded.step} in {workdir}: " + ", ".join(
       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()), flush=True)

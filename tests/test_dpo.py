@@ -18,6 +18,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import types
 
@@ -194,9 +195,10 @@ def test_parameter_gradient_is_the_papers_weights_on_each_pairs_logps(base_run, 
                          0.5, eps, loss_type)
   w = jnp.asarray(np.stack([wc, wr], 1), jnp.float32)
   loss = dpo.make_loss_fn(cfg, model, None)
-  got = jax.grad(lambda p: loss(p, {}, {**batch, "ref_logps": ref}, None, True)[0])(
+  got = jax.jit(jax.grad(lambda p: loss(p, {}, {**batch, "ref_logps": ref}, None, True)[0]))(
       base_run.params)
-  want = jax.grad(lambda p: jnp.sum(w * dpo.pair_logps(model, p, batch)))(base_run.params)
+  want = jax.jit(jax.grad(lambda p: jnp.sum(w * dpo.pair_logps(model, p, batch))))(
+      base_run.params)
   for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, h, rtol=2e-4, atol=1e-7)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(got)) > 1e-4
@@ -245,7 +247,7 @@ def _metrics(workdir, key):
     return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
-def test_short_lora_dpo_run_raises_reward_accuracy_on_its_pairs(base_run):
+def test_short_lora_dpo_run_raises_reward_accuracy_on_its_pairs(base_run, capsys):
   workdir = str(base_run.root / "lora")
   assert train.run(_dpo_cfg(base_run, lora_r=4), workdir, overrides={}) == 0
   acc, loss = _metrics(workdir, "eval/rewards/accuracies"), _metrics(workdir, "eval/loss")
@@ -255,6 +257,18 @@ def test_short_lora_dpo_run_raises_reward_accuracy_on_its_pairs(base_run):
   for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
     assert 8 in _metrics(workdir, f"train/{k}") and 8 in _metrics(workdir, f"eval/{k}")
   assert not os.path.exists(os.path.join(workdir, dpo.REFERENCE_FILE))  # LoRA needs no cache
+  _eval_equals_the_runs_last(base_run, workdir, 8, capsys)
+
+
+def _eval_equals_the_runs_last(base_run, workdir, step, capsys, **changes):
+  """--mode=eval of the workdir reports the run's own last evaluation."""
+  capsys.readouterr()
+  assert train.evaluate_workdir(_dpo_cfg(base_run, **changes), workdir) == 0
+  out = capsys.readouterr().out
+  assert f"eval of checkpoint {step}" in out
+  for key in ("loss", "rewards/accuracies", "rewards/margins"):
+    got = float(re.search(rf"[ ,]{re.escape(key)} (-?[0-9.]+)", out).group(1))
+    assert got == pytest.approx(_metrics(workdir, f"eval/{key}")[step], abs=2e-4), key
 
 
 def _params(workdir, step):
@@ -262,7 +276,7 @@ def _params(workdir, step):
       os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "params"))
 
 
-def test_full_finetune_caches_the_reference_and_resumes_exactly(base_run):
+def test_full_finetune_caches_the_reference_and_resumes_exactly(base_run, capsys):
   cfg = _dpo_cfg(base_run, num_train_steps=6, save_steps=3, eval_steps=6, learning_rate=3e-3)
   whole = str(base_run.root / "full")
   assert train.run(cfg, whole, overrides={}) == 0
@@ -274,6 +288,7 @@ def test_full_finetune_caches_the_reference_and_resumes_exactly(base_run):
                                                  np.arange(len(ref))))
   base = dpo.pair_logps(model_lib.build(base_run.mc), base_run.params, batch)
   np.testing.assert_allclose(ref, np.asarray(base), rtol=1e-5)  # the starting model's
+  _eval_equals_the_runs_last(base_run, whole, 6, capsys)  # from the cached reference
 
   cut = str(base_run.root / "cut")
   shutil.copytree(whole, cut)
@@ -290,7 +305,8 @@ def test_full_finetune_caches_the_reference_and_resumes_exactly(base_run):
 # --- TRL's formats ---------------------------------------------------------------------------
 
 
-def test_trl_formats_standard_conversational_implicit_prompt_and_parquet(tmp_path):
+def test_trl_formats_standard_conversational_implicit_prompt_parquet_save_to_disk(tmp_path,
+                                                                                   base_run):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   user = {"role": "user", "content": "Who comes?"}
@@ -306,7 +322,51 @@ def test_trl_formats_standard_conversational_implicit_prompt_and_parquet(tmp_pat
   got = dpo.read_pairs(str(tmp_path / "p.parquet"))
   assert [(p.prompt, p.chosen, p.rejected) for p in got] == [("a", " b", " c"), ("d", " e", " f")]
   assert got[1].where.endswith("p.parquet:row 1")
+  import datasets  # pylint: disable=import-outside-toplevel
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+  assert [p.chosen for p in dpo.read_pairs(str(tmp_path / "saved"))] == [" b", " e"]
+  tok = base_run.tokenizer  # messages: their contents one per line, until chat templates
+  assert dpo.encode_example(tok, [user], chosen) == (
+      [tok.eos_id] + tok.encode("Who comes?\n"), tok.encode("A friend.") + [tok.eos_id])
   with pytest.raises(errors.UserError, match="x:3: 'chosen' is identical to 'rejected'"):
     dpo.pair_of({"prompt": "a", "chosen": "b", "rejected": "b"}, "x:3")
   with pytest.raises(errors.UserError, match="x:4: objective=dpo needs preference pairs.*'text'"):
     dpo.pair_of({"text": "plain"}, "x:4")
+
+
+def test_dpo_on_an_imported_hugging_face_llama_in_messages_form(tmp_path):
+  """The Llama fixture (tests/fixtures/hf/llama: sentencepiece with BOS), imported, tuned with
+  LoRA on conversational pairs: each side starts with the model's BOS, and 4 steps order them."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  from llm_jax import hf  # pylint: disable=import-outside-toplevel
+  imported = str(tmp_path / "llama")
+  hf.import_to_workdir(base.get_config(), os.path.join(ROOT, "tests", "fixtures", "hf", "llama"),
+                       imported)
+  with open(tmp_path / "prefs.jsonl", "w", encoding="utf-8") as f:
+    for i in range(8):
+      f.write(json.dumps({"prompt": [{"role": "user", "content": f"Say yes {i}"}],
+                          "chosen": [{"role": "assistant", "content": "Yes."}],
+                          "rejected": [{"role": "assistant", "content": "No, never."}]}) + "\n")
+  cfg = config.load(BASE_CONFIG, dataset=f"text:{tmp_path}/prefs.jsonl",
+                    validation=str(tmp_path / "prefs.jsonl"), init_from=imported,
+                    objective="dpo", lora_r=4, learning_rate=1e-2, warmup_steps=1,
+                    num_train_steps=4, eval_steps=4, save_steps=4, micro_batch_size=4,
+                    block_size=32, sample_every_eval=False, lora_dropout=0.0)
+  workdir = str(tmp_path / "dpo")
+  assert train.run(cfg, workdir, overrides={"block_size": 32}) == 0
+  data = dpo.build(cfg, workdir)
+  assert data.tokenizer.add_bos and (data.train_tokens[:, :, 0] == data.tokenizer.bos_id).all()
+  assert _metrics(workdir, "eval/rewards/accuracies") == {0: 0.0, 4: 1.0}
+
+
+def test_a_falling_preference_loss_is_not_an_explosion():
+  """DPO's loss nears 0 as margins grow, where noise is many times the minimum: explosions are
+  measured from its starting value (log 2; IPO's (1 / (2 beta))^2) instead."""
+  cfg = types.SimpleNamespace(dpo_loss_type="sigmoid", dpo_beta=0.1)
+  floor = dpo.initial_loss(cfg)
+  assert floor == pytest.approx(np.log(2))
+  assert train._check_loss(9, 0.2, 0.01, 10.0, floor) == 0.01  # pylint: disable=protected-access
+  with pytest.raises(train.TrainingDiverged, match="its value at the start 0.6931"):
+    train._check_loss(9, 7.0, 0.01, 10.0, floor)  # pylint: disable=protected-access
+  assert dpo.initial_loss(types.SimpleNamespace(dpo_loss_type="ipo", dpo_beta=0.1)) == (
+      pytest.approx(25.0))
