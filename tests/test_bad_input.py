@@ -327,6 +327,10 @@ def _cases():
           [f"{t}/mine.jsonl", "1 choice"])),
       ("tasks_dir_not_a_folder", lambda t, r: (on_run("tasks", r, tasks_dir=f"{t}/nope"),
                                                ["tasks_dir", f"{t}/nope"])),
+      ("task_continuation_longer_than_context", lambda t, r: (
+          on_run("tasks", r, tasks="mine=" + _write(f"{t}/mine.jsonl", json.dumps(
+              {"context": "a", "choices": ["b", "kalo mine " * 200], "label": 0}) + "\n")),
+          ["'mine'", f"{t}/mine.jsonl", "longer than the context", "cannot be scored"])),
   ]
 
 
