@@ -434,6 +434,10 @@ def _cases():
           ["--mode=chat", f"--workdir={r['workdir']}", "--conversation=" + _write(
               f"{t}/conv.json", json.dumps({"messages": [USER, ANSWER]}))] + _flags(r["fields"]),
           [f"{t}/conv.json", "user message"])),
+      ("task_continuation_longer_than_context", lambda t, r: (
+          on_run("tasks", r, tasks="mine=" + _write(f"{t}/mine.jsonl", json.dumps(
+              {"context": "a", "choices": ["b", "kalo mine " * 200], "label": 0}) + "\n")),
+          ["'mine'", f"{t}/mine.jsonl", "longer than the context", "cannot be scored"])),
   ]
 
 

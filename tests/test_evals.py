@@ -299,6 +299,25 @@ def test_shared_contexts_score_as_plain_rows(fx):
   assert scorer._shared._cache_size() == len(scorer.shared_shapes)  # pylint: disable=protected-access
 
 
+def test_generation_that_cannot_stop_or_fit_is_refused_before_it_compiles(fx):
+  """A tokenizer without EOS (none of ours; a Hugging Face model without one is refused at
+  import) and a task without stop sequences: a UserError naming the task and the fix, as is
+  max_new_tokens that leaves no room for the prompt; nothing compiled."""
+  from llm_jax import errors  # pylint: disable=import-outside-toplevel
+  from llm_jax import loader  # pylint: disable=import-outside-toplevel
+  from llm_jax.evals import engine  # pylint: disable=import-outside-toplevel
+  scorer = engine.Scorer(loader.load(fx["workdir"], config.load(BASE, **fx["fields"])),
+                         progress=False)
+  scorer.check_generation((), 8, "task 'gen'")  # our tokenizer's EOS stops it
+  scorer.eos_ids = []
+  with pytest.raises(errors.UserError, match="task 'gen'.*no EOS.*no stop sequence.*'until'"):
+    scorer.check_generation(("",), 8, "task 'gen'")
+  scorer.check_generation(("\n",), 8, "task 'gen'")
+  with pytest.raises(errors.UserError, match="max_new_tokens=64 leaves no room"):
+    scorer.check_generation(("\n",), 64, "task 'gen'")
+  assert scorer.compiles == 0
+
+
 def test_rolling_windows_are_lm_evals(fx):
   """Our rolling windows are lm-eval's get_rolling_token_windows + make_disjoint_window."""
   from lm_eval import utils as lm_utils  # pylint: disable=import-outside-toplevel

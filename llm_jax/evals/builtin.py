@@ -5,8 +5,13 @@ these items come from text it never saw, and nothing is fetched:
 
   play_next_line  the true next line of a speech among 3 other lines of the same play, of about
                   its length (chance 1/4)
-  play_speaker    who speaks next ("NAME:"), among up to 4 of the scene's speakers other than the
-                  one who just spoke (chance: the mean of 1 / the item's choices)
+  play_speaker    who speaks next ("NAME:"), among the 2 to 4 speakers whose "NAME:" line is in
+                  the visible context, the one who just spoke left out (a new speech is never
+                  theirs); only items whose speaker is among them (chance: the mean of 1 / the
+                  item's choices, about 0.49). Every choice is in the context, so the names
+                  of a play the model never saw can be copied, and being in the context tells
+                  nothing: turn-taking does (the one who spoke before last is right 58% of the
+                  time)
   play_last_word  the last word of a verse line, greedy, as LAMBADA scores it (chance 0)
 
 Each item's context is the play's text before the scored point, cut to at most CONTEXT_CHARS
@@ -85,26 +90,28 @@ def _next_line(text, speeches, rng):
 
 
 def _speaker(text, speeches, rng):
-  by_scene = {}
-  for scene, who, _, _ in speeches:
-    by_scene.setdefault(scene, [])
-    if who not in by_scene[scene]:
-      by_scene[scene].append(who)
   items = []
   for k, (scene, who, off, _) in enumerate(speeches):
-    if k == 0 or speeches[k - 1][0] != scene:
-      continue  # the speech opens its scene: no context from the scene
-    previous = speeches[k - 1][1]
-    if who == previous:
-      continue  # a speech resumed after a stage direction
-    # the one who just spoke is no choice: a new speech is never theirs, a trivial rule
-    others = [s for s in by_scene[scene] if s not in (who, previous)]
-    if not others:
+    previous = speeches[k - 1][1] if k else None
+    if k == 0 or speeches[k - 1][0] != scene or who == previous:
+      continue  # opens its scene (no context from it), or resumes after a stage direction
+    ctx = _context(text, off)
+    # the scene's speakers whose "NAME:" line is in the visible context, latest first
+    seen = []
+    for scene_j, who_j, off_j, _ in reversed(speeches[:k]):
+      if scene_j != scene or off_j < off - len(ctx):
+        break
+      if who_j not in seen:
+        seen.append(who_j)
+    # every choice is a name the context shows (so being in it tells nothing); the one who just
+    # spoke is no choice (a new speech is never theirs: a trivial rule)
+    names = [s for s in seen if s != previous]
+    if who not in names or len(names) < 2:
       continue
-    others = rng.sample(others, min(3, len(others)))
-    gold = rng.randrange(len(others) + 1)
-    names = others[:gold] + [who] + others[gold:]
-    items.append(tasks_lib.Item(_context(text, off), [n + ":\n" for n in names], gold))
+    names = [who] + rng.sample([s for s in names if s != who], min(3, len(names) - 1))
+    gold = rng.randrange(len(names))
+    names[0], names[gold] = names[gold], names[0]
+    items.append(tasks_lib.Item(ctx, [n + ":\n" for n in names], gold))
   return items
 
 
