@@ -168,8 +168,11 @@ def search_limit(cache, name, target, remat, scan, mb0, seed_points=(),
   pts = {}  # mb -> peak bytes, this target's compiles
   lo, hi = 0, None  # lo fits (0: nothing known), hi does not
 
+  tried = set()
+
   def run(mb):
     nonlocal lo, hi
+    tried.add(mb)
     row = cache.get(name, target, remat, scan, mb)
     peak = _peak(row)
     if peak is None and not row.get("oom"):
@@ -197,11 +200,17 @@ def search_limit(cache, name, target, remat, scan, mb0, seed_points=(),
     slope = (p2 - p1) / (m2 - m1)
     return math.floor(m1 + (hbm - p1) / slope) if slope > 0 else None
 
+  # What earlier runs compiled for this case counts (a resumed search goes on from there).
+  known = [r["micro_batch"] for r in cache.rows.values() if (
+      r["config"], r["target"], r["remat"], r["scan_layers"]) == (name, target, remat, scan)]
+  for mb in sorted(known):
+    run(mb)
   first = first or mb0
+  compiles = lambda: len(tried - set(known))
   row = run(first)
   if row.get("error"):
     return dict(error=row["error"])
-  for _ in range(max_compiles - 1):
+  while compiles() < max_compiles:
     if hi is not None and hi <= lo + 1:
       break
     g = guess()
