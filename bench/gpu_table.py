@@ -45,7 +45,7 @@ GIB = 1024**3
 CONFIGS = ("small", "medium", "large")
 TARGETS = ("h100", "h200", "8xh100")
 MAX_COMPILES = 6  # per search: the first, then the guesses
-XLA_PLAN = 0.8 * 0.95  # XLA's scheduler plans for 80% of a GPU's memory, x its 0.95 slop
+XLA_PLAN = gpu_targets.XLA_PLAN_FRACTION  # XLA plans for 80% of a GPU's memory, x 0.95 slop
 
 
 def _mesh(target: str) -> tuple:
