@@ -549,8 +549,8 @@ def gpu_memory_caveat(peak_bytes: int, hbm_bytes: int) -> str:
   share = ("; above the 75% of GPU memory JAX preallocates by default: run with "
            "XLA_PYTHON_CLIENT_MEM_FRACTION=.95" if peak_bytes > 0.75 * hbm_bytes else "")
   plan = ("; above XLA's own memory plan for this GPU "
-          f"({gpu_targets.XLA_PLAN_FRACTION:.0%} of it): XLA rematerialised to get here (values "
-          "recomputed instead of kept, a slower step than the same program with room)"
+          f"({gpu_targets.XLA_PLAN_FRACTION:.0%} of it), so XLA rematerialises what it can "
+          "(recomputes values instead of keeping them: a slower step than with room)"
           if peak_bytes > gpu_targets.XLA_PLAN_FRACTION * hbm_bytes else "")
   return (f"  (compile-only: no cuDNN workspace or autotuned GEMM tiles in the figure{share}{plan})")
 
