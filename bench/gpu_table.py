@@ -343,7 +343,7 @@ def markdown(results) -> str:
         r.get("peak_bytes")) else "compiler: out of memory"
     lim = r.get("limit") or {}
     if lim.get("error"):
-      limit = "-"
+      limit = "not searched (time budget)" if lim["error"] == "not compiled yet" else "-"
     elif lim:
       pts = dict(lim["points"])
       nxt = (f" ({lim['stops']}: {pts[lim['stops']]:.1f} GiB)" if lim.get("stops") in pts
