@@ -64,8 +64,8 @@ def _overrides(name, target, remat, scan, mb):
 
 def command(name, target, remat, scan, mb) -> str:
   o = _overrides(name, target, remat, scan, mb)
-  sets = " ".join(f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
-                  for k, v in o.items())
+  sets = " ".join(f"--config.{k}='({','.join(map(str, v))})'" if isinstance(v, tuple) else
+                  f"--config.{k}={v}" for k, v in o.items())
   return f"JAX_PLATFORMS=cpu python main.py --config=configs/{name}.py --mode=compile {sets}"
 
 
@@ -297,7 +297,8 @@ def main():
                        device_kind=gpu_targets.GPUS["h200"].device_kind)
           else:
             row = cache.get(name, target, remat, scan, mb0)
-          results.append(dict(row, limit=lim, **({} if row.get("error") else
+          results.append(dict(row, limit=lim, command=command(name, target, remat, scan, mb0),
+                              **({} if row.get("error") else
                                                   {"fits": _fits(row)})))
   n_params = {r["config"]: r["n_params"] for r in cache.rows.values() if r.get("n_params")}
   for r in results:
