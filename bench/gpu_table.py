@@ -328,13 +328,15 @@ def markdown(results) -> str:
   lines = ["| config | target (mesh) | remat | scan_layers | micro batch / GPU | peak / GPU | "
            "fits | largest micro batch / GPU that fits (next: peak) | attention | compile |",
            "|---|---|---|---|---|---|---|---|---|---|"]
+  missing = []
   for r in results:
     mesh = "1 GPU" if topology.parse_target(r["target"]).n_devices == 1 else "FSDP 8"
     head = (f"| {r['config']} ({r.get('n_params', 0) / 1e6:,.0f}M) | {r['target']} ({mesh}) | "
             f"{r['remat']} | {r['scan_layers']} | {r['micro_batch']}"
             f"{' (h100 compile)' if r.get('borrowed') else ''} | ")
     if r.get("missing"):
-      lines.append(head + "not compiled (time budget) | | | | |")
+      missing.append(f"{r['config']} {r['target']} remat={r['remat']} scan_layers="
+                     f"{r['scan_layers']}")
       continue
     if r.get("error"):
       lines.append(head + f"does not compile: {r['error'][:160]} | no | - | - | - |")
@@ -357,6 +359,9 @@ def markdown(results) -> str:
       limit = "-"
     lines.append(head + f"{peak} of {hbm:.1f} | {'yes' if r['fits'] else 'NO'} | {limit} | "
                  f"{_attention(r)} | {r['compile_s']:.0f} s |")
+  if missing:
+    lines += ["", f"Not compiled yet ({len(missing)} cases; run the script again with the same "
+              f"--out): " + "; ".join(missing) + "."]
   return "\n".join(lines)
 
 
