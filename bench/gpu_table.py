@@ -45,7 +45,7 @@ GIB = 1024**3
 CONFIGS = ("small", "medium", "large")
 TARGETS = ("h100", "h200", "8xh100")
 MAX_COMPILES = 6  # per search: the first, then the guesses
-XLA_PLAN = 0.8 * 0.95  # XLA's scheduler plans for 80% of a GPU's memory, x its 0.95 slop
+XLA_PLAN = gpu_targets.XLA_PLAN_FRACTION  # XLA plans for 80% of a GPU's memory, x 0.95 slop
 
 
 def _mesh(target: str) -> tuple:
@@ -64,8 +64,8 @@ def _overrides(name, target, remat, scan, mb):
 
 def command(name, target, remat, scan, mb) -> str:
   o = _overrides(name, target, remat, scan, mb)
-  sets = " ".join(f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
-                  for k, v in o.items())
+  sets = " ".join(f"--config.{k}='({','.join(map(str, v))})'" if isinstance(v, tuple) else
+                  f"--config.{k}={v}" for k, v in o.items())
   return f"JAX_PLATFORMS=cpu python main.py --config=configs/{name}.py --mode=compile {sets}"
 
 
@@ -168,8 +168,11 @@ def search_limit(cache, name, target, remat, scan, mb0, seed_points=(),
   pts = {}  # mb -> peak bytes, this target's compiles
   lo, hi = 0, None  # lo fits (0: nothing known), hi does not
 
+  tried = set()
+
   def run(mb):
     nonlocal lo, hi
+    tried.add(mb)
     row = cache.get(name, target, remat, scan, mb)
     peak = _peak(row)
     if peak is None and not row.get("oom"):
@@ -197,11 +200,17 @@ def search_limit(cache, name, target, remat, scan, mb0, seed_points=(),
     slope = (p2 - p1) / (m2 - m1)
     return math.floor(m1 + (hbm - p1) / slope) if slope > 0 else None
 
+  # What earlier runs compiled for this case counts (a resumed search goes on from there).
+  known = [r["micro_batch"] for r in cache.rows.values() if (
+      r["config"], r["target"], r["remat"], r["scan_layers"]) == (name, target, remat, scan)]
+  for mb in sorted(known):
+    run(mb)
   first = first or mb0
+  compiles = lambda: len(tried - set(known))
   row = run(first)
   if row.get("error"):
     return dict(error=row["error"])
-  for _ in range(max_compiles - 1):
+  while compiles() < max_compiles:
     if hi is not None and hi <= lo + 1:
       break
     g = guess()
@@ -288,7 +297,8 @@ def main():
                        device_kind=gpu_targets.GPUS["h200"].device_kind)
           else:
             row = cache.get(name, target, remat, scan, mb0)
-          results.append(dict(row, limit=lim, **({} if row.get("error") else
+          results.append(dict(row, limit=lim, command=command(name, target, remat, scan, mb0),
+                              **({} if row.get("error") else
                                                   {"fits": _fits(row)})))
   n_params = {r["config"]: r["n_params"] for r in cache.rows.values() if r.get("n_params")}
   for r in results:
@@ -318,13 +328,15 @@ def markdown(results) -> str:
   lines = ["| config | target (mesh) | remat | scan_layers | micro batch / GPU | peak / GPU | "
            "fits | largest micro batch / GPU that fits (next: peak) | attention | compile |",
            "|---|---|---|---|---|---|---|---|---|---|"]
+  missing = []
   for r in results:
     mesh = "1 GPU" if topology.parse_target(r["target"]).n_devices == 1 else "FSDP 8"
     head = (f"| {r['config']} ({r.get('n_params', 0) / 1e6:,.0f}M) | {r['target']} ({mesh}) | "
             f"{r['remat']} | {r['scan_layers']} | {r['micro_batch']}"
             f"{' (h100 compile)' if r.get('borrowed') else ''} | ")
     if r.get("missing"):
-      lines.append(head + "not compiled (time budget) | | | | |")
+      missing.append(f"{r['config']} {r['target']} remat={r['remat']} scan_layers="
+                     f"{r['scan_layers']}")
       continue
     if r.get("error"):
       lines.append(head + f"does not compile: {r['error'][:160]} | no | - | - | - |")
@@ -334,7 +346,7 @@ def markdown(results) -> str:
         r.get("peak_bytes")) else "compiler: out of memory"
     lim = r.get("limit") or {}
     if lim.get("error"):
-      limit = "-"
+      limit = "not searched (time budget)" if lim["error"] == "not compiled yet" else "-"
     elif lim:
       pts = dict(lim["points"])
       nxt = (f" ({lim['stops']}: {pts[lim['stops']]:.1f} GiB)" if lim.get("stops") in pts
@@ -347,6 +359,9 @@ def markdown(results) -> str:
       limit = "-"
     lines.append(head + f"{peak} of {hbm:.1f} | {'yes' if r['fits'] else 'NO'} | {limit} | "
                  f"{_attention(r)} | {r['compile_s']:.0f} s |")
+  if missing:
+    lines += ["", f"Not compiled yet ({len(missing)} cases; run the script again with the same "
+              f"--out): " + "; ".join(missing) + "."]
   return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ PLUGINS = tuple(RUNTIME_VERSION)
 # less: 80% of the device's memory, less the program's arguments and outputs, x 0.95; above that
 # it rematerialises what it can and says so.)
 USABLE_FRACTION = 0.95
+XLA_PLAN_FRACTION = 0.8 * 0.95  # that plan, before the arguments and outputs are taken off
 # The custom calls XLA's GPU backend gives cuDNN's fused attention (forward, backward).
 CUDNN_FMHA = "__cudnn$fmha"
 

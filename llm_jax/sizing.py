@@ -550,9 +550,14 @@ def format_report(cfg, r: CompileReport) -> str:
 
 def gpu_memory_caveat(peak_bytes: int, hbm_bytes: int) -> str:
   """What a GPU target's memory figure leaves out, and JAX's default share of the GPU."""
+  from llm_jax import gpu_targets  # pylint: disable=g-import-not-at-top
   share = ("; above the 75% of GPU memory JAX preallocates by default: run with "
            "XLA_PYTHON_CLIENT_MEM_FRACTION=.95" if peak_bytes > 0.75 * hbm_bytes else "")
-  return (f"  (compile-only: no cuDNN workspace or autotuned GEMM tiles in the figure{share})")
+  plan = ("; above XLA's own memory plan for this GPU "
+          f"({gpu_targets.XLA_PLAN_FRACTION:.0%} of it), so XLA rematerialises what it can "
+          "(recomputes values instead of keeping them: a slower step than with room)"
+          if peak_bytes > gpu_targets.XLA_PLAN_FRACTION * hbm_bytes else "")
+  return (f"  (compile-only: no cuDNN workspace or autotuned GEMM tiles in the figure{share}{plan})")
 
 
 def _versions() -> dict:
