@@ -356,3 +356,35 @@ def test_study_conversations_from_the_plays():
     assert chat.conversation(c, "x") == c["messages"]  # the reader takes it as written
   for p in pairs[:50]:
     assert p["chosen"] != p["rejected"] and p["prompt"][0]["role"] == "system"
+
+
+def test_sft_of_an_imported_model_with_chatml_added_and_its_export(tmp_path):
+  """A Hugging Face import without a template (the GPT-2 fixture), --config.chat_template=chatml:
+  the markers join its tokenizer.json, a full fine-tune trains, and the export carries the
+  template, the tokens and the end-of-turn id (transformers' rendering of such an export equals
+  chat.py's: checked by hand with transformers 5.25, and by the fixtures above)."""
+  import main  # pylint: disable=import-outside-toplevel
+  gpt2 = str(tmp_path / "gpt2")
+  assert main.cli(["main.py", "--mode=import", f"--workdir={gpt2}",
+                   f"--config.hf_path={ROOT}/tests/fixtures/hf/gpt2"]) == 0
+  _conversations(str(tmp_path / "chats.jsonl"), 24, np.random.default_rng(1))
+  sft = str(tmp_path / "sft")
+  assert main.cli(["main.py", f"--config={BASE}", f"--workdir={sft}", f"--config.init_from={gpt2}",
+                   "--config.objective=sft", f"--config.dataset={tmp_path}/chats.jsonl",
+                   "--config.chat_template=chatml", "--config.num_train_steps=1",
+                   "--config.micro_batch_size=2", "--config.eval_steps=0",
+                   "--config.sample_every_eval=False", f"--config.data_dir={tmp_path}/data"]) == 0
+  tok = tokenizer_lib.load(os.path.join(sft, "tokenizer.model"))
+  assert tok.kind == "tokenizers" and [tok.encode(m) for m in chat.MARKERS] == [[300], [301]]
+  assert chat.template_of(tok) == chat.CHATML  # it travels with the tokenizer
+  out = str(tmp_path / "hf")
+  assert main.cli(["main.py", f"--config={BASE}", "--mode=export", f"--workdir={sft}",
+                   f"--config.hf_export_dir={out}"]) == 0
+  with open(os.path.join(out, "tokenizer_config.json"), encoding="utf-8") as f:
+    assert json.load(f)["chat_template"] == chat.CHATML
+  with open(os.path.join(out, "generation_config.json"), encoding="utf-8") as f:
+    assert 301 in json.load(f)["eos_token_id"]
+  exported = tokenizer_lib.load(out)
+  messages = [{"role": "user", "content": "ka lomi"}, {"role": "assistant", "content": "vi"}]
+  assert chat.encode(messages, chat.resolve_template(exported), exported) == chat.encode(
+      messages, chat.CHATML, tok)
