@@ -388,3 +388,19 @@ def test_sft_of_an_imported_model_with_chatml_added_and_its_export(tmp_path):
   messages = [{"role": "user", "content": "ka lomi"}, {"role": "assistant", "content": "vi"}]
   assert chat.encode(messages, chat.resolve_template(exported), exported) == chat.encode(
       messages, chat.CHATML, tok)
+
+
+def test_conversations_read_from_parquet_and_save_to_disk_as_from_jsonl(tmp_path):
+  import datasets  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
+  pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "c.parquet"))
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+  with open(tmp_path / "c.jsonl", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  want = [r["messages"] for r in rows]
+  for spec in ("c.jsonl", "c.parquet", "saved", "text:c.jsonl"):
+    path = spec.replace("c.", f"{tmp_path}/c.") if "c." in spec else f"{tmp_path}/{spec}"
+    assert [m for _, m in chat.read(path)] == want, spec
