@@ -32,7 +32,6 @@ import time
 
 from absl import flags
 import jax
-import numpy as np
 
 from experiments import common
 from experiments import finetune
