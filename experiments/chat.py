@@ -32,7 +32,6 @@ import time
 
 from absl import flags
 import jax
-import numpy as np
 
 from experiments import common
 from experiments import finetune
@@ -157,7 +156,8 @@ def assistant_loss(cfg, workdir: str) -> dict:
 def samples(cfgs: dict, runs: dict, val_path: str) -> str:
   """Replies of each run to the first held-out conversations, beside the true reply."""
   with open(val_path, encoding="utf-8") as f:
-    convs = [json.loads(line)["messages"] for line in f][:N_SAMPLES * 7:7]
+    convs = [json.loads(line)["messages"] for line in f]
+  convs = [c for c in convs if len(c[1]["content"]) <= 100][:N_SAMPLES * 7:7]  # room to reply
   lines = ["## Sample conversations (held-out plays)", ""]
   sessions = {}
   for name, cfg in cfgs.items():

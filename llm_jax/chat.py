@@ -295,8 +295,9 @@ def encode(messages: list[dict], template: str, tokenizer, *, train_on_prompt: b
 
 def files_of(spec: str) -> list[str]:
   """The conversation files a dataset / validation field names: a file, a save_to_disk
-  directory, a directory of records files, or a glob."""
-  path = os.path.expanduser(spec)
+  directory, a directory of records files, or a glob (a `text:` prefix, as text datasets write
+  it, is allowed)."""
+  path = os.path.expanduser(spec[len("text:"):] if spec.startswith("text:") else spec)
   if any(c in spec for c in "*?["):
     found = sorted(f for f in glob.glob(path, recursive=True) if records.kind(f))
   elif os.path.isdir(path) and records.kind(path) is None:

@@ -15,6 +15,7 @@ Every decoding field of the config applies (do_sample, temperature, top_k, top_p
 repetition_penalty, num_beams, length_penalty, max_new_tokens, min_length, stop_token, seed).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -63,10 +64,9 @@ class Session:
       print(f"# the conversation is longer than the model's context ({limit} tokens with "
             f"max_new_tokens={self.scfg.max_new_tokens}): its {dropped} oldest turn(s) are left "
             f"out", file=sys.stderr, flush=True)
-    if len(ids) + self.scfg.max_new_tokens > limit:
-      raise errors.UserError(f"the last turn alone is {len(ids)} tokens: with max_new_tokens="
-                             f"{self.scfg.max_new_tokens} it does not fit the model's context of "
-                             f"{limit}; shorten it or lower --config.max_new_tokens")
+    if len(ids) >= limit:
+      raise errors.UserError(f"the last turn alone is {len(ids)} tokens, the model's context "
+                             f"{limit}: shorten it")
     return ids
 
   def reply(self, messages, out=None) -> str:
@@ -74,11 +74,18 @@ class Session:
     import jax  # pylint: disable=import-outside-toplevel
     from llm_jax import sampling  # pylint: disable=import-outside-toplevel
     ids = self.prompt_ids(messages)
+    scfg = self.scfg
+    room = sampling.max_new_tokens_for(len(ids), self.loaded.model_cfg,
+                                       self.loaded.cfg.max_seq_len)
+    if room < scfg.max_new_tokens:  # the reply is cut to the context, not refused
+      print(f"# {len(ids)} prompt tokens leave room for {room} of max_new_tokens="
+            f"{scfg.max_new_tokens} in the context", file=sys.stderr, flush=True)
+      scfg = dataclasses.replace(scfg, max_new_tokens=room)
     self.rng, key = jax.random.split(self.rng)
     ends = set(self.end_ids) | ({self.stop_id} if self.stop_id is not None else set())
     new, shown = [], ""
     for chunk in sampling.generate_stream(self.loaded.params, self.loaded.model_cfg, [ids],
-                                          self.scfg, key, eos_id=self.end_ids,
+                                          scfg, key, eos_id=self.end_ids,
                                           stop_id=self.stop_id):
       new += [t for t in chunk[0] if t not in ends]
       text = self.tok.decode(new)  # the whole text: a chunk may end inside a character

@@ -458,18 +458,19 @@ def sample_lines(trainer, params, tokenizer, cfg, n_tokens=64, n_rows=2) -> list
 
 
 def build_data(cfg, workdir: str, tokenizer=None):
-  """data.build, by process 0 first on a multi-host run: the others then load its tokenizer and
-  caches instead of racing to write the same files (and perhaps train different tokenizers)."""
+  """data.build (objective=sft: chat.build, conversations masked and packed), by process 0 first
+  on a multi-host run: the others then load its tokenizer and caches instead of racing to write
+  the same files (and perhaps train different tokenizers)."""
   from jax.experimental import multihost_utils
-  from llm_jax import data as data_lib
-  if cfg.objective == "sft":  # conversations: masked, packed (chat.py)
-    from llm_jax import chat
-    data_lib = chat
+  if cfg.objective == "sft":
+    from llm_jax.chat import build
+  else:
+    from llm_jax.data import build
   if jax.process_count() == 1:
-    return data_lib.build(cfg, workdir, tokenizer=tokenizer)
-  data = data_lib.build(cfg, workdir, tokenizer=tokenizer) if jax.process_index() == 0 else None
+    return build(cfg, workdir, tokenizer=tokenizer)
+  data = build(cfg, workdir, tokenizer=tokenizer) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("llm_jax: data built by process 0")
-  return data if data is not None else data_lib.build(cfg, workdir, tokenizer=tokenizer)
+  return data if data is not None else build(cfg, workdir, tokenizer=tokenizer)
 
 
 def run(cfg, workdir: str, overrides=None) -> int:

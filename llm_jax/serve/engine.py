@@ -83,6 +83,7 @@ class Params:
   seed: Optional[int] = None
   sample_index: int = 0
   logprobs: Optional[int] = None  # alternatives per token (0 = only the chosen one's)
+  end_ids: tuple = ()  # more ids that end it, besides EOS (a chat reply's end-of-turn token)
 
 
 @dataclasses.dataclass
@@ -217,15 +218,12 @@ class Engine:
   """
 
   def __init__(self, params, model_cfg, tokenizer, *, slots: int, context: int, max_queue: int,
-               metrics=None, end_ids=None):
-    """end_ids: the ids that end a sequence (default the tokenizer's EOS ids; a chat model's
-    end-of-turn token too, chat.end_of_turn_ids)."""
+               metrics=None):
     self.params, self.model_cfg, self.tok = params, model_cfg, tokenizer
     self.slots, self.context, self.max_queue = slots, context, max_queue
     self.buckets = buckets(context)
-    end_ids = list(end_ids or tokenizer.eos_ids)
-    self.terminal_ids = sampling._terminal_ids(end_ids, None)  # pylint: disable=protected-access
-    self.eos = set(int(i) for i in end_ids)
+    self.terminal_ids = sampling._terminal_ids(tokenizer.eos_ids, None)  # pylint: disable=protected-access
+    self.eos = set(int(i) for i in tokenizer.eos_ids)
     self.metrics = metrics
     self._state = self._fresh_state()
     self._running: list[Optional[Sequence]] = [None] * slots
@@ -391,7 +389,7 @@ class Engine:
       entry = (tok, float(lp), [(int(i), float(v)) for i, v in zip(top_id_K[:k], top_lp_K[:k])])
       seq.entries.append(entry)
     finish = None
-    if tok in self.eos:
+    if tok in self.eos or tok in seq.params.end_ids:
       finish = "stop"
     else:
       seq.text = self._decode_text(seq)
@@ -413,7 +411,7 @@ class Engine:
   def _decode_text(self, seq: Sequence) -> str:
     """The completion's text: decoded after the prompt's last few tokens, so a SentencePiece word
     marker at the start of the completion decodes as the space it is."""
-    gen = [t for t in seq.tokens if t not in self.eos]
+    gen = [t for t in seq.tokens if t not in self.eos and t not in seq.params.end_ids]
     head = seq.prompt[-4:]
     before = self.tok.decode(head)
     full = self.tok.decode(head + gen)
