@@ -104,6 +104,16 @@ def test_parallel_build_equals_serial_and_reads_as_one_stream(corpus_files, tmp_
   np.testing.assert_array_equal(got, np.stack([flat[r * T:r * T + T + 1] for r in rows]))
   ends = stream.document_ends()
   np.testing.assert_array_equal(ends, np.flatnonzero(flat == tokenizer.EOS_ID) + 1)
+  # Processes: each reads its P-th of every step's rows, disjoint, the union the step's rows.
+  cfg = _cfg(tmp_path, dataset=f"text:{corpus_files}/a.jsonl", tokenize_workers=2,
+             data_dir=str(tmp_path / "cache2"))
+  parts = [data.build(cfg, None, p, 2) for p in (0, 1)]
+  for step in (0, 5):
+    rows = [set(p.train_rows(step).tolist()) for p in parts]
+    assert not rows[0] & rows[1] and rows[0] | rows[1] == set(par.train_rows(step).tolist())
+    joined = np.concatenate([p._batches()(step)["inputs"] for p in parts], 1)
+    whole = par._batches()(step)["inputs"]
+    assert sorted(map(tuple, joined[0])) == sorted(map(tuple, whole[0]))
   # The packed-row sampler over shards: the same rows, segments and resume as one stream.
   one = tokens.TokenStream([os.path.join(tmp_path, "flat.bin")], [len(flat)], flat.dtype)
   flat.tofile(one.paths[0])
