@@ -238,3 +238,15 @@ def test_bad_inputs_name_the_file(corpus_files, tmp_path):
   with pytest.raises(data.DataError, match=r"z\.jsonl is empty"):
     data.build(_cfg(tmp_path / "e", dataset=f"mix:0.5*text:{corpus_files}/a.jsonl,"
                     f"0.5*text:{d}/z.jsonl"), None, 0, 1)
+
+
+def test_changed_mixture_weights_resume_where_other_data_changes_restart():
+  from llm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  same = checkpoint._only_weights_changed  # pylint: disable=protected-access
+  assert same("mix:0.7*text:/a/*.parquet,0.3*shakespeare", "mix:1*text:/a/*.parquet,3*shakespeare")
+  assert not same("mix:0.7*text:/a/*.parquet,0.3*shakespeare", "mix:0.7*text:/b,0.3*shakespeare")
+  assert not same("text:/a", "text:/b")
+  with pytest.raises(sources.DataError, match="sum to 0"):
+    sources.parse_mixture("mix:0*shakespeare,0*text:/a")
+  assert sources.parse_mixture("mix:3*text:/a/{x,y}/*.txt,1*shakespeare") == [
+      (0.75, "text:/a/{x,y}/*.txt"), (0.25, "shakespeare")]  # a comma inside a glob stays
