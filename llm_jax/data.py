@@ -1,7 +1,8 @@
 """Data for training and evaluation: tokenizer, tokenized-corpus cache, packing, grain pipeline.
 
 `build(cfg, workdir)` gets the corpus (see corpus.py), gets or trains the tokenizer, tokenizes
-each split once into a cache keyed by corpus and tokenizer, and returns a `Data`.
+each split once into a cache keyed by corpus and tokenizer (tokens.py: shards built in parallel
+and resumably, read back as one stream), and returns a `Data`.
 
 Packing. A split is one token stream: every document followed by EOS. Row r is the T + 1 tokens
 stream[r*T : r*T + T + 1] (inputs = row[:-1], targets = row[1:]), so consecutive rows share one
@@ -14,7 +15,15 @@ epoch e = s // steps_per_epoch, where epoch e is a permutation of all rows seede
 (the rows left over past steps_per_epoch * G differ every epoch). Process p of P takes every P-th
 of those rows, so the processes' shards of a step are disjoint and their union is the step.
 The pipeline is a grain MapDataset over step numbers: its iterator state is a step counter, which
-checkpoints through orbax (grain.checkpoint.CheckpointSave/Restore) and resumes exactly.
+checkpoints through orbax (grain.checkpoint.CheckpointSave/Restore) and resumes exactly. A split
+of many shards is one stream to all of this: row r is the same T + 1 tokens of the concatenation.
+
+Mixtures (dataset='mix:...'). Each source has its own rows and epochs; a step's G rows are split
+among the sources by weight, seeded by the step (`_TrainBatches.slots`), so the batch of a step is
+still a pure function of (seed, step, weights), and the processes still take every P-th row.
+
+Evaluation reads `eval_rows`: the whole validation split, or, when it holds more than
+cfg.eval_tokens, a fixed evenly spaced sample of its rows (the same at every evaluation).
 """
 
 import dataclasses
