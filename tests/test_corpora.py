@@ -250,3 +250,30 @@ def test_changed_mixture_weights_resume_where_other_data_changes_restart():
     sources.parse_mixture("mix:0*shakespeare,0*text:/a")
   assert sources.parse_mixture("mix:3*text:/a/{x,y}/*.txt,1*shakespeare") == [
       (0.75, "text:/a/{x,y}/*.txt"), (0.25, "shakespeare")]  # a comma inside a glob stays
+
+
+def test_unreadable_file_in_a_glob_and_a_cache_of_another_tokenizer(corpus_files, tmp_path,
+                                                                    monkeypatch):
+  import builtins  # pylint: disable=g-import-not-at-top
+  d = _bad(tmp_path, "locked.jsonl", b'{"text": "x"}\n')
+  real_open = builtins.open
+
+  def denied(path, *a, **k):  # root reads any file: a permission error as the OS would give it
+    if str(path).endswith("locked.jsonl"):
+      raise PermissionError(13, "Permission denied", str(path))
+    return real_open(path, *a, **k)
+
+  monkeypatch.setattr(builtins, "open", denied)
+  with pytest.raises(data.DataError, match=r"locked\.jsonl: cannot be read \(Permission denied\)"):
+    data.build(_cfg(tmp_path, dataset=f"text:{d}/*.jsonl"), None, 0, 1)
+  monkeypatch.setattr(builtins, "open", real_open)
+  # A cache whose shards another tokenizer made (copied in by hand) is refused, naming it.
+  cfg = _cfg(tmp_path, dataset=f"text:{corpus_files}/a.jsonl")
+  built = data.build(cfg, None, 0, 1)
+  meta_path = os.path.join(built.meta["cache_dir"], "meta.json")
+  meta = json.load(open(meta_path, encoding="utf-8"))
+  meta["tokenizer"] = "0" * 16
+  with open(meta_path, "w", encoding="utf-8") as f:
+    json.dump(meta, f)
+  with pytest.raises(data.DataError, match="tokenized with another tokenizer"):
+    data.build(cfg, None, 0, 1)
