@@ -146,10 +146,14 @@ def _run_pool(jobs, tok, out_dir, dtype, workers):
       f.result()  # a worker's error (a bad file, a full disk) stops the build here
     ok = True
   finally:
-    if not ok:  # stop the others now: what they were writing is removed by nothing but its name
+    if not ok:  # stop the others now, and remove what they were writing
       for p in list(getattr(pool, "_processes", {}).values()):
         p.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
+    if not ok:
+      for stale in glob.glob(os.path.join(out_dir, files.TMP_PREFIX + "*")):
+        with contextlib.suppress(OSError):
+          os.unlink(stale)
 
 
 def build(out: str, jobs: list, tok, *, workers: int, name: str) -> dict:
