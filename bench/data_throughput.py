@@ -246,7 +246,8 @@ def build_datasets(path, out, tok, workers, tag):
 def _train_cmd(ds, workdir, cache, tok, vocab, steps, extra=()):
   fields = dict(dataset=ds, data_dir=cache, tokenizer_path=tok, vocab_size=vocab,
                 d_model=64, n_heads=2, n_layers=2, max_seq_len=256, micro_batch_size=16,
-                num_train_steps=steps, eval_steps=0, save_steps=10_000,
+                num_train_steps=steps, eval_steps=0, save_steps=steps // 2,
+                eval_tokens=131_072,
                 sample_every_eval=False, log_every=5, validation_fraction=0.005,
                 warmup_steps=2)
   return ([PY, "main.py", "--mode=train", f"--workdir={workdir}",
@@ -267,19 +268,18 @@ def whole_command(shards, out, tok, vocab, tag, steps=40):
   r = run_measured(_train_cmd(ds, os.path.join(out, f"run-{tag}"), cache, tok, vocab, steps))
   build_s = re.search(r"tokenized .*: ([\d,]+) tokens in ([\d.]+) s", r["out"])
   whole = os.path.join(out, f"run-{tag}")
-  # Resume: the same command in a second workdir, stopped by SIGTERM past half (the run saves
-  # the step it reached and exits 0), then run again to the end.
+  # Resume: the same command in a second workdir, killed (SIGKILL) once its checkpoint at half
+  # is written, then run again to the end (metrics.jsonl is buffered: the checkpoint is the mark).
   half = os.path.join(out, f"run-{tag}-half")
   subprocess.run(["rm", "-rf", half], check=True)
   cmd = _train_cmd(ds, half, cache, tok, vocab, steps)
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics = os.path.join(half, "metrics.jsonl")
+  mark = os.path.join(half, "checkpoints", str(steps // 2))
   while proc.poll() is None:
-    if os.path.exists(metrics) and any(json.loads(x).get("step", 0) >= steps // 2
-                                       for x in open(metrics, encoding="utf-8")):
-      proc.send_signal(signal.SIGTERM)
+    if os.path.isdir(mark):
+      proc.send_signal(signal.SIGKILL)
       break
-    time.sleep(0.02)
+    time.sleep(0.05)
   proc.wait()
   again = run_measured(cmd)
   resumed = re.search(r"resumed at step (\d+)", again["out"])
