@@ -107,7 +107,7 @@ def get_config():
   c.num_train_steps = placeholder(int)  # +: optimizer steps; when None, num_train_epochs decides
   c.num_train_epochs = 1.0  # P/C: passes over the training split (used when num_train_steps is None)
   c.eval_steps = 200  # P: evaluate every this many optimizer steps (0 = only at the end)
-  c.eval_batches = placeholder(int)  # +: cap on validation batches per periodic evaluation (None = whole split; the final one is always whole)
+  c.eval_batches = placeholder(int)  # +: cap on validation batches per periodic evaluation (None = every evaluation row; the final one reads them all: the whole split, or its eval_tokens sample)
   c.eval_tokens = 2_097_152  # +: a validation split larger than this is evaluated on a fixed evenly spaced sample of about this many tokens, the same rows every time (0 = whole split)
   c.save_steps = 1000  # P: checkpoint every this many optimizer steps (0 = only at the end)
   c.save_every_epochs = 0  # C (SAVE_INTERVAL): also checkpoint every this many epochs (0 = off)

@@ -1,7 +1,8 @@
 """Data for training and evaluation: tokenizer, tokenized-corpus cache, packing, grain pipeline.
 
 `build(cfg, workdir)` gets the corpus (see corpus.py), gets or trains the tokenizer, tokenizes
-each split once into a cache keyed by corpus and tokenizer, and returns a `Data`.
+each split once into a cache keyed by corpus and tokenizer (tokens.py: shards built in parallel
+and resumably, read back as one stream), and returns a `Data`.
 
 Packing. A split is one token stream: every document followed by EOS. Row r is the T + 1 tokens
 stream[r*T : r*T + T + 1] (inputs = row[:-1], targets = row[1:]), so consecutive rows share one
@@ -14,7 +15,15 @@ epoch e = s // steps_per_epoch, where epoch e is a permutation of all rows seede
 (the rows left over past steps_per_epoch * G differ every epoch). Process p of P takes every P-th
 of those rows, so the processes' shards of a step are disjoint and their union is the step.
 The pipeline is a grain MapDataset over step numbers: its iterator state is a step counter, which
-checkpoints through orbax (grain.checkpoint.CheckpointSave/Restore) and resumes exactly.
+checkpoints through orbax (grain.checkpoint.CheckpointSave/Restore) and resumes exactly. A split
+of many shards is one stream to all of this: row r is the same T + 1 tokens of the concatenation.
+
+Mixtures (dataset='mix:...'). Each source has its own rows and epochs; a step's G rows are split
+among the sources by weight, seeded by the step (`_TrainBatches.slots`), so the batch of a step is
+still a pure function of (seed, step, weights), and the processes still take every P-th row.
+
+Evaluation reads `eval_rows`: the whole validation split, or, when it holds more than
+cfg.eval_tokens, a fixed evenly spaced sample of its rows (the same at every evaluation).
 """
 
 import dataclasses
@@ -191,7 +200,11 @@ def gather_rows(stream, rows, block_size: int, pad_id: int = tokenizer_lib.PAD_I
   Returns (tokens [R, T+1] int32, valid [R, T+1] bool) where valid marks positions inside the
   stream.
   """
-  idx_RT = np.asarray(rows, np.int64)[:, None] * block_size + np.arange(block_size + 1)
+  rows = np.asarray(rows, np.int64)
+  if len(rows) and len(stream) and int(rows.max()) * block_size + block_size < len(stream):
+    return read_rows(stream, rows * block_size, block_size + 1), np.ones(
+        (len(rows), block_size + 1), bool)  # every row inside the stream: slices, no indices
+  idx_RT = rows[:, None] * block_size + np.arange(block_size + 1)
   valid_RT = idx_RT < len(stream)
   if len(stream) == 0:
     return np.full(idx_RT.shape, pad_id, np.int32), valid_RT
@@ -203,15 +216,26 @@ def gather_rows(stream, rows, block_size: int, pad_id: int = tokenizer_lib.PAD_I
   return np.where(valid_RT, tokens_RT, pad_id).astype(np.int32), valid_RT
 
 
+def read_rows(stream, starts_R, length: int) -> np.ndarray:
+  """int32 [R, length]: stream[start : start + length] for each start (all inside the stream)."""
+  out_RL = np.empty((len(starts_R), length), np.int32)
+  if isinstance(stream, tokens_lib.TokenStream):
+    return stream.read_rows(out_RL, starts_R)
+  for r, a in enumerate(np.asarray(starts_R).tolist()):
+    out_RL[r] = stream[a:a + length]
+  return out_RL
+
+
 def segments(inputs_BT, eos_id: int = tokenizer_lib.EOS_ID):
   """(segment_ids_BT, positions_BT) for packed rows: an EOS opens a new segment (ids from 1);
   positions count from 0 at every segment start and at the row start."""
   is_start_BT = inputs_BT == eos_id
-  segment_ids_BT = 1 + np.cumsum(is_start_BT, axis=-1) - is_start_BT[..., :1]
-  t_T = np.arange(inputs_BT.shape[-1])
-  is_start_BT = is_start_BT | (t_T == 0)
-  last_start_BT = np.maximum.accumulate(np.where(is_start_BT, t_T, 0), axis=-1)
-  return segment_ids_BT.astype(np.int32), (t_T - last_start_BT).astype(np.int32)
+  segment_ids_BT = np.cumsum(is_start_BT, axis=-1, dtype=np.int32)
+  segment_ids_BT += 1 - is_start_BT[..., :1]
+  t_T = np.arange(inputs_BT.shape[-1], dtype=np.int32)
+  is_start_BT[..., 0] = True
+  last_start_BT = np.maximum.accumulate(np.where(is_start_BT, t_T, np.int32(0)), axis=-1)
+  return segment_ids_BT, t_T - last_start_BT
 
 
 class _TrainBatches:

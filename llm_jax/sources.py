@@ -38,7 +38,7 @@ import numpy as np
 from llm_jax import errors
 from llm_jax import records
 
-UNIT_BYTES = 64 << 20
+UNIT_BYTES = 16 << 20
 BATCH_CHARS = 4 << 20  # text a reader hands on at once (a worker's memory is a few of these)
 BATCH_DOCS = 1024
 SNIFF_BYTES = 1 << 16  # read of every plain text file before the build, to refuse binary files

@@ -146,10 +146,14 @@ def _run_pool(jobs, tok, out_dir, dtype, workers):
       f.result()  # a worker's error (a bad file, a full disk) stops the build here
     ok = True
   finally:
-    if not ok:  # stop the others now: what they were writing is removed by nothing but its name
+    if not ok:  # stop the others now, and remove what they were writing
       for p in list(getattr(pool, "_processes", {}).values()):
         p.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
+    if not ok:
+      for stale in glob.glob(os.path.join(out_dir, files.TMP_PREFIX + "*")):
+        with contextlib.suppress(OSError):
+          os.unlink(stale)
 
 
 def build(out: str, jobs: list, tok, *, workers: int, name: str) -> dict:
@@ -273,6 +277,24 @@ class TokenStream:
         m = sh == s
         out[r, m] = maps[s][idx_RL[r, m] - self.offsets[s]]
     return out
+
+  def read_rows(self, out_RL: np.ndarray, starts_R) -> np.ndarray:
+    """Fills out_RL[r] with tokens starts_R[r] .. starts_R[r] + L - 1 (all inside the stream),
+    copying slices: the training loader's fast path (no index arrays)."""
+    L = out_RL.shape[1]
+    maps, offsets = self.maps, self.offsets
+    starts = np.asarray(starts_R, np.int64)
+    shard = np.searchsorted(offsets, starts, "right") - 1
+    for r, (a, sh) in enumerate(zip(starts.tolist(), shard.tolist())):
+      lo = a - int(offsets[sh])
+      n = min(L, int(offsets[sh + 1]) - a)
+      out_RL[r, :n] = maps[sh][lo:lo + n]
+      while n < L:  # the row runs on into the next shard(s)
+        sh += 1
+        k = min(L - n, int(offsets[sh + 1] - offsets[sh]))
+        out_RL[r, n:n + k] = maps[sh][:k]
+        n += k
+    return out_RL
 
   def __getitem__(self, key):
     if isinstance(key, slice):

@@ -104,6 +104,16 @@ def test_parallel_build_equals_serial_and_reads_as_one_stream(corpus_files, tmp_
   np.testing.assert_array_equal(got, np.stack([flat[r * T:r * T + T + 1] for r in rows]))
   ends = stream.document_ends()
   np.testing.assert_array_equal(ends, np.flatnonzero(flat == tokenizer.EOS_ID) + 1)
+  # Processes: each reads its P-th of every step's rows, disjoint, the union the step's rows.
+  cfg = _cfg(tmp_path, dataset=f"text:{corpus_files}/a.jsonl", tokenize_workers=2,
+             data_dir=str(tmp_path / "cache2"))
+  parts = [data.build(cfg, None, p, 2) for p in (0, 1)]
+  for step in (0, 5):
+    rows = [set(p.train_rows(step).tolist()) for p in parts]
+    assert not rows[0] & rows[1] and rows[0] | rows[1] == set(par.train_rows(step).tolist())
+    joined = np.concatenate([p._batches()(step)["inputs"] for p in parts], 1)
+    whole = par._batches()(step)["inputs"]
+    assert sorted(map(tuple, joined[0])) == sorted(map(tuple, whole[0]))
   # The packed-row sampler over shards: the same rows, segments and resume as one stream.
   one = tokens.TokenStream([os.path.join(tmp_path, "flat.bin")], [len(flat)], flat.dtype)
   flat.tofile(one.paths[0])
@@ -228,3 +238,42 @@ def test_bad_inputs_name_the_file(corpus_files, tmp_path):
   with pytest.raises(data.DataError, match=r"z\.jsonl is empty"):
     data.build(_cfg(tmp_path / "e", dataset=f"mix:0.5*text:{corpus_files}/a.jsonl,"
                     f"0.5*text:{d}/z.jsonl"), None, 0, 1)
+
+
+def test_changed_mixture_weights_resume_where_other_data_changes_restart():
+  from llm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  same = checkpoint._only_weights_changed  # pylint: disable=protected-access
+  assert same("mix:0.7*text:/a/*.parquet,0.3*shakespeare", "mix:1*text:/a/*.parquet,3*shakespeare")
+  assert not same("mix:0.7*text:/a/*.parquet,0.3*shakespeare", "mix:0.7*text:/b,0.3*shakespeare")
+  assert not same("text:/a", "text:/b")
+  with pytest.raises(sources.DataError, match="sum to 0"):
+    sources.parse_mixture("mix:0*shakespeare,0*text:/a")
+  assert sources.parse_mixture("mix:3*text:/a/{x,y}/*.txt,1*shakespeare") == [
+      (0.75, "text:/a/{x,y}/*.txt"), (0.25, "shakespeare")]  # a comma inside a glob stays
+
+
+def test_unreadable_file_in_a_glob_and_a_cache_of_another_tokenizer(corpus_files, tmp_path,
+                                                                    monkeypatch):
+  import builtins  # pylint: disable=g-import-not-at-top
+  d = _bad(tmp_path, "locked.jsonl", b'{"text": "x"}\n')
+  real_open = builtins.open
+
+  def denied(path, *a, **k):  # root reads any file: a permission error as the OS would give it
+    if str(path).endswith("locked.jsonl"):
+      raise PermissionError(13, "Permission denied", str(path))
+    return real_open(path, *a, **k)
+
+  monkeypatch.setattr(builtins, "open", denied)
+  with pytest.raises(data.DataError, match=r"locked\.jsonl: cannot be read \(Permission denied\)"):
+    data.build(_cfg(tmp_path, dataset=f"text:{d}/*.jsonl"), None, 0, 1)
+  monkeypatch.setattr(builtins, "open", real_open)
+  # A cache whose shards another tokenizer made (copied in by hand) is refused, naming it.
+  cfg = _cfg(tmp_path, dataset=f"text:{corpus_files}/a.jsonl")
+  built = data.build(cfg, None, 0, 1)
+  meta_path = os.path.join(built.meta["cache_dir"], "meta.json")
+  meta = json.load(open(meta_path, encoding="utf-8"))
+  meta["tokenizer"] = "0" * 16
+  with open(meta_path, "w", encoding="utf-8") as f:
+    json.dump(meta, f)
+  with pytest.raises(data.DataError, match="tokenized with another tokenizer"):
+    data.build(cfg, None, 0, 1)
