@@ -246,3 +246,41 @@ def test_backends_without_a_window_say_so():
   q, k, v = qkv(t=4, s=4)
   with pytest.raises(ValueError, match="Pallas"):
     attention.attention(q, k, v, impl="pallas", is_causal=True, window=2)
+
+
+def test_serving_slots_apply_the_window(windowed):
+  """The serving engine keeps its fixed-size cache of the serving context (32 > W) and applies the
+  window as a mask: its greedy tokens equal the sampler's (the ring buffer's)."""
+  from llm_jax.serve import engine  # pylint: disable=g-import-not-at-top
+  mcfg, params = windowed
+  prompt = [5, 6, 7, 8, 9, 10, 11]
+  want = sampling.generate(params, mcfg, [prompt], sampling.SamplingConfig(
+      max_new_tokens=12, do_sample=False), jax.random.key(0), eos_id=49)[0]
+  knobs = {"temperature": np.float32(0.0), "top_k": np.int32(0), "top_p": np.float32(1.0),
+           "repetition_penalty": np.float32(1.0), "min_tokens": np.int32(0)}
+  terminal = np.asarray([49, 49], np.int32)
+  st = engine.init_state(mcfg, 2, 32)
+  buf = np.zeros((1, 16), np.int32)
+  buf[0, :len(prompt)] = prompt
+  st, (tok, *_) = engine._prefill_jit(params, st, buf, len(prompt), 1, knobs, 0, 0, terminal,  # pylint: disable=protected-access
+                                      model_cfg=mcfg)
+  got = [int(tok[0])]
+  while len(got) < len(want):
+    st, (tok, *_) = engine._decode_jit(params, st, terminal, model_cfg=mcfg)  # pylint: disable=protected-access
+    got.append(int(tok[1]))
+  assert got == want
+
+
+def test_extension_study_configs():
+  """The extension study's runs: the base at 128, each scaling at 512 with the base's tokens per
+  step and the fields its type needs (a finalized config, so valid)."""
+  from experiments import extension  # pylint: disable=g-import-not-at-top
+  cfgs = extension.configs(config.load_unchecked("configs/default.py"), 128, 512, 60)
+  assert cfgs["base"].max_seq_len == 128
+  for kind in extension.SCALINGS:
+    c = cfgs[kind]
+    assert (c.max_seq_len, c.block_size, c.rope_scaling, c.micro_batch_size * 512) == (
+        512, 512, kind, cfgs["base"].micro_batch_size * 128)
+  assert (cfgs["yarn"].rope_scaling_factor, cfgs["yarn"].rope_original_max_len) == (4.0, 128)
+  with pytest.raises(Exception, match="multiple"):
+    extension.configs(config.load_unchecked("configs/default.py"), 128, 300, 60)
