@@ -72,7 +72,7 @@ def test_every_study_has_a_readme_section_and_its_pictures_are_committed():
   studies = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments",
                                                                             "*.py"))
                    if os.path.basename(p) not in ("__init__.py", "common.py"))
-  assert len(studies) == 7, studies
+  assert len(studies) == 8, studies
   for study in studies:
     assert f"`python -m experiments.{study} --out=results/{study}" in readme, (
         f"README has no section with the command of experiments/{study}.py")
