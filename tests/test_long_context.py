@@ -285,3 +285,20 @@ def test_extension_study_configs():
   assert (cfgs["yarn"].rope_scaling_factor, cfgs["yarn"].rope_original_max_len) == (4.0, 128)
   with pytest.raises(Exception, match="multiple"):
     extension.configs(config.load_unchecked("configs/default.py"), 128, 300, 60)
+
+
+@pytest.mark.cuda_compile
+@pytest.mark.skipif(__import__("llm_jax.gpu_targets").gpu_targets.installed_plugin() is None,
+                    reason="JAX's CUDA plugin is not installed (make test-cuda-compile)")
+def test_a_windowed_train_step_compiles_to_cudnn_attention_for_one_h100():
+  """cuDNN takes the window itself (local_window_size): the compiled step keeps its fused
+  attention, forward and backward."""
+  from llm_jax import gpu_targets, sizing  # pylint: disable=g-import-not-at-top
+  cfg = config.load("configs/base.py", compile_topology="h100", mesh_shape=(1, 1, 1),
+                    vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+                    micro_batch_size=8, warmup_steps=0, dtype="bfloat16",
+                    use_flash_attention=True, sliding_window=32)
+  r, compiled = sizing.compile_report(cfg)
+  assert r.attention_impl == "cudnn"
+  calls = gpu_targets.cudnn_attention_calls(compiled.as_text())
+  assert "__cudnn$fmhaSoftmax" in calls and "__cudnn$fmhaSoftmaxBackward" in calls
