@@ -35,7 +35,7 @@ ROPE_PARAM_FIELDS = ("rope_scaling_factor", "rope_original_max_len", "rope_low_f
                      "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow",
                      "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim",
                      "rope_truncate")
-_ROPE_HINTS = {"rope_scaling_factor": "the context gained, e.g. 4 to run at 512 what trained at 128",
+_ROPE_HINTS = {"rope_scaling_factor": "the context gained: 4 runs at 512 what trained at 128",
                "rope_original_max_len": "the context the model was trained at, e.g. 128",
                "rope_low_freq_factor": "Llama 3.1: 1", "rope_high_freq_factor": "Llama 3.1: 4"}
 OPTIMIZERS = ("adamw", "lion", "adafactor", "sgd", "muon", "schedule_free_adamw")

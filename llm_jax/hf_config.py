@@ -128,8 +128,9 @@ def _sliding_window(hf: dict, mt: str, n_layers: int, context: int, problems: li
   if not types or window is None or set(types) == {"full_attention"}:
     return None
   if set(types) != {"sliding_attention"}:
-    problems.append(f"layer_types mixes sliding and full attention ({types.count('sliding_attention')}"
-                    f" of {len(types)} layers slide): llm_jax has one sliding_window for every layer")
+    sliding = types.count("sliding_attention")
+    problems.append(f"layer_types mixes sliding and full attention ({sliding} of {len(types)} "
+                    f"layers slide): llm_jax has one sliding_window for every layer")
     return None
   return window if window < context else None  # a window as long as the context does nothing
 

@@ -242,7 +242,63 @@ def test_backends_without_a_window_say_so():
   cfg = config.load("configs/base.py", sliding_window=64, use_flash_attention=True)
   with pytest.raises(config.ConfigError, match="use_flash_attention=False"):
     config.flash_attention_backend(cfg, "tpu")
-  assert config.flash_attention_backend(config.load("configs/base.py", sliding_window=64), "tpu") == "xla"
+  plain = config.load("configs/base.py", sliding_window=64)
+  assert config.flash_attention_backend(plain, "tpu") == "xla"
   q, k, v = qkv(t=4, s=4)
   with pytest.raises(ValueError, match="Pallas"):
     attention.attention(q, k, v, impl="pallas", is_causal=True, window=2)
+
+
+def test_serving_slots_apply_the_window(windowed):
+  """The serving engine keeps its fixed-size cache of the serving context (32 > W) and applies the
+  window as a mask: its greedy tokens equal the sampler's (the ring buffer's)."""
+  from llm_jax.serve import engine  # pylint: disable=g-import-not-at-top
+  mcfg, params = windowed
+  prompt = [5, 6, 7, 8, 9, 10, 11]
+  want = sampling.generate(params, mcfg, [prompt], sampling.SamplingConfig(
+      max_new_tokens=12, do_sample=False), jax.random.key(0), eos_id=49)[0]
+  knobs = {"temperature": np.float32(0.0), "top_k": np.int32(0), "top_p": np.float32(1.0),
+           "repetition_penalty": np.float32(1.0), "min_tokens": np.int32(0)}
+  terminal = np.asarray([49, 49], np.int32)
+  st = engine.init_state(mcfg, 2, 32)
+  buf = np.zeros((1, 16), np.int32)
+  buf[0, :len(prompt)] = prompt
+  st, (tok, *_) = engine._prefill_jit(params, st, buf, len(prompt), 1, knobs, 0, 0, terminal,  # pylint: disable=protected-access
+                                      model_cfg=mcfg)
+  got = [int(tok[0])]
+  while len(got) < len(want):
+    st, (tok, *_) = engine._decode_jit(params, st, terminal, model_cfg=mcfg)  # pylint: disable=protected-access
+    got.append(int(tok[1]))
+  assert got == want
+
+
+def test_extension_study_configs():
+  """The extension study's runs: the base at 128, each scaling at 512 with the base's tokens per
+  step and the fields its type needs (a finalized config, so valid)."""
+  from experiments import extension  # pylint: disable=g-import-not-at-top
+  cfgs = extension.configs(config.load_unchecked("configs/default.py"), 128, 512, 60)
+  assert cfgs["base"].max_seq_len == 128
+  for kind in extension.SCALINGS:
+    c = cfgs[kind]
+    assert (c.max_seq_len, c.block_size, c.rope_scaling, c.micro_batch_size * 512) == (
+        512, 512, kind, cfgs["base"].micro_batch_size * 128)
+  assert (cfgs["yarn"].rope_scaling_factor, cfgs["yarn"].rope_original_max_len) == (4.0, 128)
+  with pytest.raises(Exception, match="multiple"):
+    extension.configs(config.load_unchecked("configs/default.py"), 128, 300, 60)
+
+
+@pytest.mark.cuda_compile
+@pytest.mark.skipif(__import__("llm_jax.gpu_targets").gpu_targets.installed_plugin() is None,
+                    reason="JAX's CUDA plugin is not installed (make test-cuda-compile)")
+def test_a_windowed_train_step_compiles_to_cudnn_attention_for_one_h100():
+  """cuDNN takes the window itself (local_window_size): the compiled step keeps its fused
+  attention, forward and backward."""
+  from llm_jax import gpu_targets, sizing  # pylint: disable=g-import-not-at-top
+  cfg = config.load("configs/base.py", compile_topology="h100", mesh_shape=(1, 1, 1),
+                    vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+                    micro_batch_size=8, warmup_steps=0, dtype="bfloat16",
+                    use_flash_attention=True, sliding_window=32)
+  r, compiled = sizing.compile_report(cfg)
+  assert r.attention_impl == "cudnn"
+  calls = gpu_targets.cudnn_attention_calls(compiled.as_text())
+  assert "__cudnn$fmhaSoftmax" in calls and "__cudnn$fmhaSoftmaxBackward" in calls
