@@ -68,7 +68,8 @@ def degree_in_context(t: int, load_balance: bool) -> int:
   rules = nn.get_logical_axis_rules()
   if mesh is None or mesh.empty or not rules or sharding.CONTEXT_AXIS not in mesh.axis_names:
     return 1
-  axes = sharding._axes(nn.logical_to_mesh_axes(("length",), rules)[0])  # pylint: disable=protected-access
+  entry = nn.logical_to_mesh_axes(("length",), rules)[0]
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
   degree = mesh.shape[sharding.CONTEXT_AXIS]
   if axes != (sharding.CONTEXT_AXIS,) or degree <= 1 or t % (degree * (1 + load_balance)):
     return 1
