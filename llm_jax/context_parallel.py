@@ -22,6 +22,8 @@ and 2C - 1 - i (a front and a back one, as MaxText and torchtitan do): every dev
 same work at every ring step. The model permutes tokens, positions and segment ids into this
 layout at its input and the last hidden states back before the logits (model.py), and attention
 masks by each token's original index, which travels with its block as its segment id does.
+Going in costs nothing (the token ids are replicated over context); coming out, the partitioner
+gathers the last hidden states [B, T, D] once per step (one activation, not one per layer).
 
 Everything here is a pure function of arrays with shape-suffixed names; `attention` is the
 shard_map around them, called by layers.SelfAttention when the model's `ctx` carries
@@ -66,7 +68,8 @@ def degree_in_context(t: int, load_balance: bool) -> int:
   rules = nn.get_logical_axis_rules()
   if mesh is None or mesh.empty or not rules or sharding.CONTEXT_AXIS not in mesh.axis_names:
     return 1
-  axes = sharding._axes(nn.logical_to_mesh_axes(("length",), rules)[0])  # pylint: disable=protected-access
+  entry = nn.logical_to_mesh_axes(("length",), rules)[0]
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
   degree = mesh.shape[sharding.CONTEXT_AXIS]
   if axes != (sharding.CONTEXT_AXIS,) or degree <= 1 or t % (degree * (1 + load_balance)):
     return 1
@@ -164,9 +167,22 @@ def _ring(step_fn, carry, block, axis, degree):
   return step_fn(carry, block)
 
 
+def _tie(q_BTNH, *ids):
+  """`ids` (token indices, segment ids) tied to the queries by an optimization barrier.
+
+  Under nn.scan over layers the indices and segment ids are the same in every layer, so JAX
+  hoists everything computed from them alone out of the layer loop, the masks broadcast to
+  [B, K, G, T, S] included: a full-size mask per ring step and chunk pair, kept alive for the
+  whole step (100+ GiB per device at 32k tokens). Tied to q they vary per layer, and each mask
+  stays a fused comparison inside its block."""
+  return jax.lax.optimization_barrier((q_BTNH, *ids))
+
+
 def _ring_forward(q_BTNH, k_BSKH, v_BSKH, q_index_T, k_index_S, q_seg_BT, k_seg_BS, axis, degree,
                   n_chunks, sliding_window):
   """Per shard: (out_BTNH in q's dtype, lse_BKGT float32) after `degree` ring steps."""
+  q_BTNH, q_index_T, k_index_S, q_seg_BT, k_seg_BS = _tie(q_BTNH, q_index_T, k_index_S, q_seg_BT,
+                                                          k_seg_BS)
   b, t, n, _ = q_BTNH.shape
   kv_heads, hv = k_BSKH.shape[2], v_BSKH.shape[-1]
   g = n // kv_heads
@@ -225,6 +241,8 @@ def _ring_fwd(q_BTNH, k_BSKH, v_BSKH, q_index_T, k_index_S, q_seg_BT, k_seg_BS, 
 
 def _ring_bwd(axis, degree, n_chunks, sliding_window, res, dout_BTNH):
   q_BTNH, k_BSKH, v_BSKH, q_index_T, k_index_S, q_seg_BT, k_seg_BS, out_BTNH, lse_BKGT = res
+  dout_BTNH, q_index_T, k_index_S, q_seg_BT, k_seg_BS = _tie(dout_BTNH, q_index_T, k_index_S,
+                                                             q_seg_BT, k_seg_BS)
   kv_heads = k_BSKH.shape[2]
   q_BTKGH = _grouped(q_BTNH, kv_heads)
   do_BTKGH = _grouped(dout_BTNH, kv_heads).astype(jnp.float32)
@@ -285,6 +303,8 @@ def all_gather_attention_local(q_BTNH, k_BSKH, v_BSKH, q_index_T, k_index_S, q_s
   """Causal attention of this shard's queries over the whole sequence, its K/V (with their
   token indices and segment ids) all-gathered over `axis` (run inside shard_map).
   Shapes as ring_attention_local's; returns [B, T/C, N, Hv] in q's dtype."""
+  q_BTNH, q_index_T, k_index_S, q_seg_BT, k_seg_BS = _tie(q_BTNH, q_index_T, k_index_S, q_seg_BT,
+                                                          k_seg_BS)
   gather = functools.partial(jax.lax.all_gather, axis_name=axis, tiled=True)
   k_all, v_all, ks_all = gather(k_BSKH, axis=1), gather(v_BSKH, axis=1), gather(k_seg_BS, axis=1)
   ki_all = gather(k_index_S, axis=0)

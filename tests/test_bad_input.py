@@ -214,6 +214,23 @@ def _cases():
       ("max_position_embeddings_huge", lambda t, r: (
           est("--config.position_embedding=learned", f"--config.max_position_embeddings={2**90}"),
           [f"max_position_embeddings={2**90}"])),
+      # Context parallelism: the sequence must split over the context axis (into a front and a
+      # back chunk per device with load balancing); the fused kernels cannot take it.
+      ("context_does_not_split_the_sequence", lambda t, r: (
+          est("--config.mesh_shape=(1,1,1,3)"),
+          ["block_size=256", "context parallelism 3", "multiple of 6", "mesh_shape"])),
+      ("context_unbalanced_does_not_split", lambda t, r: (
+          est("--config.mesh_shape=(1,1,1,3)", "--config.context_load_balance=False"),
+          ["block_size=256", "multiple of 3"])),
+      ("context_load_balance_needs_twice", lambda t, r: (
+          train_new(t, r, mesh_shape="(1,1,1,16)"),  # 16 divides 16 tokens, 32 does not
+          ["block_size=16", "context_load_balance=True", "multiple of 32"])),
+      ("context_with_a_fused_kernel", lambda t, r: (
+          est("--config.mesh_shape=(1,1,1,2)", "--config.use_flash_attention=True"),
+          ["use_flash_attention=True", "--config.use_flash_attention=False"])),
+      ("context_parallel_impl_unknown", lambda t, r: (
+          est("--config.context_parallel_impl=ulysses"),
+          ["context_parallel_impl='ulysses'", "all_gather, ring"])),
       ("logical_axis_rules_unknown_axis", lambda t, r: (
           est("--config.logical_axis_rules=vocab:tensorx"), ["logical_axis_rules", "tensorx"])),
       ("checkpoint_step_in_train", lambda t, r: (train_new(t, r, checkpoint_step=4),
