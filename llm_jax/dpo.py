@@ -168,15 +168,35 @@ def _plain_text(turns: list) -> str:
   return "".join(m["content"] + "\n" for m in turns)
 
 
-def encode_example(tok, prompt, completion) -> tuple[list[int], list[int]]:
+def in_messages(pairs) -> bool:
+  """Whether any pair is in the messages form (a conversation: the chat template renders it)."""
+  return any(isinstance(p.prompt, list) for p in pairs)
+
+
+def encode_example(tok, prompt, completion, template=None) -> tuple[list[int], list[int]]:
   """(prompt ids, completion ids) of one side of a pair: the one place a pair becomes tokens.
 
-  The prompt starts with BOS when the tokenizer's documents do, else with EOS (how this project's
-  documents start in the packed stream, and what sampling starts from); the completion ends with
-  EOS. The two are tokenized separately, as TRL does, so the boundary is exact. Messages are
-  rendered as their contents one per line, roles left out: the model's chat template takes this
-  place once llm_jax/chat.py provides it, here and nowhere else.
+  Plain strings: the prompt starts with BOS when the tokenizer's documents do, else with EOS (how
+  this project's documents start in the packed stream, and what sampling starts from); the
+  completion ends with EOS; the two are tokenized separately, as TRL does, so the boundary is
+  exact. Messages (with the run's chat `template`, chat.py): the prompt is the conversation so
+  far rendered with the generation prompt, the completion the rest of the whole conversation's
+  rendering (its end-of-turn marker included), as TRL applies a conversational dataset's
+  template; one tokenization of the whole text, split at the first token of the completion.
+  Without a template, messages are their contents one per line.
   """
+  if isinstance(prompt, list) and template is not None:
+    from llm_jax import chat  # pylint: disable=import-outside-toplevel  (only conversations)
+    head = chat.render(template, prompt, tok, add_generation_prompt=True)
+    full = chat.render(template, prompt + completion, tok, add_generation_prompt=False)
+    if not full.startswith(head):
+      raise corpus_lib.DataError(
+          "the chat template does not render the prompt as the start of the whole "
+          "conversation, so the completion cannot be told apart; use another template "
+          "(--config.chat_template)")
+    ids, starts = tok.encode_offsets(full)
+    k = next((i for i, st in enumerate(starts) if st >= len(head)), len(ids))
+    return list(ids[:k]) or [tok.eos_id], list(ids[k:])
   if isinstance(prompt, list):
     prompt, completion = _plain_text(prompt), _plain_text(completion).rstrip("\n")
   start = tok.bos_id if tok.add_bos else tok.eos_id
@@ -184,7 +204,7 @@ def encode_example(tok, prompt, completion) -> tuple[list[int], list[int]]:
   return prompt_ids, list(tok.encode(completion)) + [tok.eos_id]
 
 
-def tokenize_pairs(pairs: list[Pair], tok, block_size: int, what: str):
+def tokenize_pairs(pairs: list[Pair], tok, block_size: int, what: str, template=None):
   """(tokens [N, 2, T + 1] int32, weights [N, 2, T] float32) of (chosen, rejected) per pair.
 
   weights[n, k, t] = 1 where target t (token t + 1) is a completion token. A side longer than
@@ -198,7 +218,10 @@ def tokenize_pairs(pairs: list[Pair], tok, block_size: int, what: str):
   for n, pair in enumerate(pairs):
     cut_here = False
     for k, completion in enumerate((pair.chosen, pair.rejected)):
-      p, c = encode_example(tok, pair.prompt, completion)
+      try:
+        p, c = encode_example(tok, pair.prompt, completion, template)
+      except corpus_lib.DataError as e:
+        raise corpus_lib.DataError(f"{pair.where}: {e}") from None
       if len(p) + len(c) > T + 1:
         cut_here = True
         p = p[:1] + p[1:][max(0, len(p) + len(c) - (T + 1)):]  # keep the start token
@@ -306,8 +329,12 @@ def build(cfg, workdir: str, pairs=None, tokenizer=None) -> PreferenceData:
     path = cfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
     tokenizer = tokenizer_lib.load(path)
   mb, accum = cfg.micro_batch_size, cfg.gradient_accumulation_steps
-  tokens, weights = tokenize_pairs(train, tokenizer, cfg.block_size, "train")
-  vtokens, vweights = tokenize_pairs(val, tokenizer, cfg.block_size, "held-out")
+  template = None
+  if in_messages(train + val):  # conversations: the run's chat template (loader added its markers)
+    from llm_jax import chat  # pylint: disable=import-outside-toplevel
+    template = chat.resolve_template(tokenizer, cfg.chat_template, f"workdir {workdir}")
+  tokens, weights = tokenize_pairs(train, tokenizer, cfg.block_size, "train", template)
+  vtokens, vweights = tokenize_pairs(val, tokenizer, cfg.block_size, "held-out", template)
   steps_per_epoch = len(train) // (mb * accum)
   if steps_per_epoch == 0:
     raise corpus_lib.DataError(

@@ -391,6 +391,14 @@ def _chat_tokens(cfg, tok, asked):
   return config_lib.finalize(cfg), new
 
 
+def _dpo_chats(cfg) -> bool:
+  """Whether a DPO run's pairs are conversations (TRL's messages form): rendered with the chat
+  template, whose markers the tokenizer must then hold, as for SFT."""
+  from llm_jax import dpo  # pylint: disable=import-outside-toplevel  (data-side; late)
+  train, val = dpo.load_pairs(cfg)
+  return dpo.in_messages(train + val)
+
+
 def start_finetune(cfg, workdir: str, mesh, asked=()):
   """For a training run with init_from: (its config, the loaded base or None, the base reference).
 
@@ -429,7 +437,7 @@ def start_finetune(cfg, workdir: str, mesh, asked=()):
     return cfg, None, reference
   base = load(source, cfg, mesh=mesh, merge=True, with_fingerprint=bool(cfg.lora_r))
   tok = base.tokenizer
-  if own is None and cfg.objective == "sft":
+  if own is None and (cfg.objective == "sft" or (cfg.objective == "dpo" and _dpo_chats(cfg))):
     cfg, tok = _chat_tokens(cfg, tok, asked)
   elif own is not None:
     tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer.model"))

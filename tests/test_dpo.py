@@ -334,9 +334,14 @@ def test_trl_formats_standard_conversational_implicit_prompt_parquet_save_to_dis
     dpo.pair_of({"text": "plain"}, "x:4")
 
 
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def test_dpo_on_an_imported_hugging_face_llama_in_messages_form(tmp_path):
   """The Llama fixture (tests/fixtures/hf/llama: sentencepiece with BOS), imported, tuned with
-  LoRA on conversational pairs: each side starts with the model's BOS, and 4 steps order them."""
+  LoRA on conversational pairs rendered by a chat template: the completion tokens (the weighted
+  targets) are exactly the assistant's part of the rendering, and 4 steps order the pairs."""
   from configs import base  # pylint: disable=import-outside-toplevel
   from llm_jax import hf  # pylint: disable=import-outside-toplevel
   imported = str(tmp_path / "llama")
@@ -351,11 +356,19 @@ def test_dpo_on_an_imported_hugging_face_llama_in_messages_form(tmp_path):
                     validation=str(tmp_path / "prefs.jsonl"), init_from=imported,
                     objective="dpo", lora_r=4, learning_rate=1e-2, warmup_steps=1,
                     num_train_steps=4, eval_steps=4, save_steps=4, micro_batch_size=4,
-                    block_size=32, sample_every_eval=False, lora_dropout=0.0)
+                    block_size=96, sample_every_eval=False, lora_dropout=0.0,
+                    chat_template=TEMPLATE)
   workdir = str(tmp_path / "dpo")
-  assert train.run(cfg, workdir, overrides={"block_size": 32}) == 0
+  assert train.run(cfg, workdir, overrides={"block_size": 96}) == 0
   data = dpo.build(cfg, workdir)
-  assert data.tokenizer.add_bos and (data.train_tokens[:, :, 0] == data.tokenizer.bos_id).all()
+  tok = data.tokenizer
+  for n in range(len(data.train_tokens)):
+    for k, reply in enumerate((" Yes.\n", " No, never.\n")):
+      targets = data.train_tokens[n, k, 1:][data.train_weights[n, k] > 0]
+      assert tok.decode(targets.tolist()).strip() == reply.strip()  # (a leading space: sp's)
+      prompt = data.train_tokens[n, k, :int(np.argmax(data.train_weights[n, k] > 0)) + 1]
+      assert tok.decode(prompt.tolist()).startswith("user: Say yes ")
+      assert tok.decode(prompt.tolist()).rstrip().endswith("\nassistant:")
   assert _metrics(workdir, "eval/rewards/accuracies") == {0: 0.0, 4: 1.0}
 
 
