@@ -475,9 +475,6 @@ def context_problems(c, degree: int) -> list[str]:
              f"(the cuDNN and Pallas kernels attend within one device's shard): set "
              f"--config.use_flash_attention=False (context_parallel_impl={c.context_parallel_impl} "
              f"attends over the shards), or context 1 in mesh_shape")
-  if c.sliding_window:
-    p.append(f"sliding_window={c.sliding_window} is not yet taken by the context-parallel "
-             f"attention (context {degree} in mesh_shape): set context 1, or sliding_window=None")
   return p
 
 

@@ -150,13 +150,16 @@ class SelfAttention(nn.Module):
     if index_T is not None and cache is None and not (rate > 0 or want_probs):
       out_BTNH = context_parallel.attention(
           q_BTNH, k_BSKH.astype(cfg.compute_dtype), v_BSKH.astype(cfg.compute_dtype), index_T,
-          segment_ids, impl=cfg.context_parallel_impl, load_balance=cfg.context_load_balance)
+          segment_ids, impl=cfg.context_parallel_impl, load_balance=cfg.context_load_balance,
+          sliding_window=window)
     else:
       if index_T is not None and cache is None:
         # Dropout or probabilities on a context-parallel layout: plain attention (the
         # partitioner gathers), causal by the tokens' original order rather than their slots.
         index_T = jnp.asarray(index_T)
-        mask, is_causal = (index_T[None, :] <= index_T[:, None])[None, None], False
+        behind_TT = index_T[:, None] - index_T[None, :]  # query's index - key's index
+        allowed_TT = (behind_TT >= 0) & (behind_TT < (window or behind_TT.shape[0] + 1))
+        mask, is_causal, window = allowed_TT[None, None], False, None
       out_BTNH = attn_lib.attention(
           q_BTNH, k_BSKH.astype(cfg.compute_dtype), v_BSKH.astype(cfg.compute_dtype), mask,
           impl=cfg.attention_impl, is_causal=is_causal, segment_ids_BT=segment_ids,

@@ -106,6 +106,17 @@ def check_grads():
                 "n_leaves": len(jax.tree.leaves(grads)),
                 "collective_permute": "collective-permute" in hlo,
                 "all_gather": "all-gather" in hlo}
+  # A sliding window on the context-parallel paths equals the unsharded windowed run.
+  for impl, mesh, packed in (("ring", (1, 1, 1, 4), True), ("all_gather", (1, 2, 1, 2), False)):
+    window = dict(sliding_window=5, pack_segments=packed)
+    ref_loss, ref_grads, params = _grads(window, (1, 1, 1, 1), _batch(packed))
+    loss, grads, _, hlo = _grads(dict(window, context_parallel_impl=impl), mesh, _batch(packed),
+                                 params)
+    out[f"{impl} {'x'.join(map(str, mesh))} packed={packed} balanced=True window=5"] = {
+        "loss": loss, "ref_loss": ref_loss, "grad_diff": _max_diff(grads, ref_grads),
+        "grad_scale": max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads)),
+        "n_leaves": len(jax.tree.leaves(grads)),
+        "collective_permute": "collective-permute" in hlo, "all_gather": "all-gather" in hlo}
   return out
 
 

@@ -45,6 +45,7 @@ def test_loss_and_every_gradient_equal_the_unsharded_runs(checked):
       for packed in (False, True):
         assert f"{impl} 1x1x1x{degree} packed={packed} balanced=True" in grads
   assert any("balanced=False" in k for k in grads) and any("x4x2 " in k for k in grads)
+  assert sum(k.endswith("window=5") for k in grads) == 2  # a sliding window on both paths
   for case, r in grads.items():
     assert r["n_leaves"] >= 10, case
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=2e-6), case
