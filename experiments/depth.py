@@ -92,7 +92,7 @@ def study(base, out: str, layers, command_line: str = "") -> common.Result:
                 label="task score (mean centred accuracy)")
   ax_tasks.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", label="chance")
   ax_tasks.set_xticks(depths)
-  common.style(ax_tasks, f"Downstream tasks ({', '.join(rows[0]['tasks'])})", "n_layers",
+  common.style(ax_tasks, f"Downstream task score ({len(rows[0]['tasks'])} tasks)", "n_layers",
                "CORE-style score (0 = chance, 1 = all right)", xlog=False, legend=7)
 
   best = min(rows, key=lambda r: r["bits/char"])

@@ -120,7 +120,7 @@ def study(base, out: str, d_models, head_dim: int, command_line: str = "") -> co
   ax_t.plot(n, [r["task core"] for r in rows], "o-", color="C2",
             label="task score (mean centred accuracy)")
   ax_t.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":", label="chance")
-  common.style(ax_t, f"Downstream tasks ({', '.join(rows[0]['tasks'])})",
+  common.style(ax_t, f"Downstream task score ({len(rows[0]['tasks'])} tasks)",
                "non-embedding parameters N (log scale)",
                "CORE-style score (0 = chance, 1 = all right)", xlog=True, legend=7)
 
