@@ -109,7 +109,7 @@ def check_grads():
   # A sliding window on the context-parallel paths equals the unsharded windowed run.
   for impl, mesh, packed in (("ring", (1, 1, 1, 4), True), ("all_gather", (1, 2, 1, 2), False)):
     window = dict(sliding_window=5, pack_segments=packed)
-    ref_loss, ref_grads, params = _grads(window, (1, 1, 1, 1), _batch(packed))
+    ref_loss, ref_grads, params, _ = _grads(window, (1, 1, 1, 1), _batch(packed))
     loss, grads, _, hlo = _grads(dict(window, context_parallel_impl=impl), mesh, _batch(packed),
                                  params)
     out[f"{impl} {'x'.join(map(str, mesh))} packed={packed} balanced=True window=5"] = {
