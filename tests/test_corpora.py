@@ -241,8 +241,8 @@ def test_bad_inputs_name_the_file(corpus_files, tmp_path):
 
 
 def test_changed_mixture_weights_resume_where_other_data_changes_restart():
-  from llm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  same = checkpoint._only_weights_changed  # pylint: disable=protected-access
+  from llm_jax import resume  # pylint: disable=g-import-not-at-top
+  same = resume._only_weights_changed  # pylint: disable=protected-access
   assert same("mix:0.7*text:/a/*.parquet,0.3*shakespeare", "mix:1*text:/a/*.parquet,3*shakespeare")
   assert not same("mix:0.7*text:/a/*.parquet,0.3*shakespeare", "mix:0.7*text:/b,0.3*shakespeare")
   assert not same("text:/a", "text:/b")

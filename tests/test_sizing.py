@@ -196,7 +196,7 @@ def _n_params(cfg):
 def test_fsdp_step_compiles_for_v5e_with_pallas_attention_and_fits(fsdp):
   cfg, r, compiled = fsdp[64]
   assert compiled is not None and r.n_devices == 4 and r.device_kind == "TPU v5 lite"
-  assert r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert r.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "context": 1}
   assert r.attention_impl == "pallas"  # the TPU's kernel, not the host CPU's XLA attention
   assert r.fits is True and r.hbm_bytes == 16 * 1024**3
   # Params and AdamW's two moments, fp32, split over 4 chips (TPU tiles pad small arrays).
@@ -231,7 +231,7 @@ def test_doubling_the_micro_batch_doubles_temporaries_and_flops(fsdp):
 @needs_libtpu
 def test_data_parallel_all_reduces_the_gradients(v5e_2x2):
   cfg, r, _ = _compile(v5e_2x2, mesh_shape=(-1, 1, 1), n_layers=1)  # 1 layer: a cheaper compile
-  assert r.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert r.mesh == {"data": 4, "fsdp": 1, "tensor": 1, "context": 1}
   count, nbytes = r.collectives["all-reduce"]
   assert count >= 1 and nbytes >= 4 * _n_params(cfg)  # fp32 gradients, whole on every chip
   assert r.collectives["all-gather"][0] == r.collectives["reduce-scatter"][0] == 0
@@ -245,7 +245,7 @@ def test_two_slices_over_dcn_compile_as_one_mesh():
   devices, sl = sizing.target_devices(cfg)
   assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
   r, _ = sizing.compile_report(cfg, devices)
-  assert r.mesh == {"data": 8, "fsdp": 1, "tensor": 1} and "x2 slices" in r.target
+  assert r.mesh == {"data": 8, "fsdp": 1, "tensor": 1, "context": 1} and "x2 slices" in r.target
   # The gradients are reduced inside each slice and across the two.
   assert r.collectives["all-reduce"][0] >= 1 and sl.topology == "v5e:2x2"
 
