@@ -108,7 +108,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
   ev2 = [r["eval/loss"] for r in two if "eval/loss" in r]
   ev1 = [r["eval/loss"] for r in one if "eval/loss" in r]
   assert len(ev2) == 1 and ev2 == pytest.approx(ev1, rel=1e-5)
-  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}, 2 x cpu" in runs["out2"]
+  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1, 'context': 1}, 2 x cpu" in runs["out2"]
 
 
 def test_only_process_0_prints_and_both_checkpoint(runs, fields):
@@ -129,8 +129,10 @@ def test_only_process_0_prints_and_both_checkpoint(runs, fields):
                                                 trainer.param_shardings, None)
     assert step == N
     loaded[name] = jax.device_get(params)
+  # float32 round-off of gradients reduced in another order, through 6 Adam steps (each moves a
+  # param by up to lr = 3e-4): CI saw 1.4e-6 on one of 1024 elements once the mesh had 4 axes.
   for a, b in zip(jax.tree.leaves(loaded["two"]), jax.tree.leaves(loaded["one"])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6)
 
 
 # --- launch.sh --dry-run ----------------------------------------------------------------------
