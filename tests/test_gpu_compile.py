@@ -223,7 +223,7 @@ def test_too_big_for_one_h100_is_reported_with_its_figures(capsys):
 def test_the_same_model_fits_on_8_h100s_with_fsdp():
   cfg, one, _ = _compiled(BASE, "h100", mesh_shape=(1, 1, 1), **TOO_BIG)
   cfg8, r, _ = _compiled(BASE, "8xh100", mesh_shape=(1, -1, 1), **TOO_BIG)
-  assert r.n_devices == 8 and r.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert r.n_devices == 8 and r.mesh == {"data": 1, "fsdp": 8, "tensor": 1, "context": 1}
   assert r.fits is True
   # The state is split 8 ways; the gathered weights and gradients are reduce-scattered.
   assert r.memory["arguments"] == pytest.approx(one.memory["arguments"] / 8, rel=0.05)
